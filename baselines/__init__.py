@@ -1,0 +1,1 @@
+"""Baseline methods, each a plugin of the same shape as masquant.methods.masquant."""

@@ -1,0 +1,28 @@
+"""Round-to-nearest: the floor every method is compared against. No calibration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from masquant.methods.base import Method, MethodConfigError, QuantContext, quantize_decoder_linears_
+
+
+@dataclass
+class RTNConfig:
+    id: str = "rtn"
+
+
+class RTN(Method):
+    id = "rtn"
+    needs_calibration = False
+
+    def check(self, scheme, modalities) -> None:
+        if scheme.is_dense:
+            raise MethodConfigError("method=rtn with quant=fp16 quantizes nothing; use method=dense")
+
+    def collect(self, ctx: QuantContext):
+        return None
+
+    def apply(self, ctx: QuantContext, stats) -> dict:
+        n = quantize_decoder_linears_(ctx, desc="rtn")
+        return {"quant/linears": n}

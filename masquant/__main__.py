@@ -1,0 +1,4 @@
+from masquant.run import main
+
+if __name__ == "__main__":
+    main()

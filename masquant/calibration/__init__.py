@@ -1,0 +1,1 @@
+"""Calibration data, layer-wise capture, running statistics and their cache."""

@@ -1,0 +1,167 @@
+"""Typed config schemas registered in Hydra's ConfigStore.
+
+Every group file in conf/ extends its schema (``defaults: [<group>_schema, _self_]``), so a misspelt
+key or an invalid choice fails when the config is composed, naming the key and the valid values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ModelSource(str, Enum):
+    testbed = "testbed"
+    tiny = "tiny"  # a tiny random model of a real architecture (tests, debugging)
+    local = "local"  # a local HF folder given by model.path
+
+
+class Modality(str, Enum):
+    text = "text"
+    vision = "vision"
+    audio = "audio"
+
+
+class VideoAs(str, Enum):
+    vision = "vision"
+    text = "text"  # what the official MASQuant code did
+
+
+class WGranularity(str, Enum):
+    channel = "channel"
+    group = "group"
+    tensor = "tensor"
+
+
+class AGranularity(str, Enum):
+    token = "token"
+    tensor = "tensor"
+
+
+class CalibSource(str, Enum):
+    testbed = "testbed"
+    file = "file"
+    tiny = "tiny"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    source: ModelSource = ModelSource.testbed
+    path: Optional[str] = None  # local folder for source=local
+    tiny_type: Optional[str] = None  # model_type for source=tiny
+    dtype: DType = DType.float32
+
+
+@dataclass
+class ModalityConfig:
+    name: str = MISSING
+    modalities: list[Modality] = field(default_factory=lambda: [Modality.text, Modality.vision])
+    video_as: VideoAs = VideoAs.vision
+
+
+@dataclass
+class QuantConfig:
+    name: str = MISSING
+    w_bits: int = 16
+    a_bits: int = 16
+    w_symmetric: bool = True
+    w_granularity: WGranularity = WGranularity.channel
+    w_group_size: int = 0
+    w_clip_ratio: float = 1.0
+    a_symmetric: bool = True
+    a_granularity: AGranularity = AGranularity.token
+    a_dynamic: bool = True
+    a_clip_ratio: float = 1.0
+
+
+@dataclass
+class CalibConfig:
+    name: str = MISSING
+    source: CalibSource = CalibSource.testbed
+    path: Optional[str] = None  # JSON/JSONL/parquet with image/audio paths + question for source=file
+    n_samples: int = 16
+    seed: int = 2
+    held_out: int = 4  # extra samples (disjoint) for the fidelity SQNR
+    cache: bool = True
+
+
+@dataclass
+class EvalConfig:
+    name: str = MISSING
+    tasks: list[str] = field(default_factory=list)  # lmms-eval task names; empty = no benchmark
+    limit: Optional[float] = None  # a count (>= 1) or a fraction (< 1) of each task; None = all
+    data_root: Optional[str] = None  # local copies of the task data; None = the hub
+    testbed_docs: int = 0  # > 0: generate this many synthetic docs per task into the run's data root
+    batch_size: int = 1
+    max_new_tokens: int = 128
+    fidelity: bool = True  # SQNR vs FP per layer and per modality on held-out samples
+    ppl: bool = True  # perplexity on a text sample
+
+
+@dataclass
+class LoggerConfig:
+    name: str = MISSING
+    wandb: bool = False
+    wandb_mode: str = "offline"
+    project: str = "masquant"
+
+
+@dataclass
+class PathsConfig:
+    name: str = "default"
+    output_root: str = "outputs"
+    cache_dir: str = "${oc.env:MASQUANT_CACHE,${oc.env:HOME}/.cache/masquant}"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    modality: ModalityConfig = MISSING
+    quant: QuantConfig = MISSING
+    method: Any = MISSING
+    calib: CalibConfig = MISSING
+    eval: EvalConfig = MISSING
+    logger: LoggerConfig = MISSING
+    paths: PathsConfig = MISSING
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    tag: Optional[str] = None  # free label; part of the config hash
+    force: bool = False  # re-run even if a finished result exists for this config hash
+    threads: Optional[int] = None  # torch CPU threads
+    reference: bool = True  # also run (or reuse) the dense FP reference of the same model/calib/eval
+
+
+_GROUPS = {
+    "model": ModelConfig,
+    "modality": ModalityConfig,
+    "quant": QuantConfig,
+    "calib": CalibConfig,
+    "eval": EvalConfig,
+    "logger": LoggerConfig,
+    "paths": PathsConfig,
+}
+
+
+def register_configs() -> None:
+    from masquant.registry import get_config_class, method_ids
+
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, node in _GROUPS.items():
+        cs.store(group=group, name=f"{group}_schema", node=node)
+    for mid in method_ids():
+        try:
+            cs.store(group="method", name=f"{mid}_schema", node=get_config_class(mid))
+        except ImportError:
+            continue  # reported loudly when that method is asked for

@@ -1,0 +1,90 @@
+"""Fidelity without a benchmark: SQNR of hidden states vs the FP model, per layer and modality; perplexity.
+
+SQNR_dB = 10 log10( sum |h_fp|^2 / sum |h_q - h_fp|^2 ) over the tokens of one modality.
+The FP side is recorded once before quantization (offloaded to CPU, fp32) and compared after.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+
+def _layer_outputs(model: nn.Module, adapter, batches: list[dict], device, store_dtype=torch.float32):
+    """Per sample: [output of each decoder layer ..., final normed hidden state] on CPU."""
+    layers = list(adapter.decoder_layers()) + [adapter.final_norm()]
+    current: list = []
+
+    def hook(module, args, out):
+        h = out[0] if isinstance(out, tuple) else out
+        current.append(h.detach().to("cpu", store_dtype))
+
+    handles = [m.register_forward_hook(hook) for m in layers]
+    outputs = []
+    try:
+        with torch.no_grad():
+            for b in batches:
+                current.clear()
+                model(**{k: v.to(device) for k, v in b.items()}, use_cache=False)
+                outputs.append(list(current))
+    finally:
+        for h in handles:
+            h.remove()
+    return outputs
+
+
+@dataclass
+class FidelityReference:
+    """FP per-layer hidden states of held-out samples, and their modality masks."""
+
+    outputs: list
+    masks: list = field(default_factory=list)
+
+
+def record_reference(model, adapter, batches, device, video_as="vision") -> FidelityReference:
+    masks = [adapter.modality_masks(b["input_ids"], video_as=video_as) for b in batches]
+    return FidelityReference(_layer_outputs(model, adapter, batches, device), masks)
+
+
+def sqnr_report(model, adapter, batches, device, ref: FidelityReference) -> dict:
+    """{'fidelity/sqnr/<modality>/layer_<i>': dB, 'fidelity/sqnr/<modality>/e2e': dB, ...}."""
+    quant = _layer_outputs(model, adapter, batches, device, store_dtype=torch.float32)
+    n_layers = len(quant[0])
+    signal: dict = {}
+    noise: dict = {}
+    for fp_sample, q_sample, masks in zip(ref.outputs, quant, ref.masks):
+        for l in range(n_layers):
+            fp = fp_sample[l].float()
+            err = (q_sample[l] - fp).pow(2).sum(-1)  # [B, T]
+            sig = fp.pow(2).sum(-1)
+            for m, mask in list(masks.items()) + [("all", None)]:
+                sel = torch.ones_like(sig, dtype=torch.bool) if mask is None else mask.to(sig.device)
+                if not sel.any():
+                    continue
+                signal[(m, l)] = signal.get((m, l), 0.0) + float(sig[sel].sum())
+                noise[(m, l)] = noise.get((m, l), 0.0) + float(err[sel].sum())
+    report = {}
+    for (m, l), s in signal.items():
+        n = noise[(m, l)]
+        db = float("inf") if n == 0 else 10 * math.log10(s / n)
+        key = "e2e" if l == n_layers - 1 else f"layer_{l}"
+        report[f"fidelity/sqnr/{m}/{key}"] = db
+    return report
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, input_ids: torch.Tensor, device, window: int = 512) -> float:
+    """Perplexity of a text-only token sequence [1, N] in non-overlapping windows."""
+    nll, count = 0.0, 0
+    for start in range(0, input_ids.shape[1] - 1, window):
+        ids = input_ids[:, start : start + window].to(device)
+        if ids.shape[1] < 2:
+            break
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.float()
+        loss = nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
+        nll += float(loss)
+        count += ids.shape[1] - 1
+    return math.exp(nll / max(count, 1))

@@ -1,0 +1,298 @@
+"""calibrate -> quantize -> evaluate -> save. One function per stage; ``run`` ties them together.
+
+Every check of the configuration happens in ``resolve`` before a model is loaded. Results go to
+``<output_root>/runs/<model>/<method>/<quant>-<hash>/``; the folder is written under a temporary
+name and renamed when complete, so an interrupted run never leaves anything that looks finished.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from masquant.adapters.registry import adapter_class_for, get_adapter
+from masquant.calibration.cache import StatsCache, stable_hash
+from masquant.calibration.data import check_modalities_present
+from masquant.calibration.layerwise import capture_layer_inputs
+from masquant.methods.base import MethodConfigError, QuantContext
+from masquant.quant.linear import ModalityRouter, attach_router
+from masquant.quant.scheme import QuantScheme
+from masquant.registry import build_method, get_method_class
+from masquant.resources import peak_memory_mb, reset_peak_memory
+
+log = logging.getLogger(__name__)
+
+# Keys that do not change results and are left out of the config hash.
+_NON_SEMANTIC = ("logger", "paths", "force", "threads", "device", "reference")
+RESULT_FILE = "metrics.json"
+
+
+class ConfigError(ValueError):
+    """A bad key, value or path in the run configuration (raised before any expensive work)."""
+
+
+@dataclass
+class RunSpec:
+    cfg: DictConfig
+    scheme: QuantScheme
+    method_cfg: Any
+    modalities: tuple[str, ...]
+    video_as: str
+    device: torch.device
+    config_hash: str
+    run_dir: Path
+    timings: dict = field(default_factory=dict)
+
+
+def _plain(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def config_hash(cfg: DictConfig) -> str:
+    plain = _plain(cfg)
+    for key in _NON_SEMANTIC:
+        plain.pop(key, None)
+    plain.pop("hydra", None)
+    return stable_hash(plain, 10)
+
+
+def scheme_from_cfg(qcfg) -> QuantScheme:
+    d = _plain(qcfg)
+    return QuantScheme(**d)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available here; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def run_dir_for(cfg: DictConfig, h: str) -> Path:
+    root = Path(cfg.paths.output_root)
+    model = str(cfg.model.name).replace("/", "_")
+    return root / "runs" / model / str(cfg.method.id) / f"{cfg.quant.name}-{h}"
+
+
+def resolve(cfg: DictConfig) -> RunSpec:
+    """Validate everything that can be validated without loading a model."""
+    try:
+        scheme = scheme_from_cfg(cfg.quant)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    method_cls = get_method_class(str(cfg.method.id))
+    method_cfg = OmegaConf.to_object(cfg.method)
+    modalities = tuple(str(m.value if hasattr(m, "value") else m) for m in cfg.modality.modalities)
+    if "text" not in modalities:
+        raise ConfigError(f"modality.modalities={list(modalities)} must include 'text'")
+    video_as = str(getattr(cfg.modality.video_as, "value", cfg.modality.video_as))
+    try:
+        method_cls(method_cfg).check(scheme, modalities)
+    except MethodConfigError as err:
+        raise ConfigError(f"method={cfg.method.id} quant={cfg.quant.name}: {err}") from err
+    source = str(getattr(cfg.model.source, "value", cfg.model.source))
+    if source == "local":
+        if not cfg.model.path:
+            raise ConfigError(f"model={cfg.model.name} loads from a local folder: set model.path=/path/to/model")
+        path = Path(str(cfg.model.path)).expanduser()
+        if not (path / "config.json").exists():
+            raise ConfigError(f"model.path={str(path)!r}: no config.json there (a Hugging Face model folder is expected)")
+        from transformers import AutoConfig
+
+        model_type = AutoConfig.from_pretrained(path).model_type
+        try:
+            adapter_class_for(model_type)
+        except KeyError as err:
+            raise ConfigError(str(err.args[0])) from err
+    calib_source = str(getattr(cfg.calib.source, "value", cfg.calib.source))
+    if calib_source == "file":
+        from masquant.calibration.data import read_calibration_file
+
+        if not cfg.calib.path:
+            raise ConfigError("calib=file needs calib.path=/path/to/calibration.{json,jsonl,parquet}")
+        read_calibration_file(cfg.calib.path)  # raises naming the bad path/row
+    if cfg.eval.limit is not None and cfg.eval.limit <= 0:
+        raise ConfigError(f"eval.limit={cfg.eval.limit}: use a count >= 1, a fraction in (0, 1), or null for all")
+    if cfg.eval.data_root is not None and not Path(str(cfg.eval.data_root)).expanduser().exists():
+        raise ConfigError(f"eval.data_root={cfg.eval.data_root!r} does not exist")
+    if cfg.eval.tasks:
+        from masquant.evaluation import EVAL_TASKS
+
+        bad = [t for t in cfg.eval.tasks if t not in EVAL_TASKS]
+        if bad:
+            raise ConfigError(f"eval.tasks: unknown task(s) {bad}; valid tasks: {list(EVAL_TASKS)}")
+    device = resolve_device(str(cfg.device))
+    h = config_hash(cfg)
+    return RunSpec(cfg, scheme, method_cfg, modalities, video_as, device, h, run_dir_for(cfg, h))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (run_dir / RESULT_FILE).exists()
+
+
+def load_result(run_dir: Path) -> dict:
+    return json.loads((run_dir / RESULT_FILE).read_text())
+
+
+def write_json_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+# --- stages ------------------------------------------------------------------------------------
+def load_model(spec: RunSpec):
+    from masquant.models import load_model_and_processor
+
+    return load_model_and_processor(spec.cfg.model, spec.cfg.paths.cache_dir, spec.device)
+
+
+def build_calibration(spec: RunSpec, processor, adapter) -> tuple[list[dict], list[dict]]:
+    from masquant.models import calibration_batches
+
+    c = spec.cfg.calib
+    batches = calibration_batches(spec.cfg, processor, adapter, c.n_samples + c.held_out)
+    calib, held_out = batches[: c.n_samples], batches[c.n_samples :]
+    check_modalities_present(calib, adapter, spec.modalities, spec.video_as)
+    return calib, held_out
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run one configuration; returns its metrics (loaded, if a finished result already exists)."""
+    spec = resolve(cfg)
+    if is_finished(spec.run_dir) and not cfg.force:
+        log.info("finished result found for config %s, skipping: %s", spec.config_hash, spec.run_dir)
+        return load_result(spec.run_dir)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    seed_everything(int(cfg.seed))
+    tmp_dir = spec.run_dir.with_name(f".{spec.run_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    file_log = logging.FileHandler(tmp_dir / "run.log")
+    file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(file_log)
+    try:
+        metrics = _execute(spec, tmp_dir)
+        (tmp_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_json_atomic(metrics, tmp_dir / RESULT_FILE)
+        logging.getLogger().removeHandler(file_log)
+        file_log.close()
+        if spec.run_dir.exists():  # a forced re-run replaces the old result
+            shutil.rmtree(spec.run_dir)
+        os.replace(tmp_dir, spec.run_dir)
+        log.info("results: %s", spec.run_dir)
+        return metrics
+    except BaseException:
+        logging.getLogger().removeHandler(file_log)
+        file_log.close()
+        failed = spec.run_dir.with_name(f".{spec.run_dir.name}.failed")
+        shutil.rmtree(failed, ignore_errors=True)
+        os.replace(tmp_dir, failed)  # kept for the log; never mistaken for a finished result
+        raise
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _execute(spec: RunSpec, out_dir: Path) -> dict:
+    cfg = spec.cfg
+    t = {}
+    reset_peak_memory(spec.device)
+    t0 = time.perf_counter()
+    model, processor = load_model(spec)
+    adapter = get_adapter(model)
+    missing = [m for m in spec.modalities if m not in adapter.supported_modalities()]
+    if missing:
+        raise ConfigError(
+            f"modality.modalities={list(spec.modalities)}: {cfg.model.name} ({model.config.model_type}) has no "
+            f"{missing} input; it supports {list(adapter.supported_modalities())}"
+        )
+    t["time/load_s"] = time.perf_counter() - t0
+
+    method = build_method(spec.method_cfg)
+    t0 = time.perf_counter()
+    calib, held_out = build_calibration(spec, processor, adapter) if (method.needs_calibration or cfg.eval.fidelity) else ([], [])
+    router = ModalityRouter(lambda ids: adapter.modality_masks(ids, video_as=spec.video_as))
+    attach_router(model, router)
+    t["time/calib_data_s"] = time.perf_counter() - t0
+
+    metrics: dict[str, Any] = {}
+    ppl_ids = None
+    ref = None
+    t0 = time.perf_counter()
+    if cfg.eval.fidelity and held_out:
+        from masquant.fidelity import record_reference
+
+        ref = record_reference(model, adapter, held_out, spec.device, spec.video_as)
+    if cfg.eval.ppl:
+        from masquant.models import ppl_token_ids
+
+        ppl_ids = ppl_token_ids(processor, model)
+        from masquant.fidelity import perplexity
+
+        metrics["fidelity/ppl_fp"] = perplexity(model, ppl_ids, spec.device)
+    t["time/reference_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    layer_inputs = None
+    if method.needs_calibration:
+        layer_inputs = capture_layer_inputs(model, adapter, calib, spec.device, video_as=spec.video_as)
+    cache = StatsCache(Path(cfg.paths.cache_dir) / "stats" if cfg.calib.cache else None)
+    cache_key = {
+        "model": cfg.model.name, "model_path": cfg.model.path, "dtype": str(cfg.model.dtype),
+        "calib": _plain(cfg.calib), "video_as": spec.video_as,
+    }
+    ctx = QuantContext(model, adapter, spec.scheme, router, spec.device, spec.modalities, layer_inputs, cache, cache_key)
+    report = method.run(ctx)
+    del layer_inputs, ctx
+    gc.collect()
+    t["time/quantize_s"] = time.perf_counter() - t0
+    metrics.update({f"method/{k}" if "/" not in k else k: v for k, v in report.items()})
+
+    t0 = time.perf_counter()
+    if ref is not None:
+        from masquant.fidelity import sqnr_report
+
+        metrics.update(sqnr_report(model, adapter, held_out, spec.device, ref))
+    if ppl_ids is not None:
+        from masquant.fidelity import perplexity
+
+        metrics["fidelity/ppl"] = perplexity(model, ppl_ids, spec.device)
+    t["time/fidelity_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if cfg.eval.tasks:
+        from masquant.eval_stage import run_benchmarks
+
+        metrics.update(run_benchmarks(cfg, model, processor, out_dir))
+    t["time/eval_s"] = time.perf_counter() - t0
+    t["memory/peak_mb"] = peak_memory_mb(spec.device)
+    metrics.update(t)
+    metrics.update({
+        "run/model": str(cfg.model.name), "run/method": str(cfg.method.id), "run/quant": str(cfg.quant.name),
+        "run/bits": spec.scheme.tag, "run/modalities": list(spec.modalities), "run/config_hash": spec.config_hash,
+        "run/eval_limit": cfg.eval.limit, "run/calib_samples": int(cfg.calib.n_samples),
+        "run/device": str(spec.device),
+    })
+    return metrics

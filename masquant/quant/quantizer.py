@@ -1,0 +1,115 @@
+"""Fake quantizers (quantize -> dequantize). Pure functions of tensors.
+
+Symmetric grid: integers in [-(2^(b-1)-1), 2^(b-1)-1], scale = clip * absmax / qmax.
+Asymmetric grid: integers in [0, 2^b-1] with a zero point, scale = clip * (max - min) / (2^b - 1).
+With ``ste=True`` rounding uses the straight-through estimator and the scale keeps its gradient,
+so gradients reach both the input and the dynamic range (as MAS learning needs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from masquant.quant.scheme import QuantScheme
+
+_EPS = 1e-8
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward."""
+    return (x.round() - x).detach() + x
+
+
+def _round(x: torch.Tensor, ste: bool) -> torch.Tensor:
+    return round_ste(x) if ste else torch.round(x)
+
+
+def sym_qmax(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def fake_quant_sym(
+    x: torch.Tensor,
+    bits: int,
+    dim: int | tuple[int, ...] | None = -1,
+    clip_ratio: float = 1.0,
+    ste: bool = False,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Symmetric abs-max fake quantization, reducing over ``dim`` (None = whole tensor)."""
+    qmax = sym_qmax(bits)
+    if scale is None:
+        amax = x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)
+        scale = (amax * clip_ratio / qmax).clamp(min=_EPS)
+    q = torch.clamp(_round(x / scale, ste), -qmax, qmax)
+    return q * scale
+
+
+def fake_quant_asym(
+    x: torch.Tensor,
+    bits: int,
+    dim: int | tuple[int, ...] | None = -1,
+    clip_ratio: float = 1.0,
+    ste: bool = False,
+) -> torch.Tensor:
+    """Asymmetric min-max fake quantization with an integer zero point."""
+    qmax = 2**bits - 1
+    if dim is None:
+        xmin, xmax = x.amin(), x.amax()
+    else:
+        xmin, xmax = x.amin(dim=dim, keepdim=True), x.amax(dim=dim, keepdim=True)
+    xmin = (xmin * clip_ratio).clamp(max=0)
+    xmax = (xmax * clip_ratio).clamp(min=0)
+    scale = ((xmax - xmin) / qmax).clamp(min=_EPS)
+    zero = _round(-xmin / scale, ste)
+    q = torch.clamp(_round(x / scale, ste) + zero, 0, qmax)
+    return (q - zero) * scale
+
+
+def quantize_weight(W: torch.Tensor, scheme: QuantScheme, ste: bool = False) -> torch.Tensor:
+    """Fake-quantize a weight W [out, in] per output channel, per group of inputs, or per tensor."""
+    if not scheme.quantize_weights:
+        return W
+    fq = fake_quant_sym if scheme.w_symmetric else fake_quant_asym
+    kw = dict(bits=scheme.w_bits, clip_ratio=scheme.w_clip_ratio, ste=ste)
+    if scheme.w_granularity == "channel":
+        return fq(W, dim=1, **kw)
+    if scheme.w_granularity == "tensor":
+        return fq(W, dim=None, **kw)
+    out_f, in_f = W.shape
+    g = scheme.w_group_size
+    if in_f % g != 0:
+        raise ValueError(f"weight input size {in_f} is not divisible by quant.w_group_size={g}")
+    return fq(W.reshape(out_f, in_f // g, g), dim=-1, **kw).reshape(out_f, in_f)
+
+
+def quantize_activation(
+    X: torch.Tensor,
+    scheme: QuantScheme,
+    ste: bool = False,
+    static_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fake-quantize activations X [..., D]: dynamic per token / per tensor, or static per tensor."""
+    if not scheme.quantize_acts:
+        return X
+    if static_scale is not None:
+        if not scheme.a_symmetric:
+            raise ValueError("static activation scales are symmetric only")
+        return fake_quant_sym(X, scheme.a_bits, ste=ste, scale=static_scale)
+    fq = fake_quant_sym if scheme.a_symmetric else fake_quant_asym
+    dim = -1 if scheme.a_granularity == "token" else None
+    return fq(X, scheme.a_bits, dim=dim, clip_ratio=scheme.a_clip_ratio, ste=ste)
+
+
+def static_act_scale(absmax: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> torch.Tensor:
+    """Static symmetric per-tensor scale from a calibrated abs-max."""
+    return (absmax * clip_ratio / sym_qmax(bits)).clamp(min=_EPS)
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio 10 log10(|ref|^2 / |ref - approx|^2) in dB."""
+    signal = reference.double().pow(2).sum()
+    noise = (reference.double() - approx.double()).pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(signal / noise))

@@ -1,0 +1,71 @@
+"""Result tables from metrics.json files: one row per run, paper-ready columns."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+TASK_METRICS = {
+    "textvqa_val": "exact_match",
+    "vizwiz_vqa_val": "exact_match",
+    "scienceqa_img": "exact_match",
+    "ocrbench": "ocrbench_accuracy",
+    "mmmu_val": "mmmu_acc",
+}
+SHORT = {"textvqa_val": "TextVQA", "vizwiz_vqa_val": "VizWiz", "scienceqa_img": "SQA", "ocrbench": "OCRBench", "mmmu_val": "MMMU"}
+
+
+def collect_results(root: str | Path) -> list[dict]:
+    """Every finished run (metrics.json) under root; half-written runs are never named metrics.json."""
+    return [json.loads(p.read_text()) for p in sorted(Path(root).rglob("metrics.json")) if not p.parent.name.startswith(".")]
+
+
+def _task_score(m: dict, task: str):
+    for key, value in m.items():
+        if key.startswith(f"eval/{task}/") and key.split("/")[-1].startswith(TASK_METRICS[task]) and not key.endswith("stderr"):
+            return value
+    return None
+
+
+def results_frame(results: list[dict]) -> pd.DataFrame:
+    rows = []
+    for m in results:
+        row = {"model": m.get("run/model"), "method": m.get("run/method"), "bits": m.get("run/bits"),
+               "calib": m.get("run/calib_samples"), "limit": m.get("run/eval_limit")}
+        scores = []
+        for task, short in SHORT.items():
+            v = _task_score(m, task)
+            if v is not None:
+                row[short] = 100 * v
+                scores.append(100 * v)
+        if scores:
+            row["Avg"] = sum(scores) / len(scores)
+        for mod in ("text", "vision", "audio"):
+            v = m.get(f"fidelity/sqnr/{mod}/e2e")
+            if v is not None:
+                row[f"SQNR {mod} (dB)"] = v
+        if "fidelity/ppl" in m:
+            row["PPL"] = m["fidelity/ppl"]
+        if "cmc/extra_params" in m:
+            row["CMC params"] = m["cmc/extra_params"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return "inf" if math.isinf(v) else f"{v:.2f}"
+    return str(v)
+
+
+def format_markdown(df: pd.DataFrame) -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for _, r in df.iterrows():
+        lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""Hydra entry point: ``python -m masquant [overrides]`` (also the ``masquant`` console script)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: avoids spin-wait slowdowns on shared CPUs
+os.environ.setdefault("WANDB_MODE", "offline")
+
+from pathlib import Path  # noqa: E402
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from masquant.config import register_configs  # noqa: E402
+
+log = logging.getLogger("masquant")
+register_configs()
+
+
+def reference_config(cfg: DictConfig) -> DictConfig:
+    """The dense reference of a run: same model, calibration and evaluation; method=dense, quant=fp16."""
+    from masquant.config import QuantConfig
+    from baselines.dense.method import DenseConfig
+
+    ref = cfg.copy()
+    OmegaConf.set_struct(ref, False)
+    ref.method = OmegaConf.structured(DenseConfig())
+    ref.quant = OmegaConf.structured(QuantConfig(name="fp16"))
+    ref.force = False
+    return ref
+
+
+def run_with_reference(cfg: DictConfig) -> list[dict]:
+    from masquant import pipeline
+
+    results = []
+    if cfg.reference and cfg.method.id != "dense":
+        results.append(pipeline.run(reference_config(cfg)))
+    results.append(pipeline.run(cfg))
+    return results
+
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from masquant.pipeline import ConfigError
+    from masquant.reporting import format_markdown, results_frame
+
+    try:
+        results = run_with_reference(cfg)
+    except ConfigError as err:
+        log.error("configuration error: %s", err)
+        raise SystemExit(f"masquant: configuration error: {err}") from None
+    table = format_markdown(results_frame(results))
+    print("\n" + table + "\n")
+    if cfg.logger.wandb:
+        from masquant.reporting.wandb_log import log_to_wandb
+
+        log_to_wandb(cfg, results[-1])
+    return results[-1].get("fidelity/sqnr/all/e2e")
+
+
+if __name__ == "__main__":
+    main()
