@@ -123,7 +123,10 @@ def resolve(cfg: DictConfig) -> RunSpec:
 
         if not cfg.calib.path:
             raise ConfigError("calib=file needs calib.path=/path/to/calibration.{json,jsonl,parquet}")
-        read_calibration_file(cfg.calib.path)  # raises naming the bad path/row
+        try:
+            read_calibration_file(cfg.calib.path)  # raises naming the bad path/row
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     if cfg.eval.limit is not None and cfg.eval.limit <= 0:
         raise ConfigError(f"eval.limit={cfg.eval.limit}: use a count >= 1, a fraction in (0, 1), or null for all")
     if cfg.eval.data_root is not None and not Path(str(cfg.eval.data_root)).expanduser().exists():

@@ -47,12 +47,13 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    from masquant.calibration.data import CalibrationDataError
     from masquant.pipeline import ConfigError
     from masquant.reporting import format_markdown, results_frame
 
     try:
         results = run_with_reference(cfg)
-    except ConfigError as err:
+    except (ConfigError, CalibrationDataError) as err:
         log.error("configuration error: %s", err)
         raise SystemExit(f"masquant: configuration error: {err}") from None
     table = format_markdown(results_frame(results))

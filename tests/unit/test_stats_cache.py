@@ -1,0 +1,62 @@
+import torch
+
+from masquant.adapters import get_adapter
+from masquant.calibration.cache import StatsCache
+from masquant.calibration.data import CalibrationDataError, check_modalities_present
+from masquant.calibration.layerwise import capture_layer_inputs
+from masquant.calibration.stats import ChannelStats
+from masquant.methods.base import QuantContext
+from masquant.quant import ModalityRouter, QuantScheme
+from masquant.testing import tiny_model, tiny_qwen_vl_inputs, tiny_text_inputs
+
+import pytest
+
+
+def test_running_stats_equal_batch_stats():
+    torch.manual_seed(0)
+    xs = [torch.randn(7, 6) * (i + 1) for i in range(4)]
+    st = ChannelStats(6, with_cov=True)
+    for x in xs:
+        st.update(x)
+    allx = torch.cat(xs)
+    assert torch.allclose(st.absmax, allx.abs().amax(0))
+    assert torch.allclose(st.mean_abs, allx.abs().mean(0), atol=1e-6)
+    assert torch.allclose(st.cov, allx.double().T @ allx.double())
+    assert st.count == 28
+
+
+def _ctx(tmp_path, model):
+    ad = get_adapter(model)
+    inputs = capture_layer_inputs(model, ad, [tiny_qwen_vl_inputs(seed=s) for s in range(3)], "cpu")
+    return QuantContext(model, ad, QuantScheme("w4a8", 4, 8), ModalityRouter(ad.modality_masks), torch.device("cpu"),
+                        ("text", "vision"), inputs, StatsCache(tmp_path / "cache"), {"model": "tiny", "calib": 3})
+
+
+def test_statistics_cache_second_run_loads_identical_values(tmp_path):
+    model = tiny_model("qwen2_5_vl")
+    ctx = _ctx(tmp_path, model)
+    first = ctx.input_stats(with_cov=True)
+    assert ctx.cache.misses == 1 and ctx.cache.hits == 0
+    ctx2 = _ctx(tmp_path, model)
+    second = ctx2.input_stats(with_cov=True)
+    assert ctx2.cache.hits == 1 and ctx2.cache.misses == 0
+    for l1, l2 in zip(first, second):
+        for group in l1:
+            for m in l1[group]:
+                a, b = l1[group][m], l2[group][m]
+                assert torch.equal(a.absmax, b.absmax) and torch.equal(a.cov, b.cov) and a.count == b.count
+    # per-modality statistics partition the tokens
+    s = first[0]["qkv"]
+    assert s["text"].count + s["vision"].count == s["all"].count
+    assert torch.equal(torch.maximum(s["text"].absmax, s["vision"].absmax), s["all"].absmax)
+    # another calibration set -> another cache entry
+    ctx3 = _ctx(tmp_path, model)
+    ctx3.cache_key = {"model": "tiny", "calib": 4}
+    ctx3.input_stats(with_cov=True)
+    assert ctx3.cache.misses == 1
+
+
+def test_calibration_without_requested_modality_is_a_clear_error():
+    ad = get_adapter(tiny_model("qwen2_5_vl"))
+    with pytest.raises(CalibrationDataError, match="no tokens of modality \\['vision'\\]"):
+        check_modalities_present([tiny_text_inputs()], ad, ("text", "vision"), "vision")
