@@ -19,6 +19,11 @@ class RTN(Method):
     def check(self, scheme, modalities) -> None:
         if scheme.is_dense:
             raise MethodConfigError("method=rtn with quant=fp16 quantizes nothing; use method=dense")
+        if scheme.quantize_acts and not scheme.a_dynamic:
+            raise MethodConfigError(
+                "method=rtn has no calibration, so it cannot set static activation scales (quant.a_dynamic=false); "
+                "use a calibrated method (e.g. smoothquant) or quant.a_dynamic=true"
+            )
 
     def collect(self, ctx: QuantContext):
         return None
