@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,9 @@ from masquant.adapters.registry import adapter_class_for, get_adapter
 from masquant.calibration.cache import StatsCache, stable_hash
 from masquant.calibration.data import check_modalities_present
 from masquant.calibration.layerwise import capture_layer_inputs
+from masquant.fidelity import perplexity, record_reference, sqnr_report
 from masquant.methods.base import MethodConfigError, QuantContext
+from masquant.models import ppl_token_ids
 from masquant.quant.linear import ModalityRouter, attach_router
 from masquant.quant.scheme import QuantScheme
 from masquant.registry import build_method, get_method_class
@@ -218,12 +221,27 @@ def run(cfg: DictConfig) -> dict:
             torch.cuda.empty_cache()
 
 
+class _Stages:
+    """Wall time and peak memory so far after each stage: ``time/<stage>_s``, ``memory/peak_after_<stage>_mb``."""
+
+    def __init__(self, device):
+        self.device = device
+        self.metrics: dict[str, float] = {}
+        reset_peak_memory(device)
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.metrics[f"time/{name}_s"] = time.perf_counter() - t0
+        self.metrics[f"memory/peak_after_{name}_mb"] = peak_memory_mb(self.device)
+
+
 def _execute(spec: RunSpec, out_dir: Path) -> dict:
     cfg = spec.cfg
-    t = {}
-    reset_peak_memory(spec.device)
-    t0 = time.perf_counter()
-    model, processor = load_model(spec)
+    stage = _Stages(spec.device)
+    with stage("load"):
+        model, processor = load_model(spec)
     adapter = get_adapter(model)
     missing = [m for m in spec.modalities if m not in adapter.supported_modalities()]
     if missing:
@@ -231,67 +249,51 @@ def _execute(spec: RunSpec, out_dir: Path) -> dict:
             f"modality.modalities={list(spec.modalities)}: {cfg.model.name} ({model.config.model_type}) has no "
             f"{missing} input; it supports {list(adapter.supported_modalities())}"
         )
-    t["time/load_s"] = time.perf_counter() - t0
-
     method = build_method(spec.method_cfg)
-    t0 = time.perf_counter()
-    calib, held_out = build_calibration(spec, processor, adapter) if (method.needs_calibration or cfg.eval.fidelity) else ([], [])
-    router = ModalityRouter(lambda ids: adapter.modality_masks(ids, video_as=spec.video_as))
-    attach_router(model, router)
-    t["time/calib_data_s"] = time.perf_counter() - t0
+    with stage("calib_data"):
+        need_data = method.needs_calibration or cfg.eval.fidelity
+        calib, held_out = build_calibration(spec, processor, adapter) if need_data else ([], [])
+        router = ModalityRouter(lambda ids: adapter.modality_masks(ids, video_as=spec.video_as))
+        attach_router(model, router)
 
     metrics: dict[str, Any] = {}
-    ppl_ids = None
-    ref = None
-    t0 = time.perf_counter()
-    if cfg.eval.fidelity and held_out:
-        from masquant.fidelity import record_reference
+    ppl_ids = ref = None
+    with stage("reference"):
+        if cfg.eval.fidelity and held_out:
+            ref = record_reference(model, adapter, held_out, spec.device, spec.video_as)
+        if cfg.eval.ppl:
+            ppl_ids = ppl_token_ids(processor, model)
+            metrics["fidelity/ppl_fp"] = perplexity(model, ppl_ids, spec.device)
 
-        ref = record_reference(model, adapter, held_out, spec.device, spec.video_as)
-    if cfg.eval.ppl:
-        from masquant.models import ppl_token_ids
-
-        ppl_ids = ppl_token_ids(processor, model)
-        from masquant.fidelity import perplexity
-
-        metrics["fidelity/ppl_fp"] = perplexity(model, ppl_ids, spec.device)
-    t["time/reference_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    layer_inputs = None
-    if method.needs_calibration:
-        layer_inputs = capture_layer_inputs(model, adapter, calib, spec.device, video_as=spec.video_as)
-    cache = StatsCache(Path(cfg.paths.cache_dir) / "stats" if cfg.calib.cache else None)
-    cache_key = {
-        "model": cfg.model.name, "model_path": cfg.model.path, "dtype": str(cfg.model.dtype),
-        "calib": _plain(cfg.calib), "video_as": spec.video_as,
-    }
-    ctx = QuantContext(model, adapter, spec.scheme, router, spec.device, spec.modalities, layer_inputs, cache, cache_key)
-    report = method.run(ctx)
-    del layer_inputs, ctx
-    gc.collect()
-    t["time/quantize_s"] = time.perf_counter() - t0
+    with stage("quantize"):
+        layer_inputs = None
+        if method.needs_calibration:
+            layer_inputs = capture_layer_inputs(model, adapter, calib, spec.device, video_as=spec.video_as)
+        cache = StatsCache(Path(cfg.paths.cache_dir) / "stats" if cfg.calib.cache else None)
+        cache_key = {
+            "model": cfg.model.name, "model_path": cfg.model.path, "dtype": str(cfg.model.dtype),
+            "calib": _plain(cfg.calib), "video_as": spec.video_as,
+        }
+        ctx = QuantContext(model, adapter, spec.scheme, router, spec.device, spec.modalities, layer_inputs, cache,
+                           cache_key)
+        report = method.run(ctx)
+        del layer_inputs, ctx
+        gc.collect()
     metrics.update({f"method/{k}" if "/" not in k else k: v for k, v in report.items()})
 
-    t0 = time.perf_counter()
-    if ref is not None:
-        from masquant.fidelity import sqnr_report
+    with stage("fidelity"):
+        if ref is not None:
+            metrics.update(sqnr_report(model, adapter, held_out, spec.device, ref))
+        if ppl_ids is not None:
+            metrics["fidelity/ppl"] = perplexity(model, ppl_ids, spec.device)
 
-        metrics.update(sqnr_report(model, adapter, held_out, spec.device, ref))
-    if ppl_ids is not None:
-        from masquant.fidelity import perplexity
+    with stage("eval"):
+        if cfg.eval.tasks:
+            from masquant.eval_stage import run_benchmarks
 
-        metrics["fidelity/ppl"] = perplexity(model, ppl_ids, spec.device)
-    t["time/fidelity_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    if cfg.eval.tasks:
-        from masquant.eval_stage import run_benchmarks
-
-        metrics.update(run_benchmarks(cfg, model, processor, out_dir))
-    t["time/eval_s"] = time.perf_counter() - t0
-    t["memory/peak_mb"] = peak_memory_mb(spec.device)
-    metrics.update(t)
+            metrics.update(run_benchmarks(cfg, model, processor, out_dir))
+    metrics.update(stage.metrics)
+    metrics["memory/peak_mb"] = peak_memory_mb(spec.device)
     metrics.update({
         "run/model": str(cfg.model.name), "run/method": str(cfg.method.id), "run/quant": str(cfg.quant.name),
         "run/bits": spec.scheme.tag, "run/modalities": list(spec.modalities), "run/config_hash": spec.config_hash,

@@ -1,0 +1,45 @@
+"""Time each stage of a run and record peak memory; prints a table.
+
+    .venv/bin/python benchmarks/stages.py                      # the default run (testbed, rtn, w4a8)
+    .venv/bin/python benchmarks/stages.py method=masquant quant=w4a8 eval=fidelity
+
+Any Hydra override of the main app works. Runs with force=true into a temporary output folder
+(statistics caches stay where paths.cache_dir says, so a second call measures the cached path).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from masquant import pipeline  # noqa: E402
+from masquant.config import register_configs  # noqa: E402
+from masquant.run import CONF_DIR, reference_config  # noqa: E402
+
+STAGES = ("load", "calib_data", "reference", "quantize", "fidelity", "eval")
+
+
+def main(overrides: list[str]) -> None:
+    register_configs()
+    with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"paths.output_root={tmp}", "force=true", *overrides])
+        runs = [reference_config(cfg), cfg] if cfg.reference and cfg.method.id != "dense" else [cfg]
+        rows = [pipeline.run(c) for c in runs]
+    print(f"\nstage timings ({' '.join(overrides) or 'default run'}; device {rows[-1]['run/device']})\n")
+    print("| run | " + " | ".join(STAGES) + " | total s | peak MB |")
+    print("|---|" + "---|" * (len(STAGES) + 2))
+    for m in rows:
+        times = [m.get(f"time/{s}_s", 0.0) for s in STAGES]
+        cells = " | ".join(f"{t:.1f}" for t in times)
+        print(f"| {m['run/method']} {m['run/bits']} | {cells} | {sum(times):.1f} | {m['memory/peak_mb']:.0f} |")
+    print("\npeak memory (MB) after each stage of the last run: "
+          + ", ".join(f"{s} {rows[-1].get(f'memory/peak_after_{s}_mb', 0):.0f}" for s in STAGES))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,37 @@
+"""Sweeps: Hydra multirun end to end (sequential jobs), resume by skipping finished jobs; GPU pool expansion."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from experiments.gpu_pool import expand
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _sweep(tmp_path):
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "MASQUANT_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "masquant", "-m", "debug=default", "hydra.verbose=false", "method=rtn",
+           "quant=w8a8,w4a8", f"paths.output_root={tmp_path}/out", "eval.ppl=false"]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_multirun_sweep_runs_each_job_once_and_resumes(tmp_path):
+    first = _sweep(tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    runs = sorted(p.parent.relative_to(tmp_path / "out" / "runs").as_posix()
+                  for p in (tmp_path / "out" / "runs").rglob("metrics.json"))
+    # one dense reference shared by both jobs, one result per quant scheme
+    assert [r.rsplit("-", 1)[0] for r in runs] == [
+        "tiny-qwen2.5-vl/dense/fp16", "tiny-qwen2.5-vl/rtn/w4a8", "tiny-qwen2.5-vl/rtn/w8a8"]
+    assert "| rtn | W8A8 |" in first.stdout and "| rtn | W4A8 |" in first.stdout
+    second = _sweep(tmp_path)
+    assert second.returncode == 0
+    assert second.stderr.count("skipping") + second.stdout.count("skipping") >= 3
+
+
+def test_gpu_pool_expands_cartesian_product():
+    jobs = expand(["method=rtn,masquant", "quant=w4a8,w4a6", "eval.tasks=[a,b]"])
+    assert len(jobs) == 4
+    assert ["method=masquant", "quant=w4a6", "eval.tasks=[a,b]"] in jobs
