@@ -17,15 +17,25 @@ class Qwen2VLAdapter(ModelAdapter):
 
 @register_adapter
 class Qwen25OmniThinkerAdapter(ModelAdapter):
-    """Qwen2.5-Omni thinker: text decoder with vision and audio towers."""
+    """Qwen2.5-Omni thinker: text decoder with vision and audio towers.
 
-    model_types = ("qwen2_5_omni_thinker",)
+    A full Qwen2.5-Omni folder (model_type qwen2_5_omni) loads as its thinker only: the talker and
+    token2wav are not part of the paper's setting (thinker-only quantization).
+    """
+
+    model_types = ("qwen2_5_omni_thinker", "qwen2_5_omni")
     encoder_paths = {"vision": "model.visual", "audio": "model.audio_tower"}
     token_id_attrs = {
         "vision": ("image_token_id", "image_token_index"),
         "video": ("video_token_id", "video_token_index"),
         "audio": ("audio_token_id", "audio_token_index"),
     }
+
+    @staticmethod
+    def load_pretrained(path, dtype):
+        from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+        return Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(path, dtype=dtype)
 
 
 @register_adapter

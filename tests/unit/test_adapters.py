@@ -95,3 +95,22 @@ def test_qwen25vl_calibration_positions_match_generate():
     # without mm_token_type_ids Qwen2.5-VL silently falls back to 1-D positions: the inputs must carry it
     no_types = capture_layer_inputs(model, ad, [tiny_qwen_vl_inputs(with_mm_types=False)], "cpu").samples[0]
     assert not torch.allclose(no_types.kwargs["position_embeddings"][0], cos_c)
+
+
+def test_full_omni_checkpoint_loads_as_thinker(tmp_path):
+    import transformers as T
+
+    from masquant.testing import tiny_config
+
+    full = T.Qwen2_5OmniForConditionalGeneration(
+        T.Qwen2_5OmniConfig(thinker_config=tiny_config("qwen2_5_omni_thinker").to_dict(), enable_audio_output=False))
+    full.save_pretrained(tmp_path)
+    from masquant.adapters.registry import adapter_class_for
+
+    loader = adapter_class_for("qwen2_5_omni").load_pretrained
+    thinker = loader(tmp_path, torch.float32)
+    assert thinker.config.model_type == "qwen2_5_omni_thinker"
+    ad = get_adapter(thinker)
+    assert set(ad.supported_modalities()) == {"text", "vision", "audio"}
+    ref = full.thinker.state_dict()
+    assert all(torch.equal(ref[k], v) for k, v in thinker.state_dict().items())
