@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 
 def _layer_outputs(model: nn.Module, adapter, batches: list[dict], device, store_dtype=torch.float32):
@@ -26,7 +27,7 @@ def _layer_outputs(model: nn.Module, adapter, batches: list[dict], device, store
     outputs = []
     try:
         with torch.no_grad():
-            for b in batches:
+            for b in tqdm(batches, desc="fidelity pass", leave=False):
                 current.clear()
                 model(**{k: v.to(device) for k, v in b.items()}, use_cache=False)
                 outputs.append(list(current))

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from masquant.calibration.data import chat_inputs, load_media, read_calibration_file
 
@@ -70,7 +71,7 @@ def calibration_batches(cfg, processor, adapter, n: int) -> list[dict]:
         if len(rows) < n:
             raise ValueError(f"calib.path={cfg.calib.path} has {len(rows)} rows; calib.n_samples + calib.held_out = {n}")
         rows = random.Random(int(cfg.calib.seed)).sample(rows, n)
-    return [chat_inputs(processor, **load_media(r)) for r in rows]
+    return [chat_inputs(processor, **load_media(r)) for r in tqdm(rows, desc="calibration prompts", leave=False)]
 
 
 def ppl_token_ids(processor, model) -> torch.Tensor:

@@ -13,6 +13,7 @@ from typing import Iterator
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from masquant.quant.linear import ModalityRouter
 
@@ -80,7 +81,7 @@ def capture_layer_inputs(model: nn.Module, adapter, batches: list[dict], device,
     handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
     inputs = LayerInputs(offload=offload)
     try:
-        for batch in batches:
+        for batch in tqdm(batches, desc="capture layer-0 inputs", leave=False):
             batch = _to(batch, device)
             try:
                 model(**batch, use_cache=False)
