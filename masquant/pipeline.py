@@ -97,7 +97,10 @@ def resolve(cfg: DictConfig) -> RunSpec:
     except ValueError as err:
         raise ConfigError(str(err)) from err
     method_cls = get_method_class(str(cfg.method.id))
-    method_cfg = OmegaConf.to_object(cfg.method)
+    try:
+        method_cfg = OmegaConf.to_object(cfg.method)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"method={cfg.method.id}: {err}") from err
     modalities = tuple(str(m.value if hasattr(m, "value") else m) for m in cfg.modality.modalities)
     if "text" not in modalities:
         raise ConfigError(f"modality.modalities={list(modalities)} must include 'text'")

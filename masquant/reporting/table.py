@@ -59,7 +59,9 @@ def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     if isinstance(v, float):
-        return "inf" if math.isinf(v) else f"{v:.2f}"
+        if math.isinf(v):
+            return "inf"
+        return f"{int(v)}" if v.is_integer() and abs(v) >= 1000 else f"{v:.2f}"
     return str(v)
 
 

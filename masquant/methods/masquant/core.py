@@ -1,0 +1,172 @@
+"""MASQuant mathematics: pure tensor functions, one per equation (spec /work/shared/specs/masquant.md).
+
+Layout convention. The spec and the paper write Y = X W with W [D_in, D_out]; PyTorch stores
+``weight`` as [D_out, D_in] and computes Y = X Wᵀ. Functions here take PyTorch weights ``W`` [out, in].
+Smoothing "diag(s) W" (spec) therefore scales the weight's INPUT columns: ``W * s[None, :]``.
+Low-rank factors follow the spec layout, as ``ModalityPath`` applies them: L1 [in, r], L2 [r, out],
+Y += (X / s) L1 L2. The CMC residual ΔW is returned in spec layout [in, out].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from masquant.quant.quantizer import quantize_activation, quantize_weight
+from masquant.quant.scheme import QuantScheme
+
+STAT_FLOOR = 1e-5  # spec §3 step 2: clamp of absmax statistics (a modality without tokens gives 0)
+
+
+# --- MAS (spec §3) ------------------------------------------------------------------------------------
+def weight_input_absmax(W: torch.Tensor) -> torch.Tensor:
+    """max_j |W[j, i]| over output channels: W [out, in] -> [in]."""
+    return W.detach().abs().amax(dim=0).float()
+
+
+def smooth_factors(R: torch.Tensor, W_absmax: torch.Tensor, alpha: float, floor: float = STAT_FLOOR) -> torch.Tensor:
+    """Spec §3 step 2: s[i] = clamp(R[i])^α / clamp(max_j|W[j,i]|)^(1-α); R [in], W_absmax [in] -> s [in]."""
+    return R.float().clamp(min=floor).pow(alpha) / W_absmax.float().clamp(min=floor).pow(1.0 - alpha)
+
+
+def smooth_weight(W: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """diag(s) W in spec layout = W [out, in] * s[None, :] in PyTorch layout -> [out, in]."""
+    return W * s.to(W.dtype)[None, :]
+
+
+@torch.no_grad()
+def truncate_scales_(s: torch.Tensor, floor: float) -> torch.Tensor:
+    """Spec §3 step 3: |s| < floor -> sign(s)·floor (0 -> +floor), in place; s [in]."""
+    small = s.abs() < floor
+    if small.any():
+        sign = torch.where(s < 0, -1.0, 1.0).to(s.dtype)
+        s[small] = (sign * floor)[small]
+    return s
+
+
+def mas_linear_rows(X: torch.Tensor, s: torch.Tensor | None, W: torch.Tensor, bias: torch.Tensor | None,
+                    scheme: QuantScheme, ste: bool = True) -> torch.Tensor:
+    """Eq. 13, one modality's rows: Y_m = Qa(X_m / s_m) Qw(diag(s_m) W) + b; X [N, in], W [out, in] -> [N, out].
+
+    With ``ste`` the gradient reaches s through X/s, through diag(s)W and through both dynamic ranges.
+    """
+    Xs = X if s is None else X / s
+    Ws = W if s is None else smooth_weight(W, s)
+    return F.linear(quantize_activation(Xs, scheme, ste=ste), quantize_weight(Ws, scheme, ste=ste), bias)
+
+
+def mas_linear(X: torch.Tensor, index: dict[str, torch.Tensor] | None, scales: dict[str, torch.Tensor | None],
+               W: torch.Tensor, bias: torch.Tensor | None, scheme: QuantScheme, ste: bool = True) -> torch.Tensor:
+    """Eq. 13: Y = Σ_m Qa((X ⊙ M_m) / s_m) Qw(diag(s_m) W) (+ b once), computed on each modality's rows only.
+
+    X [..., in]; ``index`` {modality: flat row indices} (None = every row is text); scales {modality: s [in]}.
+    Per-token activation quantization makes the row-wise form equal to the masked sum.
+    """
+    if index is None:
+        return mas_linear_rows(X, scales["text"], W, bias, scheme, ste)
+    lead = X.shape[:-1]
+    X2 = X.reshape(-1, X.shape[-1])
+    Y = X2.new_zeros(X2.shape[0], W.shape[0])
+    for m, idx in index.items():
+        if idx.numel():
+            Y = Y.index_copy(0, idx, mas_linear_rows(X2[idx], scales[m], W, bias, scheme, ste))
+    return Y.reshape(*lead, W.shape[0])
+
+
+def weighted_mae(Y: torch.Tensor, target: torch.Tensor, masks: dict[str, torch.Tensor],
+                 lambdas: dict[str, float]) -> torch.Tensor:
+    """Eq. 14: L = Σ_m λ_m Σ_{m-rows} |Y - Y_fp| / (#elements); Y, target [..., D], masks {m: bool[...]}.
+
+    Modalities without rows add zero (a text-only sample is a plain MAE), never an error. Rows of no
+    listed modality count with weight 1.
+    """
+    err = (Y - target).abs().sum(-1).reshape(-1)  # [N] per-row L1
+    weight = torch.ones_like(err)
+    for m, mask in masks.items():
+        weight = torch.where(mask.reshape(-1).to(err.device), float(lambdas.get(m, 1.0)), weight)
+    return (weight * err).sum() / Y.numel()
+
+
+# --- CMC (spec §4) ------------------------------------------------------------------------------------
+def cmc_residual(W: torch.Tensor, s_m: torch.Tensor, W_q: torch.Tensor, scheme: QuantScheme | None = None) -> torch.Tensor:
+    """Eq. 22: ΔW_m = diag(s_m) W − W_q, spec layout [in, out]; W, W_q [out, in].
+
+    With ``scheme`` the target is quantized too (option ``quantized_target``): ΔW_m = Q(diag(s_m) W) − W_q.
+    """
+    target = smooth_weight(W.double(), s_m.double())
+    if scheme is not None:
+        target = quantize_weight(target, scheme)
+    return (target - W_q.double()).T
+
+
+def rescale_covariance(C: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """C_s = diag(1/s) C diag(1/s): Gram matrix of x̃ = x / s from that of x; C [in, in], s [in] -> [in, in]."""
+    inv = 1.0 / s.double()
+    return C.double() * inv[:, None] * inv[None, :]
+
+
+def whitening(C: torch.Tensor, damping: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 24-25: C = P Λ Pᵀ, T = Λ^{1/2} Pᵀ, T⁻¹ = P Λ^{-1/2}; C [in, in] -> T, T⁻¹ [in, in] (float64).
+
+    Eigenvalues are floored at ``damping · mean(Λ)`` (a singular C never gets inverted); with the same
+    floor in T and T⁻¹, T⁻¹ T = I exactly. TᵀT = C wherever no eigenvalue was floored. A zero C (no
+    tokens) gives T = T⁻¹ = I, i.e. plain SVD.
+    """
+    C = C.double()
+    C = 0.5 * (C + C.T)
+    lam, P = torch.linalg.eigh(C)
+    mean = lam.clamp(min=0).mean()
+    if not torch.isfinite(mean) or mean <= 0:
+        eye = torch.eye(C.shape[0], dtype=torch.float64, device=C.device)
+        return eye, eye.clone()
+    lam = lam.clamp(min=float(damping) * mean if damping > 0 else torch.finfo(torch.float64).tiny)
+    root = lam.sqrt()
+    T = root[:, None] * P.T
+    T_inv = P / root[None, :]
+    return T, T_inv
+
+
+def whitened_low_rank(dW: torch.Tensor, T: torch.Tensor | None, T_inv: torch.Tensor | None,
+                      r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Theorem 2 / Eq. 26-28: T ΔW = U Σ Vᵀ, L1 = T⁻¹ U_r [in, r], L2 = Σ_r V_rᵀ [r, out]; ΔW [in, out].
+
+    L1 L2 minimises ‖X̃ (ΔW − L)‖_F over rank-r L when TᵀT = X̃ᵀX̃. T = None: plain truncated SVD.
+    """
+    dW = dW.double()
+    A = dW if T is None else T.double() @ dW
+    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    r = min(r, S.numel())
+    L1 = U[:, :r] if T_inv is None else T_inv.double() @ U[:, :r]
+    L2 = S[:r, None] * Vh[:r]
+    return L1, L2
+
+
+def resolve_rank(d_in: int, d_out: int, rank_ratio: float | None = None, rank: int | None = None,
+                 rank_floor: int = 0) -> int:
+    """Spec §4 "Rank": r = rank or floor(ρ·min(D_in, D_out)), at least rank_floor, at most min(D_in, D_out)."""
+    full = min(d_in, d_out)
+    if rank is not None:
+        r = int(rank)
+    elif rank_ratio is not None:
+        r = int(math.floor(rank_ratio * full + 1e-9))
+    else:
+        raise ValueError("give rank_ratio or rank")
+    return max(1, min(full, max(r, rank_floor)))
+
+
+def effective_rank(M: torch.Tensor) -> float:
+    """Roy-Vetterli effective rank exp(H(σ/Σσ)) of a matrix M [a, b] (1 ≤ value ≤ min(a, b))."""
+    S = torch.linalg.svdvals(M.double())
+    total = S.sum()
+    if total <= 0:
+        return 0.0
+    p = S / total
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def output_error(X: torch.Tensor, A: torch.Tensor) -> float:
+    """‖X A‖_F for X [N, in], A [in, out] (the objective of Theorem 2 with A = ΔW − L)."""
+    return float(torch.linalg.matrix_norm(X.double() @ A.double()))
