@@ -1,0 +1,128 @@
+"""MASQuant analysis on one model and scheme: the figures a researcher checks before a benchmark.
+
+    .venv/bin/python experiments/masquant_analysis.py                       # testbed, W4A8
+    .venv/bin/python experiments/masquant_analysis.py quant=w4a6 --layer 12 --out outputs/analysis
+
+1. Per-layer SQNR per modality vs FP for dense, RTN, uniform smoothing (SmoothQuant-style, one scale
+   for all modalities), MAS (per-modality weights) and MAS+CMC: ``sqnr_<modality>.csv`` + a table.
+   Each variant is an ordinary run (cached by config hash, so re-running is cheap).
+2. Per-channel activation max |x| per modality at one layer's q/k/v input (paper Fig. 2 kind):
+   ``channel_absmax_layer<L>.png``.
+3. Effective rank of ΔW_vision for that layer's q_proj, plain vs whitened, and the relative output
+   error of rank-r plain vs whitened SVD: ``delta_w_rank_layer<L>.json``.
+Any Hydra override of the main app applies to every variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from masquant import pipeline  # noqa: E402
+from masquant.adapters import get_adapter  # noqa: E402
+from masquant.calibration.layerwise import advance, capture_layer_inputs  # noqa: E402
+from masquant.config import register_configs  # noqa: E402
+from masquant.methods.masquant import core  # noqa: E402
+from masquant.methods.masquant.analysis import channel_absmax, delta_w_rank_report, plot_channel_absmax  # noqa: E402
+from masquant.reporting.table import format_markdown  # noqa: E402
+from experiments.testbed_table import VARIANTS as TABLE_VARIANTS  # noqa: E402
+from masquant.run import CONF_DIR, reference_config  # noqa: E402
+
+VARIANTS = {k: v for k, v in TABLE_VARIANTS.items() if k != "smoothquant"}
+
+
+def variant_metrics(overrides: list[str]) -> dict[str, dict]:
+    results = {}
+    for name, extra in VARIANTS.items():
+        cfg = compose(config_name="config", overrides=[*overrides, *extra, "eval=fidelity"])
+        if name == "rtn":
+            results["dense"] = pipeline.run(reference_config(cfg))
+        results[name] = pipeline.run(cfg)
+    return results
+
+
+def sqnr_frames(results: dict[str, dict]) -> dict[str, pd.DataFrame]:
+    frames = {}
+    pattern = re.compile(r"fidelity/sqnr/(\w+)/(layer_(\d+)|e2e)$")
+    for variant, metrics in results.items():
+        for key, value in metrics.items():
+            m = pattern.match(key)
+            if m:
+                layer = "e2e" if m.group(2) == "e2e" else int(m.group(3))
+                frames.setdefault(m.group(1), {}).setdefault(variant, {})[layer] = value
+    return {mod: pd.DataFrame(cols) for mod, cols in frames.items()}
+
+
+@torch.no_grad()
+def activation_figures(overrides: list[str], layer_idx: int, out: Path) -> dict:
+    cfg = compose(config_name="config", overrides=[*overrides, "method=dense", "quant=fp16"])
+    spec = pipeline.resolve(cfg)
+    model, processor = pipeline.load_model(spec)
+    adapter = get_adapter(model)
+    calib, _ = pipeline.build_calibration(spec, processor, adapter)
+    inputs = capture_layer_inputs(model, adapter, calib, spec.device, video_as=spec.video_as)
+    absmax = channel_absmax(adapter, layer_idx, inputs, spec.device, "qkv")
+    png = plot_channel_absmax(absmax, out / f"channel_absmax_layer{layer_idx}.png",
+                              f"{cfg.model.name}: layer {layer_idx} q/k/v input, per-channel max|x| by modality")
+    # ΔW_vision of q_proj at the MAS initialisation, with the layer's FP vision activations
+    for layer in adapter.decoder_layers()[:layer_idx]:
+        inputs = advance(layer, inputs, spec.device)
+    layer = adapter.decoder_layers()[layer_idx]
+    rows = []
+    hook = adapter.linears(layer)["q"].register_forward_pre_hook(
+        lambda mod, args: rows.append((args[0].reshape(-1, args[0].shape[-1]).cpu(), current["vision"])))
+    current = {}
+    for s in inputs:
+        current["vision"] = s.masks["vision"].reshape(-1)
+        advance(layer, type(inputs)([s]), spec.device)
+    hook.remove()
+    X_v = torch.cat([x[m] for x, m in rows])
+    X_t = torch.cat([x[~m] for x, m in rows])
+    W = adapter.linears(layer)["q"].weight.float().cpu()
+    w_absmax = core.weight_input_absmax(W)
+    s_t = core.smooth_factors(X_t.abs().amax(0), w_absmax, 0.5)
+    s_v = core.smooth_factors(X_v.abs().amax(0), w_absmax, 0.5)
+    full = min(W.shape)
+    ranks = sorted({max(1, full // 20), full // 5, full // 2})
+    report = delta_w_rank_report(W, s_t, s_v, X_v, spec.scheme if not spec.scheme.is_dense else
+                                 pipeline.scheme_from_cfg(compose(config_name="config", overrides=overrides).quant),
+                                 ranks=ranks)
+    report.update({"layer": layer_idx, "linear": "q", "vision_tokens": int(X_v.shape[0])})
+    (out / f"delta_w_rank_layer{layer_idx}.json").write_text(json.dumps(report, indent=2))
+    return {"png": str(png), **report}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layer", type=int, default=None, help="layer for the figures (default: the middle one)")
+    parser.add_argument("--out", default="outputs/analysis")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        base = compose(config_name="config", overrides=args.overrides)
+        out = Path(args.out) / f"{base.model.name}-{base.quant.name}"
+        out.mkdir(parents=True, exist_ok=True)
+        results = variant_metrics(args.overrides)
+        for modality, df in sqnr_frames(results).items():
+            df.to_csv(out / f"sqnr_{modality}.csv", index_label="layer")
+            print(f"\nSQNR (dB) vs FP, {modality} tokens, {base.model.name} {base.quant.name}\n")
+            print(format_markdown(df.reset_index(names="layer")))
+        n_layers = sum(1 for k in results["rtn"] if k.startswith("fidelity/sqnr/all/layer_")) + 1
+        layer = args.layer if args.layer is not None else n_layers // 2
+        fig = activation_figures(args.overrides, layer, out)
+    print(f"\nΔW_vision rank report (layer {layer} q_proj): " + json.dumps({k: v for k, v in fig.items() if k != 'png'}))
+    print(f"figure: {fig['png']}\noutputs: {out}")
+
+
+if __name__ == "__main__":
+    main()
