@@ -105,6 +105,8 @@ class EvalConfig:
     testbed_docs: int = 0  # > 0: generate this many synthetic docs per task into the run's data root
     batch_size: int = 1
     max_new_tokens: int = 128
+    min_pixels: Optional[int] = None  # image budget of the processor; None = the processor's own
+    max_pixels: Optional[int] = None
     fidelity: bool = True  # SQNR vs FP per layer and per modality on held-out samples
     ppl: bool = True  # perplexity on a text sample
 

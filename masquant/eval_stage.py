@@ -38,4 +38,5 @@ def run_benchmarks(cfg, model, processor, out_dir: Path) -> dict:
     return evaluate_lmms(
         model, processor, list(cfg.eval.tasks), limit=limit, data_root=data_root, output_dir=out_dir,
         batch_size=int(cfg.eval.batch_size), max_new_tokens=int(cfg.eval.max_new_tokens),
+        min_pixels=cfg.eval.min_pixels, max_pixels=cfg.eval.max_pixels,
     )

@@ -1,0 +1,149 @@
+"""The paper's five lmms-eval tasks, from lmms-eval's own YAMLs, with an optional switch to local data.
+
+Prompts, post-processing and metrics stay lmms-eval's: a local run writes, per task, a small YAML that
+``include:``s the installed task YAML by absolute path and overrides only the data source (a
+``save_to_disk`` folder under ``data_root/<task>``). Nothing of lmms-eval is copied or forked.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+EVAL_TASKS: tuple[str, ...] = ("textvqa_val", "vizwiz_vqa_val", "scienceqa_img", "ocrbench", "mmmu_val")
+
+
+class EvaluationError(RuntimeError):
+    """An evaluation produced no usable result; the message names the task and the cause."""
+
+
+@dataclass(frozen=True)
+class TaskSource:
+    yaml: str  # path of the installed task YAML, relative to lmms_eval/tasks
+    split: str  # the split the task evaluates (its test_split)
+    fields: tuple[str, ...]  # document fields the task code reads (besides images)
+    image_columns: tuple[str, ...]  # datasets.Image() columns (None allowed)
+
+
+TASK_SOURCES: dict[str, TaskSource] = {
+    "textvqa_val": TaskSource("textvqa/textvqa_val.yaml", "validation", ("question", "answers", "question_id"),
+                              ("image",)),
+    "vizwiz_vqa_val": TaskSource("vizwiz_vqa/vizwiz_vqa_val.yaml", "val",
+                                 ("question", "answers", "question_id", "category"), ("image",)),
+    "scienceqa_img": TaskSource("scienceqa/scienceqa_img.yaml", "test", ("question", "choices", "answer", "hint"),
+                                ("image",)),
+    "ocrbench": TaskSource("ocrbench/ocrbench.yaml", "test", ("question", "answer", "dataset", "question_type"),
+                           ("image",)),
+    "mmmu_val": TaskSource("mmmu/mmmu_val.yaml", "validation", ("id", "question", "options", "answer", "question_type"),
+                           tuple(f"image_{k}" for k in range(1, 8))),
+}
+
+
+def _source(task: str) -> TaskSource:
+    if task not in TASK_SOURCES:
+        raise KeyError(f"unknown evaluation task {task!r}; valid tasks: {list(TASK_SOURCES)}")
+    return TASK_SOURCES[task]
+
+
+def lmms_eval_tasks_dir() -> Path:
+    """The installed ``lmms_eval/tasks`` folder, found without importing lmms-eval."""
+    spec = importlib.util.find_spec("lmms_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise EvaluationError("lmms-eval is not installed (see scripts/setup.sh: it is installed with --no-deps)")
+    return Path(next(iter(spec.submodule_search_locations))) / "tasks"
+
+
+def installed_task_yaml(task: str) -> Path:
+    path = lmms_eval_tasks_dir() / _source(task).yaml
+    if not path.is_file():
+        raise EvaluationError(f"task {task}: lmms-eval's task YAML is missing at {path}")
+    return path
+
+
+def local_task_dir(task: str, data_root: Path) -> Path:
+    return Path(data_root).expanduser().resolve() / task
+
+
+def write_local_task_data(task: str, docs: list[dict], data_root: Path) -> Path:
+    """Write documents (dicts in the task's real schema, PIL images) where the local include-YAML reads them.
+
+    Layout: ``data_root/<task>/`` is a ``DatasetDict.save_to_disk`` folder holding the task's split,
+    with image columns as ``datasets.Image()`` (they decode to PIL, as from the hub). Image columns a
+    document leaves out are written as None (MMMU's ``image_2`` ... ``image_7``). Returns the folder.
+    """
+    import datasets
+
+    source = _source(task)
+    if not docs:
+        raise ValueError(f"task {task}: no documents to write")
+    rows = []
+    for i, doc in enumerate(docs):
+        missing = [f for f in source.fields if f not in doc]
+        if missing:
+            raise ValueError(f"task {task}: document {i} lacks fields {missing} "
+                             f"(the task code reads {list(source.fields)})")
+        rows.append({**doc, **{col: doc.get(col) for col in source.image_columns}})
+    plain = datasets.Dataset.from_list([{k: v for k, v in row.items() if k not in source.image_columns}
+                                        for row in rows])
+    features = datasets.Features({**plain.features, **{col: datasets.Image() for col in source.image_columns}})
+    dataset = datasets.Dataset.from_list(rows, features=features)
+
+    out = local_task_dir(task, data_root)
+    if out.exists():
+        if not (out / "dataset_dict.json").is_file():
+            raise EvaluationError(f"task {task}: {out} exists and is not a dataset folder; not overwriting it")
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    datasets.DatasetDict({source.split: dataset}).save_to_disk(str(out))
+    return out
+
+
+def check_local_task_data(task: str, data_root: Path) -> Path:
+    folder = local_task_dir(task, data_root)
+    split = _source(task).split
+    if not (folder / "dataset_dict.json").is_file() or not (folder / split).is_dir():
+        raise EvaluationError(
+            f"task {task}: no local data at {folder} (expected a datasets.save_to_disk folder with split {split!r}); "
+            f"write it with masquant.evaluation.write_local_task_data or save the hub dataset there")
+    return folder
+
+
+def write_local_task_yamls(tasks: list[str], data_root: Path, yaml_dir: Path) -> Path:
+    """Write one include-YAML per task into ``yaml_dir`` (a folder per run) and return the folder.
+
+    Each YAML keeps the task's name and everything of the installed YAML except the data source.
+    """
+    yaml_dir = Path(yaml_dir)
+    yaml_dir.mkdir(parents=True, exist_ok=True)
+    for task in tasks:
+        folder = check_local_task_data(task, data_root)
+        text = (
+            "# Generated by masquant.evaluation.tasks: lmms-eval's own task, local data source only.\n"
+            f"include: {_quote(installed_task_yaml(task))}\n"
+            f"task: {task}\n"
+            f"dataset_path: {_quote(folder)}\n"
+            "dataset_name: null\n"
+            "dataset_kwargs:\n"
+            "  load_from_disk: true\n"
+        )
+        (yaml_dir / f"{task}.yaml").write_text(text)
+    return yaml_dir
+
+
+def _quote(path: Path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def save_hub_task_data(task: str, data_root: Path) -> Path:
+    """Copy a task's split from the HF hub into the local layout (needs network; a token for gated sets)."""
+    import datasets
+    from lmms_eval.utils import load_yaml_config
+
+    source = _source(task)
+    config = load_yaml_config(str(installed_task_yaml(task)), mode="simple")
+    split = datasets.load_dataset(config["dataset_path"], config.get("dataset_name"), split=source.split)
+    out = local_task_dir(task, data_root)
+    datasets.DatasetDict({source.split: split}).save_to_disk(str(out))
+    return out
