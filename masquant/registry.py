@@ -31,20 +31,20 @@ def _entry(method_id: str) -> tuple[str, str]:
     return METHODS[method_id]
 
 
-def get_method_class(method_id: str):
-    target, _ = _entry(method_id)
+def _import_entry(method_id: str, which: int, what: str):
+    target = _entry(method_id)[which]
     try:
         return _load(target)
     except ImportError as err:
-        raise ImportError(f"method {method_id!r} failed to import from {target}: {err}") from err
+        raise ImportError(f"{what} of method {method_id!r} failed to import from {target}: {err}") from err
+
+
+def get_method_class(method_id: str):
+    return _import_entry(method_id, 0, "plugin")
 
 
 def get_config_class(method_id: str):
-    _, target = _entry(method_id)
-    try:
-        return _load(target)
-    except ImportError as err:
-        raise ImportError(f"config of method {method_id!r} failed to import from {target}: {err}") from err
+    return _import_entry(method_id, 1, "config")
 
 
 def build_method(method_cfg):
