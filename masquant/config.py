@@ -6,6 +6,7 @@ key or an invalid choice fails when the config is composed, naming the key and t
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
@@ -165,5 +166,5 @@ def register_configs() -> None:
     for mid in method_ids():
         try:
             cs.store(group="method", name=f"{mid}_schema", node=get_config_class(mid))
-        except ImportError:
-            continue  # reported loudly when that method is asked for
+        except ImportError as err:  # other methods stay usable; this one fails at compose time
+            logging.getLogger(__name__).warning("method %r is unavailable: %s", mid, err)
