@@ -24,10 +24,11 @@ def collect_results(root: str | Path) -> list[dict]:
 
 
 def _task_score(m: dict, task: str):
-    for key, value in m.items():
-        if key.startswith(f"eval/{task}/") and key.split("/")[-1].startswith(TASK_METRICS[task]) and not key.endswith("stderr"):
-            return value
-    return None
+    """The task's headline metric: ``eval/<task>/<metric>`` (unfiltered), else its first filtered variant."""
+    key = f"eval/{task}/{TASK_METRICS[task]}"
+    if key in m:
+        return m[key]
+    return next((v for k, v in m.items() if k.startswith(key + "/")), None)
 
 
 def results_frame(results: list[dict]) -> pd.DataFrame:

@@ -1,0 +1,34 @@
+import math
+
+from masquant.reporting.table import format_markdown, results_frame
+from masquant.report import main as report_main
+import json
+
+
+def _metrics(method, text_sqnr, textvqa, ocr):
+    return {"run/model": "m", "run/method": method, "run/bits": "W4A8", "run/calib_samples": 16, "run/eval_limit": 0.1,
+            "eval/textvqa_val/exact_match": textvqa, "eval/ocrbench/ocrbench_accuracy": ocr,
+            "eval/ocrbench/ocrbench_hits": 3.0, "fidelity/sqnr/text/e2e": text_sqnr}
+
+
+def test_results_frame_columns_and_average():
+    df = results_frame([_metrics("rtn", 20.0, 0.5, 0.25), _metrics("dense", math.inf, 0.75, 0.5)])
+    assert list(df["TextVQA"]) == [50.0, 75.0] and list(df["OCRBench"]) == [25.0, 50.0]
+    assert list(df["Avg"]) == [37.5, 62.5]
+    assert list(df["limit"]) == [0.1, 0.1]
+    md = format_markdown(df)
+    assert "| m | rtn | W4A8 | 16 | 0.10 | 50.00 | 25.00 | 37.50 | 20.00 |" in md
+    assert "inf" in md
+
+
+def test_report_cli_reads_only_finished_runs(tmp_path, capsys):
+    done = tmp_path / "runs" / "m" / "rtn" / "w4a8-abc"
+    done.mkdir(parents=True)
+    (done / "metrics.json").write_text(json.dumps(_metrics("rtn", 20.0, 0.5, 0.25)))
+    partial = tmp_path / "runs" / "m" / "rtn" / ".w4a8-def.partial-1"
+    partial.mkdir(parents=True)  # a run that died after writing its metrics but before the rename
+    (partial / "metrics.json").write_text(json.dumps(_metrics("smoothquant", 20.0, 0.5, 0.25)))
+    assert report_main([str(tmp_path / "runs"), "--format", "csv"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 2 and "rtn" in out and "smoothquant" not in out
+    assert report_main([str(tmp_path / "empty")]) == 1
