@@ -10,8 +10,12 @@ log = logging.getLogger(__name__)
 
 def testbed_data_root(cfg, out_dir: Path) -> Path:
     """Write the testbed's synthetic documents for each task (deterministic) under the cache."""
+    import datasets
+
     from masquant.evaluation import write_local_task_data
     from masquant.testbed import make_benchmark_docs
+
+    datasets.disable_progress_bars()
 
     root = Path(cfg.paths.cache_dir).expanduser() / "testbed_tasks" / f"n{cfg.eval.testbed_docs}"
     for task in cfg.eval.tasks:

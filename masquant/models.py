@@ -23,9 +23,10 @@ def load_model_and_processor(mcfg, cache_dir: str, device: torch.device):
     source = _src(mcfg.source)
     dtype = _DTYPES[_src(mcfg.dtype)]
     if source == "testbed":
-        from masquant.testbed import load_testbed_vl
+        from masquant.testbed.model import TESTBED_VERSION, load_testbed_vl
 
-        model, processor = load_testbed_vl(Path(cache_dir).expanduser() / "testbed", dtype=dtype)
+        folder = Path(cache_dir).expanduser() / "testbed" / f"testbed-vl-{TESTBED_VERSION}"
+        model, processor = load_testbed_vl(folder, dtype=dtype)
     elif source == "tiny":
         from masquant.testing import tiny_model
 
