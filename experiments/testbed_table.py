@@ -46,7 +46,7 @@ def main() -> None:
                 if not rows:
                     rows.append(pipeline.run(reference_config(cfg)))
                 metrics = pipeline.run(cfg)
-                rows.append({**metrics, "run/method": name})
+                rows.append({**metrics, "run/method_label": name})
         out = Path(cfg.paths.output_root) / "tables"
     df = results_frame(rows)
     out.mkdir(parents=True, exist_ok=True)

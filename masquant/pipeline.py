@@ -148,6 +148,24 @@ def resolve(cfg: DictConfig) -> RunSpec:
     return RunSpec(cfg, scheme, method_cfg, modalities, video_as, device, h, run_dir_for(cfg, h))
 
 
+def method_label(method_cfg) -> str:
+    """Method id plus the options that differ from the method's defaults, e.g. 'masquant(learn=False)'."""
+    from dataclasses import fields, is_dataclass
+
+    if not is_dataclass(method_cfg):
+        return str(method_cfg.id)
+    default = type(method_cfg)()
+    diffs = []
+    for f in fields(method_cfg):
+        value, ref = getattr(method_cfg, f.name), getattr(default, f.name)
+        if is_dataclass(value):
+            diffs += [f"{f.name}.{g.name}={getattr(value, g.name)}" for g in fields(value)
+                      if getattr(value, g.name) != getattr(ref, g.name)]
+        elif value != ref:
+            diffs.append(f"{f.name}={getattr(value, 'value', value)}")
+    return f"{method_cfg.id}({','.join(diffs)})" if diffs else str(method_cfg.id)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -299,6 +317,7 @@ def _execute(spec: RunSpec, out_dir: Path) -> dict:
     metrics["memory/peak_mb"] = peak_memory_mb(spec.device)
     metrics.update({
         "run/model": str(cfg.model.name), "run/method": str(cfg.method.id), "run/quant": str(cfg.quant.name),
+        "run/method_label": method_label(spec.method_cfg),
         "run/bits": spec.scheme.tag, "run/modalities": list(spec.modalities), "run/config_hash": spec.config_hash,
         "run/eval_limit": cfg.eval.limit, "run/calib_samples": int(cfg.calib.n_samples),
         "run/device": str(spec.device),

@@ -34,7 +34,7 @@ def _task_score(m: dict, task: str):
 def results_frame(results: list[dict]) -> pd.DataFrame:
     rows = []
     for m in results:
-        row = {"model": m.get("run/model"), "method": m.get("run/method"), "bits": m.get("run/bits"),
+        row = {"model": m.get("run/model"), "method": m.get("run/method_label", m.get("run/method")), "bits": m.get("run/bits"),
                "calib": m.get("run/calib_samples"), "limit": m.get("run/eval_limit")}
         scores = []
         for task, short in SHORT.items():

@@ -32,3 +32,12 @@ def test_report_cli_reads_only_finished_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("\n") == 2 and "rtn" in out and "smoothquant" not in out
     assert report_main([str(tmp_path / "empty")]) == 1
+
+
+def test_method_label_names_non_default_options():
+    from masquant.methods.masquant.config import CMCConfig, MASQuantConfig
+    from masquant.pipeline import method_label
+
+    assert method_label(MASQuantConfig()) == "masquant"
+    label = method_label(MASQuantConfig(learn=False, deploy="per_modality_weights", cmc=CMCConfig(rank_ratio=1.0)))
+    assert label == "masquant(learn=False,deploy=per_modality_weights,cmc.rank_ratio=1.0)"
