@@ -105,16 +105,19 @@ def test_full_rank_cmc_gives_vision_tokens_the_exact_smoothed_weight(mllm_case, 
     cfg = MASQuantConfig(learn=False, cmc=CMCConfig(rank_ratio=1.0, rank_floor=0))
     model, adapter, report = quantize(mllm_case, cfg, scheme)
     assert (report["cmc/rank_min"], report["cmc/rank_max"]) == (32, 64)  # k/v: min(64, 32); q, o, gate, up: 64
-    for role in ("q", "k", "o", "up"):
+    for role in ("q", "k", "o", "up", "down"):  # down_proj: s = 1, its branch carries W - Q(W)
         ql = adapter.linears(adapter.decoder_layers()[1])[role]
         W = get_adapter(fp).linears(get_adapter(fp).decoder_layers()[1])[role]
         path = ql.paths["vision"]
         assert path.rank == min(W.weight.shape)
+        ones = torch.ones(ql.in_features)
+        s_v = path.smooth if path.smooth is not None else ones
+        assert (path.smooth is None) == (role == "down")
         X = torch.randn(6, ql.in_features, generator=torch.Generator().manual_seed(1))
         ql.router.set_masks({"text": torch.zeros(6, dtype=torch.bool), "vision": torch.ones(6, dtype=torch.bool)})
         y = ql(X)
-        Xs = X / path.smooth
-        expected = quantize_activation(Xs, scheme) @ ql.weight.T + Xs @ (W.weight * path.smooth[None, :] - ql.weight).T
+        Xs = X / s_v
+        expected = quantize_activation(Xs, scheme) @ ql.weight.T + Xs @ (W.weight * s_v[None, :] - ql.weight).T
         if W.bias is not None:
             expected = expected + W.bias
         torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
@@ -122,8 +125,8 @@ def test_full_rank_cmc_gives_vision_tokens_the_exact_smoothed_weight(mllm_case, 
             torch.testing.assert_close(y, W(X), rtol=1e-4, atol=1e-4)
         # text rows use the shared weight only
         ql.router.set_masks({"text": torch.ones(6, dtype=torch.bool), "vision": torch.zeros(6, dtype=torch.bool)})
-        Xt = X / ql.paths["text"].smooth
-        yt = quantize_activation(Xt, scheme) @ ql.weight.T + (0 if W.bias is None else W.bias)
+        s_t = ql.paths["text"].smooth if ql.paths["text"].smooth is not None else ones
+        yt = quantize_activation(X / s_t, scheme) @ ql.weight.T + (0 if W.bias is None else W.bias)
         torch.testing.assert_close(ql(X), yt, rtol=1e-4, atol=1e-4)
 
 
@@ -166,7 +169,7 @@ def test_decode_takes_text_path_without_lowrank_work(mllm_case):
     counts = [c - base for c in counts]
     n_vision = int((batch["input_ids"] == 300).sum())
     assert len(counts) == 4  # prefill + 3 decode steps
-    assert counts[0] == n_vision * 6 * 2  # every smoothed linear of both layers saw each image token once
+    assert counts[0] == n_vision * 7 * 2  # every linear of both layers (CMC roles) saw each image token once
     assert counts[1:] == [counts[0]] * 3  # decode steps add no low-rank rows
     with torch.no_grad():
         model(**tiny_text_inputs(seed=3))

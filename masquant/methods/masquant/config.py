@@ -46,9 +46,10 @@ class CMCConfig:
     whiten: bool = True  # False: plain truncated SVD of ΔW (ablation)
     quantized_target: bool = False  # ΔW = Q(diag(s_m) W) - W_q instead of diag(s_m) W - W_q
     damping: float = 1e-6  # eigenvalue floor of C_m relative to its mean eigenvalue
-    # linears that get a low-rank branch; down_proj (s = 1) is left out by default: its residual is pure
-    # weight-quantization error, not smoothing misalignment (the spec does not say; see method docstring)
-    roles: list[str] = field(default_factory=lambda: list(SMOOTHED_ROLES))
+    # linears that get a low-rank branch: every quantized linear (spec §4: one shared weight per linear,
+    # ΔW_m = diag(s_m) W - W_q). down_proj has s = 1, so its ΔW_m = W - Q(W) is the weight-quantization
+    # error seen through the modality's activations; leave it out (roles without down) for the ablation.
+    roles: list[str] = field(default_factory=lambda: list(ALL_ROLES))
 
     def __post_init__(self) -> None:
         if self.rank is not None:
