@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from masquant.adapters.registry import adapter_class_for, get_adapter
-from masquant.calibration.cache import StatsCache, stable_hash
+from masquant.calibration.cache import StatsCache, model_fingerprint, stable_hash
 from masquant.calibration.data import check_modalities_present
 from masquant.calibration.layerwise import capture_layer_inputs
 from masquant.fidelity import perplexity, record_reference, sqnr_report
@@ -293,7 +293,7 @@ def _execute(spec: RunSpec, out_dir: Path) -> dict:
         cache = StatsCache(Path(cfg.paths.cache_dir) / "stats" if cfg.calib.cache else None)
         cache_key = {
             "model": cfg.model.name, "model_path": cfg.model.path, "dtype": str(cfg.model.dtype),
-            "calib": _plain(cfg.calib), "video_as": spec.video_as,
+            "calib": _plain(cfg.calib), "video_as": spec.video_as, "weights": model_fingerprint(model),
         }
         ctx = QuantContext(model, adapter, spec.scheme, router, spec.device, spec.modalities, layer_inputs, cache,
                            cache_key)

@@ -20,6 +20,17 @@ def stable_hash(obj, length: int = 12) -> str:
     return hashlib.sha256(blob).hexdigest()[:length]
 
 
+@torch.no_grad()
+def model_fingerprint(model: torch.nn.Module, length: int = 12) -> str:
+    """Hash of every parameter's name, shape, dtype, sum and absolute sum: new weights at the same path
+    (a re-trained testbed tower, a re-finetuned checkpoint) get new cache entries. One pass over the weights."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        x = p.detach()
+        h.update(f"{name}:{tuple(x.shape)}:{x.dtype}:{float(x.double().sum()):.10e}:{float(x.double().abs().sum()):.10e};".encode())
+    return h.hexdigest()[:length]
+
+
 def atomic_torch_save(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

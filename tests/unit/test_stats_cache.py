@@ -60,3 +60,14 @@ def test_calibration_without_requested_modality_is_a_clear_error():
     ad = get_adapter(tiny_model("qwen2_5_vl"))
     with pytest.raises(CalibrationDataError, match="no tokens of modality \\['vision'\\]"):
         check_modalities_present([tiny_text_inputs()], ad, ("text", "vision"), "vision")
+
+
+def test_model_fingerprint_follows_the_weights():
+    from masquant.calibration.cache import model_fingerprint
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    before = model_fingerprint(model)
+    assert model_fingerprint(model) == before
+    with torch.no_grad():
+        model[1].weight[0, 0] += 0.5
+    assert model_fingerprint(model) != before
