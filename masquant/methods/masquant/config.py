@@ -47,8 +47,8 @@ class CMCConfig:
     quantized_target: bool = False  # ΔW = Q(diag(s_m) W) - W_q instead of diag(s_m) W - W_q
     # eigenvalue floor of C_m relative to its mean eigenvalue. The spec fixes the form, not ε. A rank-r
     # whitened fit leaves its residual ΔW - L1 L2 where calibration activations have little energy; the
-    # quantized stream's own error reaches those directions in late layers. Measured on the testbed at
-    # W4A6 (e2e vision SQNR): ε = 1e-6 -> 6.0 dB, 1e-2 -> 7.4, 1e-1 -> 7.1, 0.5 -> 6.9; full rank 10.8.
+    # quantized stream's own error reaches those directions in late layers. Measured on the testbed (phase-2
+    # tower) at W4A6 (e2e vision SQNR): ε = 1e-6 -> 6.0 dB, 1e-2 -> 7.4, 1e-1 -> 7.1, 0.5 -> 6.9; full rank 10.8.
     damping: float = 1e-2
     # linears that get a low-rank branch: every quantized linear (spec §4: one shared weight per linear,
     # ΔW_m = diag(s_m) W - W_q). down_proj has s = 1, so its ΔW_m = W - Q(W) is the weight-quantization
