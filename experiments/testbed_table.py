@@ -22,7 +22,7 @@ from masquant.config import register_configs  # noqa: E402
 from masquant.reporting.table import format_markdown, results_frame  # noqa: E402
 from masquant.run import CONF_DIR, reference_config  # noqa: E402
 
-# The testbed's smoothing factors are small (phase-2 tower) (median s_text 0.82, s_vision 0.56; 1% quantile 0.28 / 0.16)
+# The testbed's smoothing factors are small (phase-2 tower: median s_text 0.82, s_vision 0.56; 1% quantile 0.28 / 0.16)
 # and AdamW moves each one by about lr per step whatever its size, so the paper's lr 5e-2 (tuned for 7B
 # models) drives many testbed vision scales through zero to the ±1e-2 floor; under CMC a vision token then
 # sees its activation-quantization noise amplified by s_text/s_vision (up to 186x measured at layer 18).

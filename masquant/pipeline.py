@@ -293,7 +293,8 @@ def _execute(spec: RunSpec, out_dir: Path) -> dict:
         cache = StatsCache(Path(cfg.paths.cache_dir) / "stats" if cfg.calib.cache else None)
         cache_key = {
             "model": cfg.model.name, "model_path": cfg.model.path, "dtype": str(cfg.model.dtype),
-            "calib": _plain(cfg.calib), "video_as": spec.video_as, "weights": model_fingerprint(model),
+            "calib": _plain(cfg.calib), "video_as": spec.video_as,
+            "weights": model_fingerprint(model) if cache.root is not None else None,
         }
         ctx = QuantContext(model, adapter, spec.scheme, router, spec.device, spec.modalities, layer_inputs, cache,
                            cache_key)
