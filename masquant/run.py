@@ -48,8 +48,13 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from masquant.calibration.data import CalibrationDataError
+    from masquant.environment import check_environment, drift_message, lock_path
     from masquant.pipeline import ConfigError
     from masquant.reporting import format_markdown, results_frame
+
+    drifted = check_environment()
+    if drifted:
+        log.warning(drift_message(drifted, lock_path()))
 
     try:
         results = run_with_reference(cfg)
