@@ -6,6 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
+UV_VERSION=${UV_VERSION:-$(grep -E "^uv==" requirements.lock 2>/dev/null | cut -d= -f3 || true)}
+UV_VERSION=${UV_VERSION:-0.13.8}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 echo "lock.sh: building a clean venv in $work" >&2
@@ -14,6 +16,7 @@ V=$work/venv/bin/python
 "$V" -m pip install -q --upgrade pip setuptools wheel
 "$V" -m pip install -q -c constraints.txt -e ".[test]"
 "$V" -m pip install -q --no-deps -r requirements-nodeps.txt
+"$V" -m pip install -q --no-deps "uv==$UV_VERSION"  # setup.sh installs the rest with it
 {
   echo "# Every package of the masquant environment at the version its tests passed on."
   echo "# Written by scripts/lock.sh on $(date -u +%Y-%m-%d) with $("$V" --version) on $(uname -m); installed by scripts/setup.sh."

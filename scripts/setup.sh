@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Create .venv with exactly the versions of requirements.lock (a minute from an empty pip cache; re-runs
+# Create .venv with exactly the versions of requirements.lock (under 30 s from an empty cache; re-runs
 # are instant). Everything goes in with --no-deps from the lock, so no new release of any package can
 # change the environment. Refresh the lock with scripts/lock.sh.
+# torch is installed by pip (which finds a local CPU wheel where the machine's pip config provides one);
+# the rest by uv (the locked version, itself installed by pip), about 3x faster than pip; with
+# MASQUANT_INSTALLER=pip, or where uv cannot be installed, pip installs everything.
 #   MASQUANT_TORCH=keep  keep the torch already in .venv (your CUDA build; see README "GPU clusters")
 #   PYTHON=python3.12    the interpreter for a new .venv
 set -euo pipefail
@@ -12,25 +15,30 @@ LOCK=requirements.lock
 V=.venv/bin/python
 stamp=.venv/.masquant-setup
 want=$(cat pyproject.toml "$LOCK" scripts/setup.sh | sha256sum | cut -d' ' -f1)-${MASQUANT_TORCH:-lock}
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  rm -f "$stamp"
-  reqs=$(mktemp)
-  trap 'rm -f "$reqs"' EXIT
-  if [ "${MASQUANT_TORCH:-lock}" = keep ]; then
-    "$V" -c "import torch" 2>/dev/null || {
-      echo "setup.sh: MASQUANT_TORCH=keep but .venv has no importable torch; install yours first, e.g." >&2
-      echo "  .venv/bin/python -m pip install torch==<the locked version> --index-url <your CUDA wheel index>" >&2
-      exit 1
-    }
-    grep -v -E '^torch==' "$LOCK" > "$reqs"
-    touch .venv/.masquant-torch-external
-  else
-    cp "$LOCK" "$reqs"
-    rm -f .venv/.masquant-torch-external
-  fi
-  "$V" -m pip install -q --no-deps "$(grep -E '^pip==' "$LOCK")"
+[ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && exit 0
+rm -f "$stamp"
+pin() { grep -E "^$1==" "$LOCK"; }
+reqs=$(mktemp)
+trap 'rm -f "$reqs"' EXIT
+grep -v -E '^(torch|pip|uv)==' "$LOCK" > "$reqs"
+if [ "${MASQUANT_TORCH:-lock}" = keep ]; then
+  "$V" -c "import torch" 2>/dev/null || {
+    echo "setup.sh: MASQUANT_TORCH=keep but .venv has no importable torch; install yours first, e.g." >&2
+    echo "  .venv/bin/python -m pip install torch==<the locked version> --index-url <your CUDA wheel index>" >&2
+    exit 1
+  }
+  touch .venv/.masquant-torch-external
+else
+  rm -f .venv/.masquant-torch-external
+fi
+"$V" -m pip install -q --no-deps "$(pin pip)"
+[ "${MASQUANT_TORCH:-lock}" = keep ] || "$V" -m pip install -q --no-deps "$(pin torch)"
+if [ "${MASQUANT_INSTALLER:-uv}" = uv ] && "$V" -m pip install -q --no-deps "$(pin uv)"; then
+  UV_LINK_MODE=copy .venv/bin/uv pip install -q --python "$V" --no-deps -r "$reqs"
+  UV_LINK_MODE=copy .venv/bin/uv pip install -q --python "$V" --no-deps --no-build-isolation -e .
+else
   "$V" -m pip install -q --no-deps -r "$reqs"
   "$V" -m pip install -q --no-deps --no-build-isolation -e .
-  "$V" -m masquant.environment
-  echo "$want" > "$stamp"
 fi
+"$V" -m masquant.environment
+echo "$want" > "$stamp"
