@@ -20,7 +20,7 @@ rm -f "$stamp"
 pin() { grep -E "^$1==" "$LOCK"; }
 reqs=$(mktemp)
 trap 'rm -f "$reqs"' EXIT
-grep -v -E '^(torch|pip|uv)==' "$LOCK" > "$reqs"
+grep -v -E '^(torch|pip)==' "$LOCK" > "$reqs"
 if [ "${MASQUANT_TORCH:-lock}" = keep ]; then
   "$V" -c "import torch" 2>/dev/null || {
     echo "setup.sh: MASQUANT_TORCH=keep but .venv has no importable torch; install yours first, e.g." >&2
