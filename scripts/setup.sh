@@ -15,7 +15,8 @@ LOCK=requirements.lock
 V=.venv/bin/python
 stamp=.venv/.masquant-setup
 want=$(cat pyproject.toml "$LOCK" scripts/setup.sh | sha256sum | cut -d' ' -f1)-${MASQUANT_TORCH:-lock}
-[ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && exit 0
+# up to date: same lock and set-up, and nothing changed by hand since (else reinstall from the lock)
+if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && "$V" -m masquant.environment >/dev/null 2>&1; then exit 0; fi
 rm -f "$stamp"
 pin() { grep -E "^$1==" "$LOCK"; }
 reqs=$(mktemp)
