@@ -17,9 +17,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from masquant import pipeline  # noqa: E402
 from masquant.config import register_configs  # noqa: E402
-from masquant.run import CONF_DIR, reference_config  # noqa: E402
+from masquant.run import CONF_DIR, run_with_reference  # noqa: E402
 
 STAGES = ("load", "calib_data", "reference", "quantize", "fidelity", "eval")
 
@@ -28,8 +27,7 @@ def main(overrides: list[str]) -> None:
     register_configs()
     with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"paths.output_root={tmp}", "force=true", *overrides])
-        runs = [reference_config(cfg), cfg] if cfg.reference and cfg.method.id != "dense" else [cfg]
-        rows = [pipeline.run(c) for c in runs]
+        rows = run_with_reference(cfg)
     print(f"\nstage timings ({' '.join(overrides) or 'default run'}; device {rows[-1]['run/device']})\n")
     print("| run | " + " | ".join(STAGES) + " | total s | peak MB |")
     print("|---|" + "---|" * (len(STAGES) + 2))

@@ -29,13 +29,18 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from masquant import pipeline  # noqa: E402
 from masquant.adapters import get_adapter  # noqa: E402
-from masquant.calibration.layerwise import advance, capture_layer_inputs  # noqa: E402
 from masquant.config import register_configs  # noqa: E402
-from masquant.methods.masquant import core  # noqa: E402
-from masquant.methods.masquant.analysis import channel_absmax, delta_w_rank_report, plot_channel_absmax  # noqa: E402
+from masquant.methods.masquant.analysis import (  # noqa: E402
+    channel_absmax,
+    delta_w_rank_report,
+    layer_input_rows,
+    plot_channel_absmax,
+)
+from masquant.models import calibration_sets  # noqa: E402
+from masquant.quant.smoothing import smooth_factors, weight_input_absmax  # noqa: E402
 from masquant.reporting.table import format_markdown  # noqa: E402
 from experiments.testbed_table import VARIANTS as TABLE_VARIANTS  # noqa: E402
-from masquant.run import CONF_DIR, reference_config  # noqa: E402
+from masquant.run import CONF_DIR, run_with_reference  # noqa: E402
 
 VARIANTS = {k: v for k, v in TABLE_VARIANTS.items() if k != "smoothquant"}
 
@@ -44,9 +49,9 @@ def variant_metrics(overrides: list[str]) -> dict[str, dict]:
     results = {}
     for name, extra in VARIANTS.items():
         cfg = compose(config_name="config", overrides=[*overrides, *extra, "eval=fidelity"])
-        if name == "rtn":
-            results["dense"] = pipeline.run(reference_config(cfg))
-        results[name] = pipeline.run(cfg)
+        *ref, results[name] = run_with_reference(cfg)
+        if ref:
+            results.setdefault("dense", ref[0])
     return results
 
 
@@ -68,29 +73,19 @@ def activation_figures(overrides: list[str], layer_idx: int, out: Path) -> dict:
     spec = pipeline.resolve(cfg)
     model, processor = pipeline.load_model(spec)
     adapter = get_adapter(model)
-    calib, _ = pipeline.build_calibration(spec, processor, adapter)
-    inputs = capture_layer_inputs(model, adapter, calib, spec.device, video_as=spec.video_as)
-    absmax = channel_absmax(adapter, layer_idx, inputs, spec.device, "qkv")
+    calib, _, _ = calibration_sets(cfg, processor, adapter)
+    captured = calib.capture(model, adapter, spec.device, video_as=spec.video_as)
+    absmax = channel_absmax(adapter, layer_idx, captured, spec.device, "qkv")
     png = plot_channel_absmax(absmax, out / f"channel_absmax_layer{layer_idx}.png",
                               f"{cfg.model.name}: layer {layer_idx} q/k/v input, per-channel max|x| by modality")
     # ΔW_vision of q_proj at the MAS initialisation, with the layer's FP vision activations
-    for layer in adapter.decoder_layers()[:layer_idx]:
-        inputs = advance(layer, inputs, spec.device)
+    rows = layer_input_rows(adapter, layer_idx, captured, spec.device, "qkv")
+    X_v, X_t = rows["vision"], rows["text"]
     layer = adapter.decoder_layers()[layer_idx]
-    rows = []
-    hook = adapter.linears(layer)["q"].register_forward_pre_hook(
-        lambda mod, args: rows.append((args[0].reshape(-1, args[0].shape[-1]).cpu(), current["vision"])))
-    current = {}
-    for s in inputs:
-        current["vision"] = s.masks["vision"].reshape(-1)
-        advance(layer, type(inputs)([s]), spec.device)
-    hook.remove()
-    X_v = torch.cat([x[m] for x, m in rows])
-    X_t = torch.cat([x[~m] for x, m in rows])
     W = adapter.linears(layer)["q"].weight.float().cpu()
-    w_absmax = core.weight_input_absmax(W)
-    s_t = core.smooth_factors(X_t.abs().amax(0), w_absmax, 0.5)
-    s_v = core.smooth_factors(X_v.abs().amax(0), w_absmax, 0.5)
+    w_absmax = weight_input_absmax(W)
+    s_t = smooth_factors(X_t.abs().amax(0), w_absmax, 0.5)
+    s_v = smooth_factors(X_v.abs().amax(0), w_absmax, 0.5)
     full = min(W.shape)
     ranks = sorted({max(1, full // 20), full // 5, full // 2})
     report = delta_w_rank_report(W, s_t, s_v, X_v, spec.scheme if not spec.scheme.is_dense else

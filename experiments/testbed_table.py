@@ -17,10 +17,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from masquant import pipeline  # noqa: E402
 from masquant.config import register_configs  # noqa: E402
 from masquant.reporting.table import format_markdown, results_frame  # noqa: E402
-from masquant.run import CONF_DIR, reference_config  # noqa: E402
+from masquant.run import CONF_DIR, run_with_reference  # noqa: E402
 
 # The testbed's smoothing factors are small (phase-2 tower: median s_text 0.82, s_vision 0.56; 1% quantile 0.28 / 0.16)
 # and AdamW moves each one by about lr per step whatever its size, so the paper's lr 5e-2 (tuned for 7B
@@ -49,9 +48,9 @@ def main() -> None:
         for q in args.quants.split(","):
             for name in args.variants.split(","):
                 cfg = compose(config_name="config", overrides=[*args.overrides, *VARIANTS[name], f"quant={q}"])
+                *ref, metrics = run_with_reference(cfg)
                 if not rows:
-                    rows.append(pipeline.run(reference_config(cfg)))
-                metrics = pipeline.run(cfg)
+                    rows += ref
                 rows.append({**metrics, "run/method_label": name})
         out = Path(cfg.paths.output_root) / "tables"
     df = results_frame(rows)

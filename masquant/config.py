@@ -14,6 +14,10 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from masquant.quant.scheme import config_schema
+
+QuantConfig = config_schema()  # the quant group's schema: QuantScheme's fields, one definition
+
 
 class ModelSource(str, Enum):
     testbed = "testbed"
@@ -30,17 +34,6 @@ class Modality(str, Enum):
 class VideoAs(str, Enum):
     vision = "vision"
     text = "text"  # what the official MASQuant code did
-
-
-class WGranularity(str, Enum):
-    channel = "channel"
-    group = "group"
-    tensor = "tensor"
-
-
-class AGranularity(str, Enum):
-    token = "token"
-    tensor = "tensor"
 
 
 class CalibSource(str, Enum):
@@ -72,25 +65,11 @@ class ModalityConfig:
 
 
 @dataclass
-class QuantConfig:
-    name: str = MISSING
-    w_bits: int = 16
-    a_bits: int = 16
-    w_symmetric: bool = True
-    w_granularity: WGranularity = WGranularity.channel
-    w_group_size: int = 0
-    w_clip_ratio: float = 1.0
-    a_symmetric: bool = True
-    a_granularity: AGranularity = AGranularity.token
-    a_dynamic: bool = True
-    a_clip_ratio: float = 1.0
-
-
-@dataclass
 class CalibConfig:
     name: str = MISSING
     source: CalibSource = CalibSource.testbed
-    path: Optional[str] = None  # JSON/JSONL/parquet with image/audio paths + question for source=file
+    path: Optional[str] = None  # JSON/JSONL/parquet with image/audio paths + question (+ answer) for source=file
+    held_out_path: Optional[str] = None  # held-out fidelity prompts from another file (default: a seeded split)
     n_samples: int = 16
     seed: int = 2
     held_out: int = 4  # extra samples (disjoint) for the fidelity SQNR

@@ -1,4 +1,4 @@
-"""Model loading (testbed, tiny, local folder) and calibration inputs for each source."""
+"""Model loading (testbed, tiny, local folder) and the calibration set of each source, through the adapters."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import logging
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from masquant.calibration.data import chat_inputs, load_media, read_calibration_file
+from masquant.adapters.registry import adapter_class_for
+from masquant.calibration.data import CalibrationDataError, CalibrationSet, read_calibration_file, split_rows
 
 log = logging.getLogger(__name__)
 
@@ -28,55 +28,68 @@ def load_model_and_processor(mcfg, cache_dir: str, device: torch.device):
         folder = Path(cache_dir).expanduser() / "testbed" / f"testbed-vl-{TESTBED_VERSION}"
         model, processor = load_testbed_vl(folder, dtype=dtype)
     elif source == "tiny":
-        from masquant.testing import tiny_model
-
-        model, processor = tiny_model(str(mcfg.tiny_type)).to(dtype), None
+        model, processor = adapter_class_for(str(mcfg.tiny_type)).tiny(seed=0)
+        model = model.to(dtype)
     elif source == "local":
-        model, processor = _load_local(Path(str(mcfg.path)).expanduser(), dtype)
+        model, processor = load_local(Path(str(mcfg.path)).expanduser(), dtype)
     else:  # guarded by the config schema
         raise ValueError(f"model.source={source!r}")
     return model.to(device).eval(), processor
 
 
-def _load_local(path: Path, dtype):
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
-
-    from masquant.adapters.registry import adapter_class_for
+def load_local(path: Path, dtype):
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path)
     adapter_cls = adapter_class_for(config.model_type)
-    loader = getattr(adapter_cls, "load_pretrained", None)
     log.info("loading %s (%s) from %s", config.model_type, adapter_cls.__name__, path)
-    model = loader(path, dtype) if loader else AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
-    processor = AutoProcessor.from_pretrained(path)
-    return model, processor
+    return adapter_cls.load_pretrained(path, dtype), adapter_cls.load_processor(path)
 
 
-def calibration_batches(cfg, processor, adapter, n: int) -> list[dict]:
-    """n calibration prompts as model inputs (batch size 1 each, no truncation)."""
-    source = _src(cfg.calib.source)
-    if source == "tiny":
-        from masquant.testing import tiny_qwen_vl_inputs
-
-        return [tiny_qwen_vl_inputs(seed=cfg.calib.seed * 1000 + i) for i in range(n)]
-    if processor is None:
-        raise ValueError(f"calib.source={source} needs a processor; model {cfg.model.name} has none")
+def calibration_rows(ccfg, adapter_cls, n: int, held_out: int) -> tuple[list[dict], list[dict], dict]:
+    """(calibration rows, held-out rows, a description recorded with the results), disjoint by construction."""
+    source = _src(ccfg.source)
     if source == "testbed":
         from masquant.testbed import make_calibration_samples
 
-        rows = make_calibration_samples(n)
-    else:
+        rows = make_calibration_samples(n + held_out)  # distinct synthetic documents of the calib split
+        return rows[:n], rows[n:], {"source": "testbed", "split": "calib"}
+    if source == "tiny":
+        from masquant.adapters.tiny import tiny_rows
+
+        rows = tiny_rows(n + held_out, int(ccfg.seed), adapter_cls.tiny_modalities())
+        return rows[:n], rows[n:], {"source": "tiny", "seed": int(ccfg.seed)}
+    rows = read_calibration_file(ccfg.path)
+    if ccfg.held_out_path:
+        held = read_calibration_file(ccfg.held_out_path)
+        if len(rows) < n or len(held) < held_out:
+            raise CalibrationDataError(
+                f"calib.path={ccfg.path} has {len(rows)} rows for calib.n_samples={n}; calib.held_out_path="
+                f"{ccfg.held_out_path} has {len(held)} rows for calib.held_out={held_out}")
         import random
 
-        rows = read_calibration_file(cfg.calib.path)
-        if len(rows) < n:
-            raise ValueError(f"calib.path={cfg.calib.path} has {len(rows)} rows; calib.n_samples + calib.held_out = {n}")
-        rows = random.Random(int(cfg.calib.seed)).sample(rows, n)
-    return [chat_inputs(processor, **load_media(r)) for r in tqdm(rows, desc="calibration prompts", leave=False)]
+        idx = sorted(random.Random(int(ccfg.seed)).sample(range(len(rows)), n))
+        return [rows[i] for i in idx], held[:held_out], {"source": "file", "rows": idx,
+                                                          "held_out_file": str(ccfg.held_out_path)}
+    if len(rows) < n + held_out:
+        raise CalibrationDataError(f"calib.path={ccfg.path} has {len(rows)} rows; calib.n_samples + calib.held_out "
+                                   f"= {n + held_out}")
+    calib_idx, held_idx = split_rows(rows, n, held_out, int(ccfg.seed))
+    return ([rows[i] for i in calib_idx], [rows[i] for i in held_idx],
+            {"source": "file", "rows": calib_idx, "held_out_rows": held_idx, "seed": int(ccfg.seed)})
+
+
+def calibration_sets(cfg, processor, adapter) -> tuple[CalibrationSet, CalibrationSet, dict]:
+    """The calibration set and the held-out fidelity set of a run."""
+    c = cfg.calib
+    calib_rows, held_rows, description = calibration_rows(c, type(adapter), int(c.n_samples), int(c.held_out))
+    calib = CalibrationSet.from_rows(processor, calib_rows, description)
+    held = CalibrationSet.from_rows(processor, held_rows, description, desc="held-out prompts")
+    return calib, held, description
 
 
 def ppl_token_ids(processor, model) -> torch.Tensor:
-    """Token ids of the packaged English paragraph (or random ids for tokenizer-less tiny models)."""
+    """Token ids of the packaged English paragraph (or random ids for tokenizer-less models)."""
     if processor is None:
         g = torch.Generator().manual_seed(0)
         return torch.randint(5, min(290, model.config.get_text_config().vocab_size), (1, 128), generator=g)

@@ -25,21 +25,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from masquant.adapters.registry import adapter_class_for, get_adapter
 from masquant.calibration.cache import StatsCache, model_fingerprint, stable_hash
-from masquant.calibration.data import check_modalities_present
-from masquant.calibration.layerwise import capture_layer_inputs
-from masquant.fidelity import perplexity, record_reference, sqnr_report
+from masquant.evaluation.fidelity import perplexity, record_reference, sqnr_report
 from masquant.methods.base import MethodConfigError, QuantContext
 from masquant.models import ppl_token_ids
 from masquant.quant.linear import ModalityRouter, attach_router
 from masquant.quant.scheme import QuantScheme
 from masquant.registry import build_method, get_method_class
+from masquant.reporting.store import RESULT_FILE, is_finished, load_result, method_label, run_dir_for, write_json_atomic
 from masquant.resources import peak_memory_mb, reset_peak_memory
 
 log = logging.getLogger(__name__)
 
 # Keys that do not change results and are left out of the config hash.
 _NON_SEMANTIC = ("logger", "paths", "force", "threads", "device", "reference")
-RESULT_FILE = "metrics.json"
 
 
 class ConfigError(ValueError):
@@ -82,12 +80,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} but CUDA is not available here; use device=cpu or device=auto")
     return torch.device(name)
-
-
-def run_dir_for(cfg: DictConfig, h: str) -> Path:
-    root = Path(cfg.paths.output_root)
-    model = str(cfg.model.name).replace("/", "_")
-    return root / "runs" / model / str(cfg.method.id) / f"{cfg.quant.name}-{h}"
 
 
 def resolve(cfg: DictConfig) -> RunSpec:
@@ -145,25 +137,8 @@ def resolve(cfg: DictConfig) -> RunSpec:
             raise ConfigError(f"eval.tasks: unknown task(s) {bad}; valid tasks: {list(EVAL_TASKS)}")
     device = resolve_device(str(cfg.device))
     h = config_hash(cfg)
-    return RunSpec(cfg, scheme, method_cfg, modalities, video_as, device, h, run_dir_for(cfg, h))
-
-
-def method_label(method_cfg) -> str:
-    """Method id plus the options that differ from the method's defaults, e.g. 'masquant(learn=False)'."""
-    from dataclasses import fields, is_dataclass
-
-    if not is_dataclass(method_cfg):
-        return str(method_cfg.id)
-    default = type(method_cfg)()
-    diffs = []
-    for f in fields(method_cfg):
-        value, ref = getattr(method_cfg, f.name), getattr(default, f.name)
-        if is_dataclass(value):
-            diffs += [f"{f.name}.{g.name}={getattr(value, g.name)}" for g in fields(value)
-                      if getattr(value, g.name) != getattr(ref, g.name)]
-        elif value != ref:
-            diffs.append(f"{f.name}={getattr(value, 'value', value)}")
-    return f"{method_cfg.id}({','.join(diffs)})" if diffs else str(method_cfg.id)
+    run_dir = run_dir_for(cfg.paths.output_root, cfg.model.name, cfg.method.id, cfg.quant.name, h)
+    return RunSpec(cfg, scheme, method_cfg, modalities, video_as, device, h, run_dir)
 
 
 def seed_everything(seed: int) -> None:
@@ -172,35 +147,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def is_finished(run_dir: Path) -> bool:
-    return (run_dir / RESULT_FILE).exists()
-
-
-def load_result(run_dir: Path) -> dict:
-    return json.loads((run_dir / RESULT_FILE).read_text())
-
-
-def write_json_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
-
-
 # --- stages ------------------------------------------------------------------------------------
 def load_model(spec: RunSpec):
     from masquant.models import load_model_and_processor
 
     return load_model_and_processor(spec.cfg.model, spec.cfg.paths.cache_dir, spec.device)
-
-
-def build_calibration(spec: RunSpec, processor, adapter) -> tuple[list[dict], list[dict]]:
-    from masquant.models import calibration_batches
-
-    c = spec.cfg.calib
-    batches = calibration_batches(spec.cfg, processor, adapter, c.n_samples + c.held_out)
-    calib, held_out = batches[: c.n_samples], batches[c.n_samples :]
-    check_modalities_present(calib, adapter, spec.modalities, spec.video_as)
-    return calib, held_out
 
 
 def run(cfg: DictConfig) -> dict:
@@ -259,6 +210,8 @@ class _Stages:
 
 
 def _execute(spec: RunSpec, out_dir: Path) -> dict:
+    from masquant.models import calibration_sets
+
     cfg = spec.cfg
     stage = _Stages(spec.device)
     with stage("load"):
@@ -271,47 +224,49 @@ def _execute(spec: RunSpec, out_dir: Path) -> dict:
             f"{missing} input; it supports {list(adapter.supported_modalities())}"
         )
     method = build_method(spec.method_cfg)
+    metrics: dict[str, Any] = {}
     with stage("calib_data"):
-        need_data = method.needs_calibration or cfg.eval.fidelity
-        calib, held_out = build_calibration(spec, processor, adapter) if need_data else ([], [])
+        calib = held_out = None
+        if method.needs_calibration or cfg.eval.fidelity:
+            calib, held_out, description = calibration_sets(cfg, processor, adapter)
+            calib.check_modalities_present(adapter, spec.modalities, spec.video_as)
+            metrics["run/calib_set"] = description
         router = ModalityRouter(lambda ids: adapter.modality_masks(ids, video_as=spec.video_as))
         attach_router(model, router)
 
-    metrics: dict[str, Any] = {}
     ppl_ids = ref = None
     with stage("reference"):
-        if cfg.eval.fidelity and held_out:
-            ref = record_reference(model, adapter, held_out, spec.device, spec.video_as)
+        if cfg.eval.fidelity and held_out is not None and len(held_out):
+            ref = record_reference(model, adapter, held_out.batches, spec.device, spec.video_as)
         if cfg.eval.ppl:
             ppl_ids = ppl_token_ids(processor, model)
             metrics["fidelity/ppl_fp"] = perplexity(model, ppl_ids, spec.device)
 
     with stage("quantize"):
-        layer_inputs = None
-        if method.needs_calibration:
-            layer_inputs = capture_layer_inputs(model, adapter, calib, spec.device, video_as=spec.video_as)
         cache = StatsCache(Path(cfg.paths.cache_dir) / "stats" if cfg.calib.cache else None)
         cache_key = {
             "model": cfg.model.name, "model_path": cfg.model.path, "dtype": str(cfg.model.dtype),
             "calib": _plain(cfg.calib), "video_as": spec.video_as,
             "weights": model_fingerprint(model) if cache.root is not None else None,
         }
-        ctx = QuantContext(model, adapter, spec.scheme, router, spec.device, spec.modalities, layer_inputs, cache,
-                           cache_key)
+        ctx = QuantContext(model, adapter, spec.scheme, router, spec.device, spec.modalities,
+                           calib if method.needs_calibration else None, cache, cache_key, spec.video_as)
         report = method.run(ctx)
-        del layer_inputs, ctx
+        del ctx
+        if calib is not None:
+            calib.invalidate()
         gc.collect()
     metrics.update({f"method/{k}" if "/" not in k else k: v for k, v in report.items()})
 
     with stage("fidelity"):
         if ref is not None:
-            metrics.update(sqnr_report(model, adapter, held_out, spec.device, ref))
+            metrics.update(sqnr_report(model, adapter, held_out.batches, spec.device, ref))
         if ppl_ids is not None:
             metrics["fidelity/ppl"] = perplexity(model, ppl_ids, spec.device)
 
     with stage("eval"):
         if cfg.eval.tasks:
-            from masquant.eval_stage import run_benchmarks
+            from masquant.evaluation.stage import run_benchmarks
 
             metrics.update(run_benchmarks(cfg, model, processor, out_dir))
     metrics.update(stage.metrics)
@@ -321,6 +276,6 @@ def _execute(spec: RunSpec, out_dir: Path) -> dict:
         "run/method_label": method_label(spec.method_cfg),
         "run/bits": spec.scheme.tag, "run/modalities": list(spec.modalities), "run/config_hash": spec.config_hash,
         "run/eval_limit": cfg.eval.limit, "run/calib_samples": int(cfg.calib.n_samples),
-        "run/device": str(spec.device),
+        "run/device": str(spec.device), "run/seed": int(cfg.seed),
     })
     return metrics

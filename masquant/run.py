@@ -21,8 +21,8 @@ register_configs()
 
 def reference_config(cfg: DictConfig) -> DictConfig:
     """The dense reference of a run: same model, calibration and evaluation; method=dense, quant=fp16."""
-    from masquant.config import QuantConfig
     from baselines.dense.method import DenseConfig
+    from masquant.config import QuantConfig
 
     ref = cfg.copy()
     OmegaConf.set_struct(ref, False)
@@ -33,13 +33,14 @@ def reference_config(cfg: DictConfig) -> DictConfig:
 
 
 def run_with_reference(cfg: DictConfig) -> list[dict]:
+    """The dense reference (reused when finished) then the run; both are validated before either starts."""
     from masquant import pipeline
 
-    results = []
-    if cfg.reference and cfg.method.id != "dense":
-        results.append(pipeline.run(reference_config(cfg)))
-    results.append(pipeline.run(cfg))
-    return results
+    configs = [reference_config(cfg)] if cfg.reference and cfg.method.id != "dense" else []
+    configs.append(cfg)
+    for c in configs:
+        pipeline.resolve(c)  # every bad key, value or path fails here, before any model is loaded
+    return [pipeline.run(c) for c in configs]
 
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from masquant.methods.base import Method, MethodConfigError, QuantContext
+from masquant.registry import register_method
 
 
 @dataclass
@@ -12,8 +13,8 @@ class DenseConfig:
     id: str = "dense"
 
 
+@register_method("dense", config=DenseConfig)
 class Dense(Method):
-    id = "dense"
     needs_calibration = False
 
     def check(self, scheme, modalities) -> None:
@@ -21,9 +22,6 @@ class Dense(Method):
             raise MethodConfigError(
                 f"method=dense runs the unquantized model but quant={scheme.name} quantizes; use quant=fp16"
             )
-
-    def collect(self, ctx: QuantContext):
-        return None
 
     def apply(self, ctx: QuantContext, stats) -> dict:
         return {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from masquant.methods.base import Method, MethodConfigError, QuantContext, quantize_decoder_linears_
+from masquant.registry import register_method
 
 
 @dataclass
@@ -12,8 +13,8 @@ class RTNConfig:
     id: str = "rtn"
 
 
+@register_method("rtn", config=RTNConfig)
 class RTN(Method):
-    id = "rtn"
     needs_calibration = False
 
     def check(self, scheme, modalities) -> None:
@@ -24,9 +25,6 @@ class RTN(Method):
                 "method=rtn has no calibration, so it cannot set static activation scales (quant.a_dynamic=false); "
                 "use a calibrated method (e.g. smoothquant) or quant.a_dynamic=true"
             )
-
-    def collect(self, ctx: QuantContext):
-        return None
 
     def apply(self, ctx: QuantContext, stats) -> dict:
         n = quantize_decoder_linears_(ctx, desc="rtn")

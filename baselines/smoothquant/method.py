@@ -1,10 +1,12 @@
-"""SmoothQuant baseline (mit-han-lab/smoothquant) through the model adapter.
+"""SmoothQuant baseline (mit-han-lab/smoothquant) on the layer walker and the adapters' folds.
 
-Smoothing is folded only at norm -> linear boundaries (input_layernorm -> q,k,v and
-post_attention_layernorm -> gate,up); o_proj and down_proj are quantized but not smoothed. Nothing is
-quantized in place on shared inputs (the official code does, which corrupts q/k/v inputs in general).
-Options: alpha (0.5; the official Llama recipes use 0.8-0.9), a per-layer alpha grid search on the
-layer's output error, and static per-tensor activation scales (quant.a_dynamic=false).
+Smoothing is folded only at norm -> linear boundaries (the adapter's ``attn_in`` and ``mlp_in`` pairs:
+input norm -> q,k,v and the MLP's input norm -> gate,up), exactly for the model's norm formula; o_proj
+and down_proj are quantized but not smoothed. Nothing is quantized in place on shared inputs (the
+official code does, which corrupts q/k/v inputs in general). Options: alpha (0.5; the official Llama
+recipes use 0.8-0.9), a per-layer alpha grid search on the layer's output error (inputs from the
+quantized stream, target: the FP layer on the same inputs), and static per-tensor activation scales
+(quant.a_dynamic=false).
 """
 
 from __future__ import annotations
@@ -13,14 +15,12 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
-from baselines.smoothquant.core import fold_smoothing_into_norm_, smooth_factors
+from baselines.smoothquant.core import smoothquant_factors
 from masquant.adapters.base import ROLE_TO_GROUP
-from masquant.calibration.layerwise import LayerInputs, advance, run_layer
-from masquant.methods.base import Method, MethodConfigError, ModalityPath, QuantContext
-from masquant.quant.linear import QuantLinear
-from masquant.quant.quantizer import quantize_weight, static_act_scale
+from masquant.methods.base import Method, MethodConfigError, ModalityPath, QuantContext, quantize_layer_
+from masquant.quant.quantizer import static_act_scale
+from masquant.registry import register_method
 
 
 @dataclass
@@ -35,44 +35,42 @@ class SmoothQuantConfig:
                 raise ValueError(f"method.alpha / method.alpha_grid value {a}: must be in [0, 1]")
 
 
-def _smooth_layer_(adapter, layer, layer_stats, alpha: float) -> dict[str, torch.Tensor]:
-    """Fold smoothing at each norm group of one layer; returns s per input group."""
+def smooth_layer_(adapter, layer, layer_stats, alpha: float) -> dict[str, torch.Tensor]:
+    """Fold SmoothQuant factors at each norm→linear pair of one layer; returns s per input group."""
     lin = adapter.linears(layer)
     factors = {}
-    for group in adapter.norm_groups:
-        targets = [lin[r] for r in group.roles]
-        s = smooth_factors(layer_stats[group.input_group]["all"].absmax, [t.weight for t in targets], alpha)
-        fold_smoothing_into_norm_(adapter.norm(layer, group), targets, s)
-        factors[group.input_group] = s
+    for pair in adapter.norm_fold_pairs(layer):
+        s = smoothquant_factors(layer_stats[pair.input_group]["all"].absmax, [lin[r].weight for r in pair.consumers],
+                                alpha)
+        adapter.fold_scales_(layer, pair, s)
+        factors[pair.input_group] = s
     return factors
 
 
-def _quantize_layer_(ctx: QuantContext, layer, layer_stats, factors) -> None:
+def deploy_layer_(ctx: QuantContext, layer, layer_stats, factors) -> None:
+    """Quantize the layer's linears; with static activations, one per-tensor scale from the smoothed absmax."""
     scheme = ctx.scheme
-    for role, linear in ctx.adapter.linears(layer).items():
+
+    def paths_for(role, linear, W_q):
+        if not (scheme.quantize_acts and not scheme.a_dynamic):
+            return {}
         group = ROLE_TO_GROUP[role]
-        paths = {}
-        if scheme.quantize_acts and not scheme.a_dynamic:
-            absmax = layer_stats[group]["all"].absmax
-            if group in factors:
-                absmax = absmax / factors[group].cpu()
-            scale = static_act_scale(absmax.max(), scheme.a_bits, scheme.a_clip_ratio).to(linear.weight.device)
-            paths["text"] = ModalityPath(act_scale=scale)
-        Wq = quantize_weight(linear.weight.data.float(), scheme).to(linear.weight.dtype)
-        bias = None if linear.bias is None else linear.bias.data
-        ctx.adapter.set_linear(layer, role, QuantLinear(Wq, bias, scheme, None, paths))
+        absmax = layer_stats[group]["all"].absmax
+        if group in factors:
+            absmax = absmax / factors[group].cpu()
+        return {"text": ModalityPath(act_scale=static_act_scale(absmax.max(), scheme.a_bits, scheme.a_clip_ratio)
+                                     .to(linear.weight.device))}
+
+    quantize_layer_(ctx, layer, paths_for=paths_for)
 
 
-def _layer_error(layer, inputs: LayerInputs, targets: list[torch.Tensor], device) -> float:
-    err = 0.0
-    for sample, target in zip(inputs, targets):
-        err += float((run_layer(layer, sample, device) - target.to(device)).pow(2).mean())
-    return err
+def _layer_error(step, trial, targets) -> float:
+    outs = step.run("quant", layer=trial)
+    return sum(float((y - t).pow(2).mean()) for y, t in zip(outs, targets))
 
 
+@register_method("smoothquant", config=SmoothQuantConfig)
 class SmoothQuant(Method):
-    id = "smoothquant"
-
     def check(self, scheme, modalities) -> None:
         if scheme.is_dense:
             raise MethodConfigError("method=smoothquant with quant=fp16 quantizes nothing; use method=dense")
@@ -81,27 +79,20 @@ class SmoothQuant(Method):
                 f"method=smoothquant targets activation quantization; quant={scheme.name} is weight-only (use awq or rtn)"
             )
 
-    def collect(self, ctx: QuantContext):
-        return ctx.input_stats()
-
     def apply(self, ctx: QuantContext, stats) -> dict:
-        layers = ctx.adapter.decoder_layers()
+        search = bool(self.cfg.alpha_grid)
         chosen = []
-        inputs = ctx.calib if self.cfg.alpha_grid else None
-        for i, layer in enumerate(tqdm(layers, desc="smoothquant", leave=False)):
+        for step in ctx.walk(stats=True, quantized_stream=search, desc="smoothquant"):
             alpha = self.cfg.alpha
-            if self.cfg.alpha_grid:
-                targets = [run_layer(layer, s, ctx.device).cpu() for s in inputs]
+            if search:
+                targets = step.run("quant")  # the FP layer on the quantized stream's inputs
                 errors = {}
                 for a in self.cfg.alpha_grid:
-                    trial = copy.deepcopy(layer)
-                    _quantize_layer_(ctx, trial, stats[i], _smooth_layer_(ctx.adapter, trial, stats[i], a))
-                    errors[a] = _layer_error(trial, inputs, targets, ctx.device)
+                    trial = copy.deepcopy(step.layer)
+                    deploy_layer_(ctx, trial, step.stats, smooth_layer_(ctx.adapter, trial, step.stats, a))
+                    errors[a] = _layer_error(step, trial, targets)
                     del trial
                 alpha = min(errors, key=errors.get)
-            factors = _smooth_layer_(ctx.adapter, layer, stats[i], alpha)
-            _quantize_layer_(ctx, layer, stats[i], factors)
-            if inputs is not None:
-                inputs = advance(layer, inputs, ctx.device)  # statistics stay FP; the search sees quantized inputs
+            deploy_layer_(ctx, step.layer, step.stats, smooth_layer_(ctx.adapter, step.layer, step.stats, alpha))
             chosen.append(alpha)
         return {"smoothquant/alpha_mean": sum(chosen) / len(chosen), "smoothquant/alphas": chosen}

@@ -1,15 +1,25 @@
 """Model adapters: the only code that knows Hugging Face model classes.
 
-Methods ask an adapter for decoder layers, linears by role, the norms that feed them and
-per-token modality masks; they never look at ``model_type``.
+An adapter says where things are (decoder layers, linears by role, norms, encoders) and what they mean:
+the norm's formula and the folds that are exact for it, the fold pairs of a layer (norm→q/k/v, v→o,
+norm→gate/up, up→down), the attention and MLP blocks, what the model adds between decoder layers, how to
+load a checkpoint folder and its processor, and its own tiny model. Methods never test ``model_type``.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
+
+from masquant.adapters import norms
+from masquant.adapters.norms import NormKind
+
+log = logging.getLogger(__name__)
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 # Linears that share one input: statistics are kept once per input group.
@@ -20,36 +30,39 @@ MODALITIES = ("text", "vision", "audio")
 
 
 @dataclass(frozen=True)
-class NormGroup:
-    """A norm and the linears it feeds (the boundary where smoothing and norm fusion fold)."""
+class FoldPair:
+    """A producer whose output is the input of ``consumers``: a smoothing vector s folds exactly as
+    producer output ÷ s, consumer input columns × s. ``block`` is the block whose output the fold affects
+    (the AWQ/MBQ search loss); ``input_group`` keys the consumers' input statistics."""
 
-    norm: str  # attribute path inside the decoder layer
-    roles: tuple[str, ...]
+    name: str  # attn_in | v_o | mlp_in | up_down
+    producer: str  # a norm's attribute path inside the layer, or a role
+    consumers: tuple[str, ...]
     input_group: str
+    block: str  # attn | mlp
+    producer_is_norm: bool
 
 
 class ModelAdapter:
-    """Decoder-only MLLM adapter driven by attribute paths; subclasses set the paths and token ids."""
+    """Decoder-only MLLM adapter; subclasses set the paths, token ids, norm kind and tiny model."""
 
-    model_types: tuple[str, ...] = ()
-    language_model_path: str = "model.language_model"  # has .layers, .norm, .embed_tokens
-    lm_head_path: str = "lm_head"
-    encoder_paths: dict[str, str] = {}
-    role_paths: dict[str, str] = {
-        "q": "self_attn.q_proj",
-        "k": "self_attn.k_proj",
-        "v": "self_attn.v_proj",
-        "o": "self_attn.o_proj",
-        "gate": "mlp.gate_proj",
-        "up": "mlp.up_proj",
-        "down": "mlp.down_proj",
+    model_types: ClassVar[tuple[str, ...]] = ()
+    model_class: ClassVar[str] = ""  # transformers class that loads a checkpoint folder
+    processor_class: ClassVar[str] = ""  # transformers processor class
+    language_model_path: ClassVar[str] = "model.language_model"  # has .layers, .norm, .embed_tokens
+    lm_head_path: ClassVar[str] = "lm_head"
+    encoder_paths: ClassVar[dict[str, str]] = {}
+    role_paths: ClassVar[dict[str, str]] = {
+        "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+        "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
     }
-    norm_groups: tuple[NormGroup, ...] = (
-        NormGroup("input_layernorm", ("q", "k", "v"), "qkv"),
-        NormGroup("post_attention_layernorm", ("gate", "up"), "gate_up"),
-    )
-    # config attribute names holding each modality's placeholder token id
-    token_id_attrs: dict[str, tuple[str, ...]] = {}
+    attention_path: ClassVar[str] = "self_attn"
+    mlp_path: ClassVar[str] = "mlp"
+    norm_kind: ClassVar[NormKind] = NormKind.rms
+    attn_norm_path: ClassVar[str] = "input_layernorm"  # feeds q, k, v
+    mlp_norm_path: ClassVar[str] = "post_attention_layernorm"  # feeds gate, up
+    # config attribute names holding each modality's placeholder token id ("video" counts as vision or text)
+    token_id_attrs: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -81,23 +94,74 @@ class ModelAdapter:
         """The seven decoder linears of a layer keyed by role."""
         return {role: layer.get_submodule(path) for role, path in self.role_paths.items()}
 
+    def input_group_linears(self, layer: nn.Module) -> dict[str, nn.Module]:
+        """One linear per input group (they share their input): where input statistics are observed."""
+        lin = self.linears(layer)
+        return {group: lin[roles[0]] for group, roles in INPUT_GROUPS.items()}
+
     def linear_names(self, layer_idx: int) -> dict[str, str]:
         prefix = f"{self.language_model_path}.layers.{layer_idx}"
         return {role: f"{prefix}.{path}" for role, path in self.role_paths.items()}
 
     def set_linear(self, layer: nn.Module, role: str, new: nn.Module) -> None:
-        parent_path, _, child = self.role_paths[role].rpartition(".")
-        setattr(layer.get_submodule(parent_path), child, new)
+        _set_submodule(layer, self.role_paths[role], new)
 
-    def norm(self, layer: nn.Module, group: NormGroup) -> nn.Module:
-        return layer.get_submodule(group.norm)
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return layer.get_submodule(self.attention_path)
+
+    def mlp(self, layer: nn.Module) -> nn.Module:
+        return layer.get_submodule(self.mlp_path)
+
+    def text_config(self):
+        return self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
 
     def head_dim(self) -> int:
         text = self.text_config()
         return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
 
-    def text_config(self):
-        return getattr(self.config, "text_config", self.config)
+    # --- norms and folds -------------------------------------------------------------------
+    def norm(self, layer: nn.Module, path: str) -> nn.Module:
+        return layer.get_submodule(path)
+
+    def replace_norm_(self, layer: nn.Module, path: str, new: nn.Module) -> None:
+        """Put ``new`` in place of a norm (rotations turn norms into weightless RMSNorm)."""
+        _set_submodule(layer, path, new)
+
+    def fold_pairs(self, layer: nn.Module) -> list[FoldPair]:
+        """The producer→consumer pairs of a layer where a smoothing vector folds exactly.
+
+        v→o only where v's output is o's input (no grouped-query attention); up→down always (the MLP's
+        gate activation multiplies up's output elementwise, so scaling up's rows scales down's input).
+        """
+        lin = self.linears(layer)
+        pairs = [FoldPair("attn_in", self.attn_norm_path, ("q", "k", "v"), "qkv", "attn", True)]
+        if lin["v"].out_features == lin["o"].in_features:
+            pairs.append(FoldPair("v_o", "v", ("o",), "o", "attn", False))
+        pairs.append(FoldPair("mlp_in", self.mlp_norm_path, ("gate", "up"), "gate_up", "mlp", True))
+        pairs.append(FoldPair("up_down", "up", ("down",), "down", "mlp", False))
+        return pairs
+
+    def norm_fold_pairs(self, layer: nn.Module) -> list[FoldPair]:
+        return [p for p in self.fold_pairs(layer) if p.producer_is_norm]
+
+    def fold_scales_(self, layer: nn.Module, pair: FoldPair, s: torch.Tensor) -> None:
+        """Producer output ÷ s, consumers' input columns × s: the FP function of the layer is unchanged."""
+        if pair.producer_is_norm:
+            norms.fold_scales_into_norm_(self.norm(layer, pair.producer), self.norm_kind, s)
+        else:
+            norms.fold_scales_into_linear_output_(self.linears(layer)[pair.producer], s)
+        lin = self.linears(layer)
+        for role in pair.consumers:
+            norms.scale_linear_inputs_(lin[role], s)
+
+    # --- what the model adds between decoder layers ----------------------------------------
+    def between_layers_state(self, language_model_kwargs: dict) -> dict | None:
+        """What :meth:`after_layer` needs, taken from the keyword arguments of the language model's call."""
+        return None
+
+    def after_layer(self, layer_idx: int, hidden: torch.Tensor, state: dict | None) -> torch.Tensor:
+        """The model's own step between decoder layer ``layer_idx`` and the next (identity for most models)."""
+        return hidden
 
     # --- modalities ------------------------------------------------------------------------
     def _token_id(self, attrs: tuple[str, ...]) -> int | None:
@@ -138,3 +202,53 @@ class ModelAdapter:
             other |= mask
         masks["text"] = ~other
         return masks
+
+    # --- loading ---------------------------------------------------------------------------
+    @classmethod
+    def model_cls(cls) -> type:
+        import transformers
+
+        return getattr(transformers, cls.model_class)
+
+    @classmethod
+    def load_pretrained(cls, path: str | Path, dtype: torch.dtype) -> nn.Module:
+        return cls.model_cls().from_pretrained(path, dtype=dtype)
+
+    @classmethod
+    def load_processor(cls, path: str | Path):
+        """The checkpoint's processor; parts that need absent libraries (the video processor) are left out."""
+        import transformers
+
+        from masquant.adapters.processors import load_processor
+
+        return load_processor(getattr(transformers, cls.processor_class), path)
+
+    # --- the tiny model of this family (tests, model=tiny_*) -------------------------------
+    @classmethod
+    def tiny_processor(cls):
+        """The real processor class with a tiny in-process tokenizer and small images."""
+        raise NotImplementedError(f"{cls.__name__} has no tiny model")
+
+    @classmethod
+    def tiny_config(cls, tokenizer) -> Any:
+        """A small random config of the real class, with the token ids of ``tokenizer``."""
+        raise NotImplementedError(f"{cls.__name__} has no tiny model")
+
+    @classmethod
+    def tiny(cls, seed: int = 0) -> tuple[nn.Module, Any]:
+        """(random model of the real class, its processor), deterministic in ``seed``."""
+        processor = cls.tiny_processor()
+        config = cls.tiny_config(processor.tokenizer)
+        torch.manual_seed(seed)
+        model = cls.model_cls()(config).eval()
+        return model, processor
+
+    @classmethod
+    def tiny_modalities(cls) -> tuple[str, ...]:
+        """Non-text inputs the tiny processor takes (its calibration rows carry them)."""
+        return ("vision",)
+
+
+def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    setattr(root.get_submodule(parent_path) if parent_path else root, child, new)

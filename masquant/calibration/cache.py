@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -41,7 +42,9 @@ def atomic_torch_save(obj, path: Path) -> None:
 
 
 class StatsCache:
-    """``get_or_compute(key, fn)``: load ``root/<hash>.pt`` if present, else compute and save atomically."""
+    """``root/<kind>-<hash>.pt`` per key. Entries are written atomically and loaded with
+    ``weights_only=True``; one that does not load (truncated, corrupt, foreign) is logged, moved aside as
+    ``<name>.corrupt-<time>`` and recomputed, so a bad entry never fails later runs."""
 
     def __init__(self, root: str | Path | None):
         self.root = None if root is None else Path(root)
@@ -53,15 +56,37 @@ class StatsCache:
             return None
         return self.root / f"{key.get('kind', 'stats')}-{stable_hash({**key, '_v': CACHE_VERSION})}.pt"
 
-    def get_or_compute(self, key: dict, compute: Callable[[], object], to_state=lambda x: x, from_state=lambda x: x):
+    def load(self, key: dict):
+        """The cached state for ``key``, or None (no cache, no entry, or an entry that did not load)."""
         path = self.path_for(key)
-        if path is not None and path.exists():
-            self.hits += 1
-            log.info("statistics cache hit: %s", path)
-            return from_state(torch.load(path, map_location="cpu", weights_only=False))
+        if path is None or not path.exists():
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable entry is recomputed
+            aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+            log.warning("statistics cache entry %s does not load (%s: %s); moved to %s and recomputed",
+                        path, type(err).__name__, err, aside.name)
+            try:
+                os.replace(path, aside)
+            except OSError:
+                pass
+            return None
+        self.hits += 1
+        log.info("statistics cache hit: %s", path)
+        return state
+
+    def save(self, key: dict, state) -> None:
         self.misses += 1
-        value = compute()
+        path = self.path_for(key)
         if path is not None:
-            atomic_torch_save(to_state(value), path)
+            atomic_torch_save(state, path)
             log.info("statistics cached: %s", path)
+
+    def get_or_compute(self, key: dict, compute: Callable[[], object], to_state=lambda x: x, from_state=lambda x: x):
+        state = self.load(key)
+        if state is not None:
+            return from_state(state)
+        value = compute()
+        self.save(key, to_state(value))
         return value

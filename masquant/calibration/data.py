@@ -1,45 +1,77 @@
-"""Calibration prompts -> model inputs, through the model's own processor and chat template."""
+"""Calibration sets: prompts through the model's own processor and chat template, answers when given.
+
+A :class:`CalibrationSet` holds the processed prompts (what ``generate`` sees at prefill: input_ids,
+pixel values, ``mm_token_type_ids`` ...), builds SFT inputs with answer labels on demand (MBQ needs the
+loss of the answers), and captures the decoder-layer inputs for the layer walker (again after a
+whole-model transform). Rows come from the testbed's tasks, a file, or random content for tiny models.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
+IGNORE_INDEX = -100
 
 
 class CalibrationDataError(ValueError):
     pass
 
 
-def chat_inputs(processor, question: str, image=None, audio=None) -> dict:
-    """One user turn (image and/or audio + question) with the generation prompt, as model inputs.
-
-    Uses processor(...) on the templated text, so the inputs carry exactly what ``generate`` sees,
-    including ``mm_token_type_ids`` (without it Qwen2.5-VL silently falls back to 1-D positions).
-    """
+def _messages(question: str, image=None, audio=None) -> list[dict]:
     content = []
     if image is not None:
         content.append({"type": "image"})
     if audio is not None:
         content.append({"type": "audio"})
     content.append({"type": "text", "text": question})
-    messages = [{"role": "user", "content": content}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return [{"role": "user", "content": content}]
+
+
+def _process(processor, text: str, image=None, audio=None) -> dict:
     kwargs = {"text": [text], "return_tensors": "pt"}
     if image is not None:
         kwargs["images"] = [image]
     if audio is not None:
         kwargs["audio"] = [audio]
-    inputs = processor(**kwargs)
-    return {k: v for k, v in inputs.items() if torch.is_tensor(v)}
+    return {k: v for k, v in processor(**kwargs).items() if torch.is_tensor(v)}
+
+
+def chat_inputs(processor, question: str, image=None, audio=None, answer: str | None = None) -> dict:
+    """One user turn (image and/or audio + question) as model inputs.
+
+    Without ``answer``: the prompt with the generation prompt, exactly what ``generate`` sees (for
+    Qwen2.5-VL this includes ``mm_token_type_ids``, without which it silently uses 1-D positions).
+    With ``answer``: the prompt followed by the assistant's answer, and ``labels`` that are -100 everywhere
+    but on the answer's tokens (and the end-of-turn token the template puts after it).
+    """
+    messages = _messages(question, image, audio)
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if answer is None:
+        return _process(processor, prompt, image, audio)
+    full = processor.apply_chat_template(
+        messages + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}], tokenize=False)
+    inputs = _process(processor, full, image, audio)
+    prompt_ids = _process(processor, prompt, image, audio)["input_ids"]
+    n = prompt_ids.shape[1]
+    if not torch.equal(inputs["input_ids"][:, :n], prompt_ids) or inputs["input_ids"].shape[1] <= n:
+        raise CalibrationDataError("the chat template does not put the answer after the generation prompt; "
+                                   "cannot tell the answer's tokens apart")
+    labels = inputs["input_ids"].clone()
+    labels[:, :n] = IGNORE_INDEX
+    inputs["labels"] = labels
+    return inputs
 
 
 def read_calibration_file(path: str | Path) -> list[dict]:
-    """Rows with 'question' and optional 'image' / 'audio' paths (relative to the file's folder)."""
+    """Rows with 'question', optional 'answer', optional 'image' / 'audio' paths (relative to the file's folder)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise CalibrationDataError(f"calib.path={str(path)!r} does not exist (JSON, JSONL or parquet expected)")
@@ -67,7 +99,8 @@ def read_calibration_file(path: str | Path) -> list[dict]:
 
 
 def load_media(row: dict) -> dict:
-    out = {"question": row["question"], "image": None, "audio": None}
+    """question / answer, the image as PIL RGB and the audio as float32 samples (16-bit WAV files)."""
+    out = {"question": row["question"], "image": None, "audio": None, "answer": row.get("answer")}
     if row.get("image") is not None:
         image = row["image"]
         if isinstance(image, (str, Path)):
@@ -78,8 +111,9 @@ def load_media(row: dict) -> dict:
     if row.get("audio") is not None:
         audio = row["audio"]
         if isinstance(audio, (str, Path)):
-            import numpy as np
             import wave
+
+            import numpy as np
 
             with wave.open(str(audio)) as w:
                 audio = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16).astype("float32") / 32768.0
@@ -87,20 +121,80 @@ def load_media(row: dict) -> dict:
     return out
 
 
-def token_counts(batches: list[dict], adapter, video_as: str) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for b in batches:
-        for m, mask in adapter.modality_masks(b["input_ids"], video_as=video_as).items():
-            counts[m] = counts.get(m, 0) + int(mask.sum())
-    return counts
+@dataclass
+class CalibrationSet:
+    """Processed calibration prompts; SFT inputs (answer labels) on demand; captured decoder inputs."""
+
+    batches: list[dict]
+    rows: list[dict] = field(default_factory=list, repr=False)
+    processor: object = field(default=None, repr=False)
+    description: dict = field(default_factory=dict)
+    _captured: object = field(default=None, repr=False)
+    _sft: list | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    @classmethod
+    def from_rows(cls, processor, rows: list[dict], description: dict | None = None,
+                  desc: str = "calibration prompts") -> "CalibrationSet":
+        if processor is None:
+            raise CalibrationDataError("calibration rows need the model's processor; this model has none")
+        batches = []
+        for row in tqdm(rows, desc=desc, leave=False):
+            media = load_media(row)
+            batches.append(chat_inputs(processor, media["question"], media["image"], media["audio"]))
+        return cls(batches, list(rows), processor, dict(description or {}))
+
+    @property
+    def has_answers(self) -> bool:
+        return bool(self.rows) and all(r.get("answer") for r in self.rows)
+
+    def sft_batches(self) -> list[dict]:
+        """Prompt + answer inputs with ``labels`` (-100 except the answer), for methods that need a loss."""
+        if not self.has_answers:
+            missing = [i for i, r in enumerate(self.rows) if not r.get("answer")][:5]
+            raise CalibrationDataError(
+                f"this method needs calibration answers, but rows {missing} have no 'answer' "
+                f"({self.description.get('source', 'calibration set')}); use calib=testbed, or a calib.path file "
+                "whose rows carry an 'answer' field")
+        if self._sft is None:
+            self._sft = []
+            for row in tqdm(self.rows, desc="calibration answers", leave=False):
+                m = load_media(row)
+                self._sft.append(chat_inputs(self.processor, m["question"], m["image"], m["audio"], m["answer"]))
+        return self._sft
+
+    def token_counts(self, adapter, video_as: str) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for b in self.batches:
+            for m, mask in adapter.modality_masks(b["input_ids"], video_as=video_as).items():
+                counts[m] = counts.get(m, 0) + int(mask.sum())
+        return counts
+
+    def check_modalities_present(self, adapter, modalities, video_as: str) -> dict[str, int]:
+        counts = self.token_counts(adapter, video_as)
+        missing = [m for m in modalities if counts.get(m, 0) == 0]
+        if missing:
+            raise CalibrationDataError(
+                f"the calibration set has no tokens of modality {missing} (token counts: {counts}); "
+                f"requested modalities: {list(modalities)}. Use calibration prompts with that input, or another modality set."
+            )
+        return counts
+
+    def capture(self, model, adapter, device, offload: str = "cpu", video_as: str = "vision"):
+        """Decoder inputs of every prompt (captured once; :meth:`invalidate` after changing the model)."""
+        if self._captured is None:
+            from masquant.calibration.walker import capture_layer_inputs
+
+            self._captured = capture_layer_inputs(model, adapter, self.batches, device, offload, video_as)
+        return self._captured
+
+    def invalidate(self) -> None:
+        self._captured = None
 
 
-def check_modalities_present(batches: list[dict], adapter, modalities, video_as: str) -> dict[str, int]:
-    counts = token_counts(batches, adapter, video_as)
-    missing = [m for m in modalities if counts.get(m, 0) == 0]
-    if missing:
-        raise CalibrationDataError(
-            f"the calibration set has no tokens of modality {missing} (token counts: {counts}); "
-            f"requested modalities: {list(modalities)}. Use calibration prompts with that input, or another modality set."
-        )
-    return counts
+def split_rows(rows: list[dict], n: int, held_out: int, seed: int) -> tuple[list[int], list[int]]:
+    """Disjoint row indices for calibration and held-out fidelity samples, by a seeded shuffle."""
+    order = random.Random(seed).sample(range(len(rows)), n + held_out)
+    return order[:n], order[n:]

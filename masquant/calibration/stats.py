@@ -1,15 +1,14 @@
-"""Running per-channel statistics at decoder-linear inputs, per modality (never stored activations)."""
+"""Running per-channel statistics of decoder-linear inputs, per modality (never stored activations).
+
+:class:`RunningInputStats` is an observer for the layer walker: one per decoder layer, it keeps a
+:class:`ChannelStats` per (input group, modality), with "all" covering every token.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
-from tqdm.auto import tqdm
-
-from masquant.adapters.base import INPUT_GROUPS
-from masquant.calibration.layerwise import LayerInputs, advance, run_layer
 
 STAT_KINDS = ("absmax", "mean_abs", "cov")
 
@@ -24,6 +23,7 @@ class ChannelStats:
     abs_sum: torch.Tensor = None  # [D] sum |x| (float64)
     cov: torch.Tensor | None = None  # [D, D] sum x^T x (float64), unnormalised
     count: int = 0
+    cov_device: str | torch.device = "cpu"
 
     def __post_init__(self):
         if self.absmax is None:
@@ -31,7 +31,7 @@ class ChannelStats:
         if self.abs_sum is None:
             self.abs_sum = torch.zeros(self.dim, dtype=torch.float64)
         if self.with_cov and self.cov is None:
-            self.cov = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+            self.cov = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.cov_device)
 
     def update(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, self.dim)
@@ -41,8 +41,8 @@ class ChannelStats:
         self.absmax = torch.maximum(self.absmax, xa.amax(0).float().cpu())
         self.abs_sum += xa.sum(0, dtype=torch.float64).cpu()
         if self.cov is not None:
-            xd = x.detach().double()
-            self.cov += (xd.T @ xd).cpu()
+            xd = x.detach().to(self.cov.device, torch.float64)
+            self.cov += xd.T @ xd
         self.count += x.shape[0]
 
     @property
@@ -50,7 +50,8 @@ class ChannelStats:
         return (self.abs_sum / max(self.count, 1)).float()
 
     def to_dict(self) -> dict:
-        return {"absmax": self.absmax, "abs_sum": self.abs_sum, "cov": self.cov, "count": self.count}
+        return {"absmax": self.absmax, "abs_sum": self.abs_sum,
+                "cov": None if self.cov is None else self.cov.cpu(), "count": self.count}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ChannelStats":
@@ -62,50 +63,50 @@ class ChannelStats:
 LayerStats = dict[str, dict[str, ChannelStats]]
 
 
-def _group_linears(adapter, layer: nn.Module) -> dict[str, nn.Module]:
-    lin = adapter.linears(layer)
-    return {group: lin[roles[0]] for group, roles in INPUT_GROUPS.items()}
+class RunningInputStats:
+    """Walker observer: ChannelStats per input group and modality ("all" + ``modalities``) of one layer.
+
+    ``cov``: {group: modalities whose Gram matrix Σxᵀx is kept (float64, on ``cov_device``)}.
+    """
+
+    def __init__(self, dims: dict[str, int], modalities: tuple[str, ...], cov: dict[str, tuple[str, ...]] | None = None,
+                 cov_device="cpu"):
+        cov = cov or {}
+        self.modalities = tuple(modalities)
+        self.stats: LayerStats = {
+            group: {m: ChannelStats(d, m in cov.get(group, ()), cov_device=cov_device) for m in ("all",) + self.modalities}
+            for group, d in dims.items()}
+
+    @classmethod
+    def for_layer(cls, adapter, layer, modalities, cov=None, cov_device="cpu") -> "RunningInputStats":
+        dims = {g: lin.in_features for g, lin in adapter.input_group_linears(layer).items()}
+        return cls(dims, modalities, cov, cov_device)
+
+    def observe(self, group: str, x: torch.Tensor, masks: dict[str, torch.Tensor]) -> None:
+        per_m = self.stats[group]
+        per_m["all"].update(x)
+        for m in self.modalities:
+            mask = masks.get(m)
+            if mask is not None:
+                per_m[m].update(x[mask])
 
 
-@torch.no_grad()
-def collect_layer_stats(layer: nn.Module, adapter, inputs: LayerInputs, device, modalities: tuple[str, ...],
-                        with_cov: bool = False, cov_groups: tuple[str, ...] = tuple(INPUT_GROUPS)) -> LayerStats:
-    """Statistics of one layer's linear inputs over all samples, split by modality."""
-    stats: LayerStats = {}
-    current: dict = {}
-    handles = []
-    for group, linear in _group_linears(adapter, layer).items():
-        dim = linear.in_features
-        stats[group] = {m: ChannelStats(dim, with_cov and group in cov_groups) for m in ("all",) + tuple(modalities)}
+class ModalityGram:
+    """Walker observer: raw Gram matrices C = Σ xᵀx (float64, on ``device``) per (input group, modality)
+    of one layer, for the groups and modalities asked for (CMC's whitening)."""
 
-        def hook(module, args, group=group):
-            x = args[0].reshape(-1, args[0].shape[-1])
-            stats[group]["all"].update(x)
-            for m in modalities:
-                mask = current["masks"].get(m)
-                if mask is not None:
-                    stats[group][m].update(x[mask.reshape(-1).to(x.device)])
+    def __init__(self, dims: dict[str, int], modalities: tuple[str, ...], device="cpu"):
+        self.gram = {g: {m: torch.zeros(d, d, dtype=torch.float64, device=device) for m in modalities}
+                     for g, d in dims.items()}
 
-        handles.append(linear.register_forward_pre_hook(hook))
-    try:
-        for sample in inputs:
-            current["masks"] = sample.masks
-            run_layer(layer, sample, device)
-    finally:
-        for h in handles:
-            h.remove()
-    return stats
-
-
-def collect_input_stats(adapter, inputs: LayerInputs, device, modalities: tuple[str, ...], with_cov: bool = False,
-                        desc: str = "calibration statistics") -> list[LayerStats]:
-    """Walk the FP decoder layer by layer and keep running input statistics of every linear group."""
-    all_stats = []
-    layers = adapter.decoder_layers()
-    for layer in tqdm(layers, desc=desc, leave=False):
-        all_stats.append(collect_layer_stats(layer, adapter, inputs, device, modalities, with_cov))
-        inputs = advance(layer, inputs, device)
-    return all_stats
+    def observe(self, group: str, x: torch.Tensor, masks: dict[str, torch.Tensor]) -> None:
+        for m, C in self.gram.get(group, {}).items():
+            mask = masks.get(m)
+            if mask is None:
+                continue
+            xm = x[mask].to(C.device, torch.float64)
+            if xm.shape[0]:
+                C += xm.T @ xm
 
 
 def stats_to_state(stats: list[LayerStats]) -> list:

@@ -6,7 +6,7 @@ from masquant.quant.quantizer import (
     quantize_weight,
     round_ste,
 )
-from masquant.quant.linear import ModalityPath, ModalityRouter, QuantLinear, attach_router, replace_linear
+from masquant.quant.linear import ModalityPath, ModalityRouter, QuantLinear, attach_router, scatter_rows
 
 __all__ = [
     "QuantScheme",
@@ -19,5 +19,5 @@ __all__ = [
     "ModalityPath",
     "ModalityRouter",
     "attach_router",
-    "replace_linear",
+    "scatter_rows",
 ]

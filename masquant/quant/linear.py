@@ -120,8 +120,31 @@ class ModalityPath(nn.Module):
         return 0 if self.L1 is None else self.L1.shape[1]
 
 
+def scatter_rows(n_rows: int, parts: dict[str, torch.Tensor], rows_fn) -> torch.Tensor:
+    """Y [n_rows, out] with Y[idx] = rows_fn(name, idx) for each part {name: flat row indices}.
+
+    The routing step of every modality-aware linear (deployed and during learning); autograd flows
+    through it (out-of-place ``index_copy``).
+    """
+    Y = None
+    for name, idx in parts.items():
+        if idx.numel() == 0:
+            continue
+        y = rows_fn(name, idx)
+        if Y is None:
+            Y = y.new_zeros(n_rows, y.shape[-1])
+        Y = Y.index_copy(0, idx, y)
+    if Y is None:
+        raise ValueError("scatter_rows: every part is empty")
+    return Y
+
+
 class QuantLinear(nn.Module):
-    """Fake-quantized linear with per-modality paths and one shared quantized weight."""
+    """Fake-quantized linear with per-modality paths and one shared quantized weight.
+
+    ``input_transform`` (a module, e.g. an online Hadamard) is applied to the input before the paths,
+    i.e. before smoothing and activation quantization.
+    """
 
     def __init__(
         self,
@@ -130,8 +153,10 @@ class QuantLinear(nn.Module):
         scheme: QuantScheme,
         router: ModalityRouter | None = None,
         paths: dict[str, ModalityPath] | None = None,
+        input_transform: nn.Module | None = None,
     ):
         super().__init__()
+        self.input_transform = input_transform
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
@@ -156,6 +181,8 @@ class QuantLinear(nn.Module):
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is not None:
+            x = self.input_transform(x)
         default = self.paths[DEFAULT_PATH]
         if len(self.paths) == 1 or self.router is None:
             return self._path_forward(x, default)
@@ -164,13 +191,8 @@ class QuantLinear(nn.Module):
         parts = self.router.partition(tuple(self.paths.keys()), n_tokens, x.device)
         if parts is None:
             return self._path_forward(x, default)
-        x2 = x.reshape(n_tokens, self.in_features)
-        out = x2.new_empty(n_tokens, self.out_features)
-        for name, idx in parts.items():
-            if idx.numel():
-                out[idx] = self._path_forward(x2[idx], self.paths[name])
+        x2 = x.reshape(n_tokens, x.shape[-1])
+        out = scatter_rows(n_tokens, parts, lambda name, idx: self._path_forward(x2[idx], self.paths[name]))
         return out.reshape(*lead, self.out_features)
 
 
-def replace_linear(parent: nn.Module, child_name: str, new: nn.Module) -> None:
-    setattr(parent, child_name, new)

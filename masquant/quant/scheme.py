@@ -1,11 +1,38 @@
-"""The quantization scheme: bits and granularity, independent of any method."""
+"""The quantization scheme: bits and granularity, independent of any method.
+
+:class:`QuantScheme` also defines the typed Hydra schema of the ``quant`` config group
+(:func:`config_schema` derives it from the same fields: a misspelt key or a bad choice fails when the
+config is composed, naming the valid choices; the range checks run when the scheme is built).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import asdict, dataclass
+from enum import Enum
 
-W_GRANULARITIES = ("channel", "group", "tensor")
-A_GRANULARITIES = ("token", "tensor")
+
+class WGranularity(str, Enum):
+    channel = "channel"
+    group = "group"
+    tensor = "tensor"
+
+
+class AGranularity(str, Enum):
+    token = "token"
+    tensor = "tensor"
+
+
+W_GRANULARITIES = tuple(g.value for g in WGranularity)
+A_GRANULARITIES = tuple(g.value for g in AGranularity)
+
+
+def _enum(cls, value, key: str):
+    try:
+        return cls(getattr(value, "value", value))
+    except ValueError:
+        raise ValueError(f"quant.{key}={value!r}: valid choices are {[e.value for e in cls]}") from None
 
 
 @dataclass(frozen=True)
@@ -16,22 +43,20 @@ class QuantScheme:
     w_bits: int = 16
     a_bits: int = 16
     w_symmetric: bool = True
-    w_granularity: str = "channel"  # channel | group | tensor
+    w_granularity: WGranularity = WGranularity.channel
     w_group_size: int = 0  # used when w_granularity == "group"
     w_clip_ratio: float = 1.0
     a_symmetric: bool = True
-    a_granularity: str = "token"  # token | tensor
+    a_granularity: AGranularity = AGranularity.token
     a_dynamic: bool = True  # False: static per-tensor scale calibrated offline
     a_clip_ratio: float = 1.0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "w_granularity", _enum(WGranularity, self.w_granularity, "w_granularity"))
+        object.__setattr__(self, "a_granularity", _enum(AGranularity, self.a_granularity, "a_granularity"))
         for key, bits in (("w_bits", self.w_bits), ("a_bits", self.a_bits)):
             if not 2 <= bits <= 16:
                 raise ValueError(f"quant.{key}={bits}: must be in [2, 16] (16 = not quantized)")
-        if self.w_granularity not in W_GRANULARITIES:
-            raise ValueError(f"quant.w_granularity={self.w_granularity!r}: valid choices are {W_GRANULARITIES}")
-        if self.a_granularity not in A_GRANULARITIES:
-            raise ValueError(f"quant.a_granularity={self.a_granularity!r}: valid choices are {A_GRANULARITIES}")
         if self.w_granularity == "group" and self.w_group_size <= 0:
             raise ValueError("quant.w_group_size must be > 0 when quant.w_granularity='group'")
         for key, r in (("w_clip_ratio", self.w_clip_ratio), ("a_clip_ratio", self.a_clip_ratio)):
@@ -65,4 +90,13 @@ class QuantScheme:
         return tag
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        return {k: getattr(v, "value", v) for k, v in d.items()}
+
+
+def config_schema(cls: type = QuantScheme) -> type:
+    """A mutable twin of a frozen dataclass (Hydra cannot apply overrides to a frozen, read-only node)."""
+    hints = typing.get_type_hints(cls)
+    return dataclasses.make_dataclass(
+        f"{cls.__name__}Config",
+        [(f.name, hints[f.name], dataclasses.field(default=f.default)) for f in dataclasses.fields(cls)])

@@ -357,5 +357,10 @@ def make_training_samples(
 
 
 def make_calibration_samples(n: int, seed_split: str = "calib") -> list[dict]:
-    """`n` calibration samples `dict(image, question)` (no answers), cycling through the five tasks."""
-    return [{"image": s["image"], "question": s["prompt"]} for s in make_training_samples(n, split=seed_split)]
+    """`n` calibration samples `dict(image, question, answer)`, cycling through the five tasks.
+
+    Calibration prompts are the questions alone (the paper's setting); the answers serve methods that need
+    the loss of the answers (MBQ's sensitivities).
+    """
+    return [{"image": s["image"], "question": s["prompt"], "answer": s["answer"]}
+            for s in make_training_samples(n, split=seed_split)]

@@ -3,27 +3,33 @@ import copy
 import pytest
 import torch
 
-from baselines.smoothquant.core import fold_smoothing_into_norm_, smooth_factors
+from baselines.rtn.method import RTNConfig
+from baselines.smoothquant.core import smoothquant_factors as smooth_factors
 from baselines.smoothquant.method import SmoothQuantConfig
 from masquant.adapters import get_adapter
-from masquant.calibration.layerwise import capture_layer_inputs
+from masquant.calibration.data import CalibrationSet
 from masquant.methods.base import MethodConfigError, QuantContext
 from masquant.quant import ModalityRouter, QuantScheme, attach_router
 from masquant.quant.quantizer import sqnr_db
 from masquant.registry import build_method
-from masquant.testing import tiny_model, tiny_qwen_vl_inputs
-from baselines.rtn.method import RTNConfig
+from support.tiny import prompts, tiny
+
+_TINY = tiny("qwen2_5_vl")
 
 
 def _outlier_model():
     """Tiny Qwen2.5-VL with a few massive activation channels at every norm output (as trained LLMs have)."""
-    model = tiny_model("qwen2_5_vl")
+    model = copy.deepcopy(_TINY[0])
     ad = get_adapter(model)
     with torch.no_grad():
         for layer in ad.decoder_layers():
-            for group in ad.norm_groups:
-                ad.norm(layer, group).weight[[3, 17, 40]] *= 40.0
+            for pair in ad.norm_fold_pairs(layer):
+                ad.norm(layer, pair.producer).weight[[3, 17, 40]] *= 40.0
     return model
+
+
+def _prompts(n, seed=0):
+    return prompts(_TINY[1], _TINY[2], n, seed)
 
 
 def test_factors_follow_the_equation():
@@ -37,14 +43,13 @@ def test_factors_follow_the_equation():
 def test_smoothing_leaves_fp_model_unchanged():
     model = _outlier_model()
     ad = get_adapter(model)
-    batch = tiny_qwen_vl_inputs()
+    batch = _prompts(1, seed=7)[0]
     with torch.no_grad():
         ref = model(**batch).logits
     torch.manual_seed(0)
     for layer in ad.decoder_layers():
-        lin = ad.linears(layer)
-        for group in ad.norm_groups:
-            fold_smoothing_into_norm_(ad.norm(layer, group), [lin[r] for r in group.roles], torch.rand(64) * 10 + 0.1)
+        for pair in ad.norm_fold_pairs(layer):
+            ad.fold_scales_(layer, pair, torch.rand(64) * 10 + 0.1)
     with torch.no_grad():
         out = model(**batch).logits
     assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
@@ -53,14 +58,13 @@ def test_smoothing_leaves_fp_model_unchanged():
 def _quantized_sqnr(method_cfg, scheme):
     model = _outlier_model()
     ad = get_adapter(model)
-    calib = [tiny_qwen_vl_inputs(seed=s) for s in range(4)]
-    held = tiny_qwen_vl_inputs(seed=99)
+    calib = CalibrationSet(_prompts(4))
+    held = _prompts(1, seed=99)[0]
     with torch.no_grad():
         ref = model(**held).logits
     router = ModalityRouter(ad.modality_masks)
     attach_router(model, router)
-    inputs = capture_layer_inputs(model, ad, calib, "cpu")
-    ctx = QuantContext(model, ad, scheme, router, torch.device("cpu"), ("text", "vision"), inputs)
+    ctx = QuantContext(model, ad, scheme, router, torch.device("cpu"), ("text", "vision"), calib)
     report = build_method(method_cfg).run(ctx)
     with torch.no_grad():
         return sqnr_db(ref, model(**held).logits), report
@@ -93,8 +97,8 @@ def test_static_activation_scales_come_from_smoothed_calibration_absmax():
     scheme = QuantScheme("w8a8s", 8, 8, a_granularity="tensor", a_dynamic=False)
     model = _outlier_model()
     ad = get_adapter(model)
-    inputs = capture_layer_inputs(model, ad, [tiny_qwen_vl_inputs(seed=s) for s in range(2)], "cpu")
-    ctx = QuantContext(model, ad, scheme, ModalityRouter(ad.modality_masks), torch.device("cpu"), ("text",), inputs)
+    ctx = QuantContext(model, ad, scheme, ModalityRouter(ad.modality_masks), torch.device("cpu"), ("text",),
+                       CalibrationSet(_prompts(2)))
     stats = ctx.input_stats()
     build_method(SmoothQuantConfig(alpha=0.5)).run(ctx)
     layer0 = ad.linears(ad.decoder_layers()[0])

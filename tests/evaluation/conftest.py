@@ -11,7 +11,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 
 from masquant.evaluation import EVAL_TASKS, write_local_task_data  # noqa: E402
-from masquant.evaluation.testing import tiny_qwen_processor, tiny_task_docs  # noqa: E402
+from support.evaluation import tiny_qwen_processor, tiny_task_docs  # noqa: E402
 
 N_DOCS = 4
 

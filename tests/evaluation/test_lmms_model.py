@@ -12,7 +12,7 @@ import torch
 
 from masquant.evaluation import evaluate_lmms
 from masquant.evaluation.lmms_model import MasquantHF, register_lmms_model
-from masquant.evaluation.testing import random_image, tiny_qwen_model
+from support.evaluation import random_image, tiny_qwen_model
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_loglikelihood_matches_a_direct_forward(qwen, processor):
 
 
 def test_stop_strings_cut_the_answer_and_clean_keeps_the_model(processor):
-    from masquant.evaluation.testing import AnswerBookModel
+    from support.evaluation import AnswerBookModel
 
     model = AnswerBookModel(processor.tokenizer, {0: "Paris\nASSISTANT: more", 1: "B\n\nbecause"})
     lm = MasquantHF(model, processor)

@@ -10,7 +10,7 @@ import pytest
 from masquant.evaluation import EVAL_TASKS, EvaluationError, evaluate_lmms, format_eval_table
 from masquant.evaluation.runner import route_lmms_eval_logs_to_logging
 from masquant.evaluation.tasks import TASK_SOURCES, installed_task_yaml
-from masquant.evaluation.testing import AnswerBookModel
+from support.evaluation import AnswerBookModel
 
 
 @pytest.mark.parametrize(("returned", "message"), [

@@ -12,7 +12,7 @@ import json
 import pytest
 
 from masquant.evaluation import EVAL_TASKS, EvaluationError, evaluate_lmms, format_eval_table, write_local_task_data
-from masquant.evaluation.testing import AnswerBookModel, tiny_task_docs
+from support.evaluation import AnswerBookModel, tiny_task_docs
 
 METRIC = {"textvqa_val": "exact_match", "vizwiz_vqa_val": "exact_match", "scienceqa_img": "exact_match",
           "ocrbench": "ocrbench_accuracy", "mmmu_val": "mmmu_acc"}

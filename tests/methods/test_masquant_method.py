@@ -19,14 +19,15 @@ import torch
 
 from baselines.rtn.method import RTNConfig
 from masquant.adapters import get_adapter
-from masquant.calibration.layerwise import capture_layer_inputs
+from masquant.calibration.data import CalibrationSet
+from masquant.calibration.walker import capture_layer_inputs
 from masquant.methods.base import QuantContext
 from masquant.methods.masquant.analysis import channel_absmax, delta_w_rank_report, plot_channel_absmax, stream_sqnr
 from masquant.methods.masquant.config import CMCConfig, MASQuantConfig
 from masquant.quant import ModalityRouter, QuantLinear, QuantScheme, attach_router
 from masquant.quant.quantizer import quantize_activation, sqnr_db
 from masquant.registry import build_method
-from masquant.testing import tiny_model, tiny_qwen_vl_inputs, tiny_text_inputs
+from support.tiny import prompts, text_prompt, tiny
 
 W4A8 = QuantScheme("w4a8", 4, 8)
 FP = QuantScheme("fp16")
@@ -40,11 +41,12 @@ class MLLMCase:
     calib_batches: list[dict]
     eval_batches: list[dict]
     modalities: tuple[str, ...] = ("text", "vision")
+    text_batch: dict | None = None
 
 
 def tiny_gap_model(gap: float = 20.0) -> torch.nn.Module:
     """Tiny Qwen2.5-VL whose text and vision tokens have different outlier channels (the modality gap)."""
-    model = tiny_model("qwen2_5_vl")
+    model, _, _ = tiny("qwen2_5_vl")
     with torch.no_grad():
         merger_out = model.model.visual.merger.mlp[-1]
         merger_out.weight[VISION_CHANNELS] *= gap
@@ -56,10 +58,12 @@ def tiny_gap_model(gap: float = 20.0) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def mllm_case() -> MLLMCase:
     base = tiny_gap_model()
+    _, processor, cls = tiny("qwen2_5_vl")
     return MLLMCase(
         make_model=lambda: copy.deepcopy(base),
-        calib_batches=[tiny_qwen_vl_inputs(seed=s) for s in range(4)],
-        eval_batches=[tiny_qwen_vl_inputs(seed=100 + s) for s in range(3)],
+        calib_batches=prompts(processor, cls, 4, seed=0),
+        eval_batches=prompts(processor, cls, 3, seed=100),
+        text_batch=text_prompt(processor, seed=5),
     )
 
 
@@ -68,7 +72,7 @@ def quantize(case: MLLMCase, cfg, scheme=W4A8, extra_batches=()):
     adapter = get_adapter(model)
     router = ModalityRouter(adapter.modality_masks)
     attach_router(model, router)
-    calib = capture_layer_inputs(model, adapter, list(case.calib_batches) + list(extra_batches), "cpu")
+    calib = CalibrationSet(list(case.calib_batches) + list(extra_batches))
     ctx = QuantContext(model, adapter, scheme, router, torch.device("cpu"), case.modalities, calib)
     method = build_method(cfg)
     if not scheme.is_dense:
@@ -167,28 +171,30 @@ def test_decode_takes_text_path_without_lowrank_work(mllm_case):
         model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     handle.remove()
     counts = [c - base for c in counts]
-    n_vision = int((batch["input_ids"] == 300).sum())
+    n_vision = int(get_adapter(model).modality_masks(batch["input_ids"])["vision"].sum())
     assert len(counts) == 4  # prefill + 3 decode steps
     assert counts[0] == n_vision * 7 * 2  # every linear of both layers (CMC roles) saw each image token once
     assert counts[1:] == [counts[0]] * 3  # decode steps add no low-rank rows
     with torch.no_grad():
-        model(**tiny_text_inputs(seed=3))
+        model(**mllm_case.text_batch)
     assert lowrank_tokens(model) - base == counts[0]  # text-only input: no low-rank work either
 
 
 # --- learning -------------------------------------------------------------------------------------------
 def test_learning_lowers_block_loss_and_survives_text_only_sample(mllm_case):
     cfg = MASQuantConfig(learn=True, epochs=2)
-    _, _, report = quantize(mllm_case, cfg, extra_batches=[tiny_text_inputs(n=10, seed=5)])
+    _, _, report = quantize(mllm_case, cfg, extra_batches=[mllm_case.text_batch])
     for i in range(2):
-        before, after = report[f"masquant/loss_before/layer_{i}"], report[f"masquant/loss_after/layer_{i}"]
-        assert after < before, (i, before, after)
+        first, last = report[f"masquant/loss_epoch1/layer_{i}"], report[f"masquant/loss_last_epoch/layer_{i}"]
+        assert last < first, (i, first, last)
+        assert 0 < report[f"masquant/loss_deployed/layer_{i}"] < float("inf")
         assert report[f"masquant/time_s/layer_{i}"] > 0
     assert report["mem/peak_mb"] > 0
 
 
 def test_text_only_modality_set_degenerates_to_text_smoothing(mllm_case):
-    case = MLLMCase(mllm_case.make_model, mllm_case.calib_batches, mllm_case.eval_batches, modalities=("text",))
+    case = MLLMCase(mllm_case.make_model, mllm_case.calib_batches, mllm_case.eval_batches, modalities=("text",),
+                    text_batch=mllm_case.text_batch)
     model, adapter, report = quantize(case, MASQuantConfig(learn=False))
     assert report["cmc/extra_params"] == 0
     ql = adapter.linears(adapter.decoder_layers()[0])["q"]
@@ -220,8 +226,7 @@ def test_analysis_helpers(mllm_case, tmp_path):
     fp_adapter = get_adapter(fp)
     model, adapter, _ = quantize(mllm_case, MASQuantConfig(learn=False))
     calib = capture_layer_inputs(fp, fp_adapter, mllm_case.eval_batches, "cpu")
-    per_layer = stream_sqnr(fp_adapter.decoder_layers(), adapter.decoder_layers(), calib, "cpu",
-                            adapter.linears(adapter.decoder_layers()[0])["q"].router)
+    per_layer = stream_sqnr(fp_adapter, adapter, calib, "cpu", adapter.linears(adapter.decoder_layers()[0])["q"].router)
     assert len(per_layer) == 2 and {"all", "text", "vision"} <= set(per_layer[0])
     assert all(10 < v < 80 for v in per_layer[0].values())
     absmax = channel_absmax(fp_adapter, 0, calib, "cpu", "qkv")

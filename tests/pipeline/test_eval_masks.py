@@ -3,10 +3,9 @@
 import torch
 
 from masquant.adapters import get_adapter
-from masquant.calibration.data import chat_inputs
-from masquant.calibration.layerwise import capture_layer_inputs
+from masquant.calibration.data import CalibrationSet, chat_inputs
 from masquant.evaluation import evaluate_lmms, write_local_task_data
-from masquant.evaluation.testing import random_image, tiny_qwen_model, tiny_qwen_processor, tiny_task_docs
+from support.evaluation import random_image, tiny_qwen_model, tiny_qwen_processor, tiny_task_docs
 from masquant.methods.base import QuantContext
 from masquant.methods.masquant.config import CMCConfig, MASQuantConfig
 from masquant.quant import ModalityRouter, QuantLinear, QuantScheme, attach_router
@@ -23,9 +22,8 @@ def test_vision_tokens_take_their_path_during_lmms_eval(tmp_path):
     adapter = get_adapter(model)
     router = ModalityRouter(adapter.modality_masks)
     attach_router(model, router)
-    calib = [chat_inputs(processor, "What is shown?", random_image(s)) for s in range(3)]
-    inputs = capture_layer_inputs(model, adapter, calib, "cpu")
-    ctx = QuantContext(model, adapter, QuantScheme("w4a8", 4, 8), router, torch.device("cpu"), ("text", "vision"), inputs)
+    calib = CalibrationSet([chat_inputs(processor, "What is shown?", random_image(s)) for s in range(3)])
+    ctx = QuantContext(model, adapter, QuantScheme("w4a8", 4, 8), router, torch.device("cpu"), ("text", "vision"), calib)
     build_method(MASQuantConfig(learn=False, cmc=CMCConfig(rank=4, rank_floor=0))).run(ctx)
 
     docs, _, _ = tiny_task_docs("textvqa_val", 2)

@@ -134,7 +134,7 @@ def test_training_and_calibration_samples():
     for s in samples:
         assert _is_rgb(s["image"]) and s["prompt"] and s["answer"]
     calib = make_calibration_samples(5)
-    assert [sorted(c) for c in calib] == [["image", "question"]] * 5
+    assert [sorted(c) for c in calib] == [["answer", "image", "question"]] * 5
     train_images = {s["image"].tobytes() for s in make_training_samples(5)}
     assert not train_images & {c["image"].tobytes() for c in calib}
 

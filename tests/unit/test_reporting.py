@@ -36,8 +36,20 @@ def test_report_cli_reads_only_finished_runs(tmp_path, capsys):
 
 def test_method_label_names_non_default_options():
     from masquant.methods.masquant.config import CMCConfig, MASQuantConfig
-    from masquant.pipeline import method_label
+    from masquant.reporting.store import method_label
 
     assert method_label(MASQuantConfig()) == "masquant"
     label = method_label(MASQuantConfig(learn=False, deploy="per_modality_weights", cmc=CMCConfig(rank_ratio=1.0)))
     assert label == "masquant(learn=False,deploy=per_modality_weights,cmc.rank_ratio=1.0)"
+
+
+def test_methods_register_themselves_and_unknown_ids_list_the_valid_ones():
+    import pytest
+
+    from masquant.registry import get_config_class, get_method_class, method_ids
+
+    assert {"dense", "rtn", "smoothquant", "masquant"} <= set(method_ids())
+    assert get_method_class("smoothquant").id == "smoothquant"
+    assert get_config_class("masquant").__name__ == "MASQuantConfig"
+    with pytest.raises(KeyError, match="valid methods: .*masquant"):
+        get_method_class("quarrot")

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn as nn
 
 from masquant.adapters.base import INPUT_GROUPS
-from masquant.calibration.layerwise import LayerInputs, LayerSample, layer_sample_on
+from masquant.calibration.stats import RunningInputStats
+from masquant.calibration.walker import CapturedInputs, LayerWalker
 from masquant.methods.masquant import core
 from masquant.quant.linear import ModalityRouter
 from masquant.quant.quantizer import quantize_weight
@@ -31,78 +31,75 @@ def _db(signal: float, noise: float) -> float:
     return 10.0 * math.log10(signal / noise)
 
 
-def _forward(layer: nn.Module, sample: LayerSample) -> torch.Tensor:
-    out = layer(sample.hidden, **sample.kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
 @torch.no_grad()
-def stream_sqnr(fp_layers: Sequence[nn.Module], q_layers: Sequence[nn.Module], inputs: LayerInputs, device,
-                router: ModalityRouter | None = None) -> list[dict[str, float]]:
-    """SQNR (dB) per layer and modality: FP layers on the FP stream vs quantized layers on the quantized stream.
+def stream_sqnr(fp_adapter, q_adapter, captured: CapturedInputs, device, router: ModalityRouter | None = None
+                ) -> list[dict[str, float]]:
+    """SQNR (dB) per layer and modality: the FP model's layers on the FP stream vs the quantized model's
+    layers on the quantized stream, both walked from the same captured decoder inputs.
 
-    Both streams start from the same layer-0 ``inputs``. Energies are summed over samples before the
-    ratio, so each entry is 10 log10(Σ|y_fp|² / Σ|y_fp − y_q|²) over that modality's tokens at that
-    layer's output; key "all" covers every token. ``router`` must be the one the quantized layers use.
-    Keep an FP copy of the model (``copy.deepcopy`` before quantizing) to get ``fp_layers``.
+    Energies are summed over samples before the ratio, so each entry is 10 log10(Σ|y_fp|² / Σ|y_fp − y_q|²)
+    over that modality's tokens at that layer's output; key "all" covers every token. ``router`` must be
+    the one the quantized layers use. Keep an FP copy of the model (``copy.deepcopy`` before quantizing).
     """
-    fp = [layer_sample_on(s, device) for s in inputs]
-    q = [layer_sample_on(s, device) for s in inputs]
     result = []
-    for fp_layer, q_layer in zip(fp_layers, q_layers):
+    walks = zip(LayerWalker(fp_adapter, captured, device, desc="FP stream"),
+                LayerWalker(q_adapter, captured, device, router=router, desc="quantized stream"))
+    for fp_step, q_step in walks:
         energy: dict[str, list[float]] = {}
-        for k, s in enumerate(inputs):
-            y_fp = _forward(fp_layer, fp[k])
-            if router is not None:
-                router.set_masks(fp[k].masks)
-            y_q = _forward(q_layer, q[k])
-            masks = {"all": torch.ones_like(next(iter(s.masks.values())), dtype=torch.bool), **s.masks}
+        for rec, y_fp, y_q in zip(captured.samples, fp_step.fp_outputs, q_step.fp_outputs):
+            masks = {"all": torch.ones_like(next(iter(rec.masks.values())), dtype=torch.bool), **rec.masks}
             for m, mask in masks.items():
-                rows = mask.reshape(-1).to(y_fp.device)
+                rows = mask.reshape(-1)
                 a = y_fp.reshape(-1, y_fp.shape[-1])[rows].double()
                 b = y_q.reshape(-1, y_q.shape[-1])[rows].double()
                 e = energy.setdefault(m, [0.0, 0.0])
                 e[0] += float(a.pow(2).sum())
                 e[1] += float((a - b).pow(2).sum())
-            fp[k] = LayerSample(y_fp, fp[k].kwargs, fp[k].masks)
-            q[k] = LayerSample(y_q, q[k].kwargs, q[k].masks)
         result.append({m: _db(sig, noise) for m, (sig, noise) in energy.items() if sig > 0})
     return result
 
 
 @torch.no_grad()
-def channel_absmax(adapter, layer_idx: int, inputs: LayerInputs, device, group: str = "qkv") -> dict[str, torch.Tensor]:
+def channel_absmax(adapter, layer_idx: int, captured: CapturedInputs, device, group: str = "qkv"
+                   ) -> dict[str, torch.Tensor]:
     """Per-channel max |x| per modality at the input of ``group`` (qkv | o | gate_up | down) of layer ``layer_idx``.
 
-    ``inputs`` are the layer-0 inputs; the FP layers before ``layer_idx`` are run to reach it.
-    Returns {modality: [D_in]} plus "all".
+    The FP layers up to ``layer_idx`` are walked from the captured decoder inputs. Returns {modality: [D_in]}
+    plus "all" (modalities without tokens are left out).
     """
     if group not in INPUT_GROUPS:
         raise ValueError(f"group={group!r}: valid choices are {list(INPUT_GROUPS)}")
-    layers = adapter.decoder_layers()
-    linear = adapter.linears(layers[layer_idx])[INPUT_GROUPS[group][0]]
-    absmax: dict[str, torch.Tensor] = {}
-    current: dict = {}
+    modalities = tuple(captured.samples[0].masks)
+    seen: dict[int, RunningInputStats] = {}
 
-    def hook(module, args):
-        x = args[0].reshape(-1, args[0].shape[-1]).float()
-        masks = {"all": None, **current["masks"]}
-        for m, mask in masks.items():
-            rows = x if mask is None else x[mask.reshape(-1).to(x.device)]
-            if rows.shape[0]:
-                a = rows.abs().amax(0).cpu()
-                absmax[m] = a if m not in absmax else torch.maximum(absmax[m], a)
+    def observers(step):
+        if step.index != layer_idx:
+            return []
+        seen[layer_idx] = RunningInputStats.for_layer(adapter, step.layer, modalities)
+        return [seen[layer_idx]]
 
-    handle = linear.register_forward_pre_hook(hook)
-    try:
-        for s in inputs:
-            h = layer_sample_on(s, device)
-            current["masks"] = h.masks
-            for layer in layers[: layer_idx + 1]:
-                h = LayerSample(_forward(layer, h), h.kwargs, h.masks)
-    finally:
-        handle.remove()
-    return absmax
+    for _ in LayerWalker(adapter, captured, device, fp_observers=observers, layers=[layer_idx], desc="to layer"):
+        pass
+    return {m: st.absmax for m, st in seen[layer_idx].stats[group].items() if st.count > 0}
+
+
+@torch.no_grad()
+def layer_input_rows(adapter, layer_idx: int, captured: CapturedInputs, device, group: str = "qkv"
+                     ) -> dict[str, torch.Tensor]:
+    """Every input row of ``group`` at layer ``layer_idx``, per modality, on the CPU (diagnostics only:
+    this stores activations of one layer; the methods keep running statistics instead)."""
+    rows: dict[str, list[torch.Tensor]] = {}
+
+    class _Rows:
+        def observe(self, g, x, masks):
+            if g == group:
+                for m, mask in masks.items():
+                    rows.setdefault(m, []).append(x[mask].float().cpu())
+
+    for _ in LayerWalker(adapter, captured, device, layers=[layer_idx], desc="to layer",
+                         fp_observers=lambda step: [_Rows()] if step.index == layer_idx else []):
+        pass
+    return {m: torch.cat(parts) for m, parts in rows.items()}
 
 
 def plot_channel_absmax(absmax: dict[str, torch.Tensor], path: str | Path, title: str = "",

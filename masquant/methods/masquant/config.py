@@ -96,6 +96,9 @@ class MASQuantConfig:
     lr: float = 5e-2
     n_learn_samples: Optional[int] = None  # calibration samples used for learning; None = all
     scale_floor: float = 1e-2  # |s| < floor -> ±floor before every step
+    # the learning forward divides activations by (s + learn_eps), as the official code's forward_mas_train
+    # does (weights are multiplied by s); 0 gives Eq. 13 exactly. A learned row moves by ~0.5 dB between the two.
+    learn_eps: float = 1e-5
     deploy: Deploy = Deploy.cmc
     cmc: CMCConfig = field(default_factory=CMCConfig)
 
@@ -113,6 +116,8 @@ class MASQuantConfig:
             raise ValueError(f"method.lr={self.lr}: must be > 0")
         if self.n_learn_samples is not None and self.n_learn_samples < 1:
             raise ValueError(f"method.n_learn_samples={self.n_learn_samples}: must be >= 1 or null (= all)")
+        if self.learn_eps < 0:
+            raise ValueError(f"method.learn_eps={self.learn_eps}: must be >= 0")
         if self.scale_floor < 0:
             raise ValueError(f"method.scale_floor={self.scale_floor}: must be >= 0")
         self.deploy = _choice(Deploy, self.deploy, "method.deploy")

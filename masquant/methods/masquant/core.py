@@ -15,22 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from masquant.quant.quantizer import quantize_activation, quantize_weight
+from masquant.quant.linear import scatter_rows
 from masquant.quant.scheme import QuantScheme
-
-STAT_FLOOR = 1e-5  # spec §3 step 2: clamp of absmax statistics (a modality without tokens gives 0)
+# Spec §3 step 2 (smoothing factors) is shared with SmoothQuant and lives in masquant.quant.smoothing.
+from masquant.quant.smoothing import STAT_FLOOR, smooth_factors, weight_input_absmax  # noqa: F401 (re-exported)
 
 
 # --- MAS (spec §3) ------------------------------------------------------------------------------------
-def weight_input_absmax(W: torch.Tensor) -> torch.Tensor:
-    """max_j |W[j, i]| over output channels: W [out, in] -> [in]."""
-    return W.detach().abs().amax(dim=0).float()
-
-
-def smooth_factors(R: torch.Tensor, W_absmax: torch.Tensor, alpha: float, floor: float = STAT_FLOOR) -> torch.Tensor:
-    """Spec §3 step 2: s[i] = clamp(R[i])^α / clamp(max_j|W[j,i]|)^(1-α); R [in], W_absmax [in] -> s [in]."""
-    return R.float().clamp(min=floor).pow(alpha) / W_absmax.float().clamp(min=floor).pow(1.0 - alpha)
-
-
 def smooth_weight(W: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """diag(s) W in spec layout = W [out, in] * s[None, :] in PyTorch layout -> [out, in]."""
     return W * s.to(W.dtype)[None, :]
@@ -47,31 +38,30 @@ def truncate_scales_(s: torch.Tensor, floor: float) -> torch.Tensor:
 
 
 def mas_linear_rows(X: torch.Tensor, s: torch.Tensor | None, W: torch.Tensor, bias: torch.Tensor | None,
-                    scheme: QuantScheme, ste: bool = True) -> torch.Tensor:
-    """Eq. 13, one modality's rows: Y_m = Qa(X_m / s_m) Qw(diag(s_m) W) + b; X [N, in], W [out, in] -> [N, out].
+                    scheme: QuantScheme, ste: bool = True, eps: float = 0.0) -> torch.Tensor:
+    """Eq. 13, one modality's rows: Y_m = Qa(X_m / (s_m + ε)) Qw(diag(s_m) W) + b; X [N, in], W [out, in] -> [N, out].
 
     With ``ste`` the gradient reaches s through X/s, through diag(s)W and through both dynamic ranges.
+    ``eps``: the official learning forward divides by (s + 1e-5) (and multiplies W by s); 0 is Eq. 13.
     """
-    Xs = X if s is None else X / s
+    Xs = X if s is None else X / (s + eps if eps else s)
     Ws = W if s is None else smooth_weight(W, s)
     return F.linear(quantize_activation(Xs, scheme, ste=ste), quantize_weight(Ws, scheme, ste=ste), bias)
 
 
 def mas_linear(X: torch.Tensor, index: dict[str, torch.Tensor] | None, scales: dict[str, torch.Tensor | None],
-               W: torch.Tensor, bias: torch.Tensor | None, scheme: QuantScheme, ste: bool = True) -> torch.Tensor:
+               W: torch.Tensor, bias: torch.Tensor | None, scheme: QuantScheme, ste: bool = True,
+               eps: float = 0.0) -> torch.Tensor:
     """Eq. 13: Y = Σ_m Qa((X ⊙ M_m) / s_m) Qw(diag(s_m) W) (+ b once), computed on each modality's rows only.
 
     X [..., in]; ``index`` {modality: flat row indices} (None = every row is text); scales {modality: s [in]}.
     Per-token activation quantization makes the row-wise form equal to the masked sum.
     """
     if index is None:
-        return mas_linear_rows(X, scales["text"], W, bias, scheme, ste)
+        return mas_linear_rows(X, scales["text"], W, bias, scheme, ste, eps)
     lead = X.shape[:-1]
     X2 = X.reshape(-1, X.shape[-1])
-    Y = X2.new_zeros(X2.shape[0], W.shape[0])
-    for m, idx in index.items():
-        if idx.numel():
-            Y = Y.index_copy(0, idx, mas_linear_rows(X2[idx], scales[m], W, bias, scheme, ste))
+    Y = scatter_rows(X2.shape[0], index, lambda m, idx: mas_linear_rows(X2[idx], scales[m], W, bias, scheme, ste, eps))
     return Y.reshape(*lead, W.shape[0])
 
 

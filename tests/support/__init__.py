@@ -1,0 +1,1 @@
+"""Test fixtures that are not library code (importable as ``support`` thanks to tests/conftest.py)."""
