@@ -247,14 +247,14 @@ def gptq_quantize(
     grid = IntGrid(bits, symmetric, qrange)
     work = _work_dtype(W)
     W_ = W.detach().to(work).clone()  # [out, in]
-    H_ = H.detach().to(torch.float64).clone()  # [in, in]
+    H_ = H.detach().to(device=W.device, dtype=torch.float64, copy=True)  # [in, in]
     dead = zero_dead_inputs_(W_, H_)
 
     g = group_size or in_f
     n_groups = -(-in_f // g)
     scale = torch.zeros(out_f, n_groups, dtype=work, device=W.device)
     zero = torch.zeros_like(scale)
-    g_idx = torch.zeros(in_f, dtype=torch.long, device=W.device)
+    g_idx = torch.zeros(in_f, dtype=torch.long)  # on the host: no device sync per column
     if group_size == 0 or static_groups:  # all grids from the original W (per channel: order-free)
         for k, j in enumerate(range(0, in_f, g)):
             s, z = find_scale_zero(W_[:, j : j + g], grid, mse_clip)
@@ -264,7 +264,7 @@ def gptq_quantize(
     perm = act_order_permutation(H_) if act_order else None
     if perm is not None:
         W_, H_ = W_[:, perm], H_[perm][:, perm]
-    col = perm if perm is not None else torch.arange(in_f, device=W.device)  # original index of column j
+    col = perm.cpu() if perm is not None else torch.arange(in_f)  # original index of (permuted) column j
 
     Hinv = inverse_hessian_cholesky(dampen_(H_, percdamp)).to(work)  # upper U, H⁻¹ = Uᵀ U
     Q = torch.zeros_like(W_)
@@ -281,7 +281,7 @@ def gptq_quantize(
                 s, z = find_scale_zero(_current_columns(W_, W1, Err1, Hinv, i1, i, min(j + g, in_f)), grid, mse_clip)
                 scale[:, k : k + 1], zero[:, k : k + 1] = s, z
                 g_idx[col[j : j + g]] = k
-            k = int(g_idx[col[j]])
+            k = int(g_idx[col[j]]) if group_size else 0
             w = W1[:, i : i + 1]  # [out, 1]
             q = fake_quantize(w, scale[:, k : k + 1], zero[:, k : k + 1], grid)
             Q[:, j : j + 1] = q
@@ -296,5 +296,7 @@ def gptq_quantize(
         Q = Q[:, torch.argsort(perm)]
     if not torch.isfinite(Q).all():
         raise FloatingPointError("GPTQ produced non-finite weights (H not positive definite? raise percdamp)")
-    info = {"scale": scale, "zero": zero, "g_idx": g_idx, "perm": perm, "loss": float(loss), "dead": dead}
+    info = {"scale": scale, "zero": zero, "g_idx": g_idx.to(W.device), "perm": perm, "loss": float(loss),
+            "dead": dead}
+    log.debug("GPTQ [%d, %d] %d-bit: loss %.4g", out_f, in_f, bits, info["loss"])
     return Q.to(W.dtype), info
