@@ -1,0 +1,302 @@
+"""GPTQ (Frantar et al., ICLR 2023, Algorithm 1) and round-to-nearest on the same integer grids.
+
+Pure tensor functions: no model, config or device logic. W [out, in] is a PyTorch linear weight
+(Y = X Wᵀ); H [in, in] is the layer Hessian 2/N Σ xᵀx of its inputs (``HessianAccumulator``).
+
+Grids (``IntGrid``), b bits:
+  symmetric narrow  q ∈ [-(2^(b-1)-1), 2^(b-1)-1], scale = absmax / (2^(b-1)-1)   (= ``fake_quant_sym``)
+  symmetric full    q ∈ [-2^(b-1), 2^(b-1)-1],     scale = absmax / ((2^b-1)/2)   (compressed-tensors/vLLM)
+  asymmetric        q ∈ [0, 2^b-1], range [min(w, 0), max(w, 0)], integer zero  (= ``fake_quant_asym``)
+Note QuaRot's and GPTQ's symmetric weight grid is a third one: scale absmax/(2^(b-1)-1) with codes
+clamped to [-2^(b-1), 2^(b-1)-1]; "narrow" here never produces -2^(b-1). On the full grid ±absmax/scale
+= ±(2^b-1)/2 is a rounding tie: +absmax clamps to 2^(b-1)-1, -absmax rounds half-to-even to -2^(b-1)
+(or to -2^(b-1)+1 when float rounding lands just inside; the same error either way).
+
+Groups. ``group_size`` 0 = one scale per output channel. Otherwise consecutive groups of ``group_size``
+input columns (in the act-order permutation unless ``static_groups``); when in % group_size != 0 the
+last group is the smaller remainder, with its own scale. Scales of a group are computed from the
+weights as GPTQ has updated them when the group starts (exactly, also when the group starts inside a
+lazy-update block: the official code reads stale columns there); ``static_groups`` computes them all
+from the original W before any update.
+
+MSE clip (``mse_clip``): per output channel or group, shrink the range by p = 1, 0.99, ..., 0.21
+(grid 100, maxshrink 0.8: 80 factors, as the official GPTQ/QuaRot code) and keep the p minimising
+Σ|w - Q(w)|^2.4.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+QRANGES = ("narrow", "full")
+_EPS = 1e-8  # smallest scale, as masquant.quant.quantizer (an all-zero row quantizes to 0)
+
+
+# --- integer grids ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class IntGrid:
+    """The integer grid of a b-bit weight quantizer (see the module docstring)."""
+
+    bits: int
+    symmetric: bool = True
+    qrange: str = "narrow"  # symmetric only; the asymmetric grid is always [0, 2^b - 1]
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 16:
+            raise ValueError(f"bits={self.bits}: must be in [2, 16]")
+        if self.qrange not in QRANGES:
+            raise ValueError(f"qrange={self.qrange!r}: valid choices are {QRANGES}")
+
+    @property
+    def qmin(self) -> int:
+        if not self.symmetric:
+            return 0
+        return -(2 ** (self.bits - 1)) if self.qrange == "full" else -(2 ** (self.bits - 1) - 1)
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    @property
+    def half_levels(self) -> float:
+        """absmax / scale of a symmetric grid: 2^(b-1)-1 (narrow) or (2^b-1)/2 (full)."""
+        return (2**self.bits - 1) / 2 if self.qrange == "full" else float(2 ** (self.bits - 1) - 1)
+
+
+def range_scale_zero(
+    W: torch.Tensor, grid: IntGrid, shrink: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point of each row of W [rows, cols] with the range shrunk by p -> ([rows, 1]) × 2."""
+    if grid.symmetric:
+        scale = (W.abs().amax(dim=1, keepdim=True) * shrink / grid.half_levels).clamp(min=_EPS)
+        return scale, torch.zeros_like(scale)
+    wmin = W.amin(dim=1, keepdim=True).clamp(max=0) * shrink
+    wmax = W.amax(dim=1, keepdim=True).clamp(min=0) * shrink
+    scale = ((wmax - wmin) / grid.qmax).clamp(min=_EPS)
+    return scale, torch.round(-wmin / scale)
+
+
+def quantize_codes(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: IntGrid) -> torch.Tensor:
+    """Integer codes clamp(round(W / scale) + zero, qmin, qmax) (float tensor, same shape as W)."""
+    return torch.clamp(torch.round(W / scale) + zero, grid.qmin, grid.qmax)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """(codes - zero) · scale."""
+    return (codes - zero) * scale
+
+
+def fake_quantize(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: IntGrid) -> torch.Tensor:
+    """Quantize then dequantize W on the grid with the given scale [rows, 1] and zero [rows, 1]."""
+    return dequantize(quantize_codes(W, scale, zero, grid), scale, zero)
+
+
+def mse_clip_scale_zero(
+    W: torch.Tensor, grid: IntGrid, grid_points: int = 100, maxshrink: float = 0.8, norm: float = 2.4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the range shrink p = 1 - i/grid_points (i < maxshrink·grid_points) minimising Σ|w - Q(w)|^norm."""
+    best = torch.full((W.shape[0], 1), float("inf"), dtype=W.dtype, device=W.device)
+    best_scale, best_zero = range_scale_zero(W, grid)
+    for i in range(int(maxshrink * grid_points)):
+        scale, zero = range_scale_zero(W, grid, shrink=1 - i / grid_points)
+        err = (fake_quantize(W, scale, zero, grid) - W).abs().pow(norm).sum(dim=1, keepdim=True)
+        better = err < best
+        best = torch.where(better, err, best)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def find_scale_zero(W: torch.Tensor, grid: IntGrid, mse_clip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero of each row of W [rows, cols]: full range, or the MSE-clipped range."""
+    return mse_clip_scale_zero(W, grid) if mse_clip else range_scale_zero(W, grid)
+
+
+def _work_dtype(W: torch.Tensor) -> torch.dtype:
+    return torch.float64 if W.dtype == torch.float64 else torch.float32
+
+
+def rtn_quantize(
+    W: torch.Tensor,
+    *,
+    bits: int,
+    symmetric: bool = True,
+    group_size: int = 0,
+    qrange: str = "narrow",
+    mse_clip: bool = False,
+) -> torch.Tensor:
+    """Round-to-nearest W [out, in] per output channel (group_size 0) or per group of inputs -> Wq, W's dtype.
+
+    Same grids and groups as ``gptq_quantize`` (a smaller last group when in % group_size != 0).
+    """
+    grid = IntGrid(bits, symmetric, qrange)
+    Wf = W.detach().to(_work_dtype(W))
+    Q = torch.empty_like(Wf)
+    g = group_size or Wf.shape[1]
+    for j in range(0, Wf.shape[1], g):
+        scale, zero = find_scale_zero(Wf[:, j : j + g], grid, mse_clip)
+        Q[:, j : j + g] = fake_quantize(Wf[:, j : j + g], scale, zero, grid)
+    return Q.to(W.dtype)
+
+
+# --- Hessian --------------------------------------------------------------------------------------------
+class HessianAccumulator:
+    """Running H = 2/N Σ xᵀx over the N input rows of a linear (GPTQ's Hessian), in float64.
+
+    ``add`` takes x [..., dim] and keeps only the [dim, dim] Gram matrix, never the activations.
+    N counts rows (tokens); the official code divides by the number of sequences instead, a constant
+    factor that changes no GPTQ result (the dampening is relative to mean(diag H)).
+    """
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.count = 0
+        self.gram: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        """Σ xᵀx += x2ᵀ x2 with x2 = x [..., dim] flattened to [rows, dim]."""
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"expected inputs [..., {self.dim}], got {tuple(x.shape)}")
+        x2 = x.detach().reshape(-1, self.dim).to(torch.float64)
+        if self.gram is None:
+            self.gram = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=x.device)
+        self.gram.addmm_(x2.T, x2)
+        self.count += x2.shape[0]
+
+    @property
+    def H(self) -> torch.Tensor:
+        """2/N Σ xᵀx; [dim, dim] float64."""
+        if self.gram is None or self.count == 0:
+            raise ValueError("HessianAccumulator has no inputs yet")
+        return self.gram * (2.0 / self.count)
+
+
+# --- GPTQ, Algorithm 1 -----------------------------------------------------------------------------------
+def zero_dead_inputs_(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """Inputs never active (H[i, i] = 0): H[i, i] <- 1, W[:, i] <- 0, in place; returns the dead mask [in]."""
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    return dead
+
+
+def act_order_permutation(H: torch.Tensor) -> torch.Tensor:
+    """Columns by decreasing H[i, i] (the "act-order" heuristic); [in] long."""
+    return torch.argsort(torch.diag(H), descending=True)
+
+
+def dampen_(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """H <- H + λ I, λ = percdamp · mean(diag H), in place; returns H."""
+    H.diagonal().add_(percdamp * torch.mean(torch.diag(H)))
+    return H
+
+
+def inverse_hessian_cholesky(H: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor U of H⁻¹ (H⁻¹ = Uᵀ U), computed in float64; H [in, in] -> [in, in]."""
+    L = torch.linalg.cholesky(H.to(torch.float64))
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+
+def _current_columns(
+    W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, Hinv: torch.Tensor, i1: int, i: int, j2: int
+) -> torch.Tensor:
+    """W[:, i1+i : j2] with every update so far, also the lazy ones still pending past the block."""
+    i2 = i1 + W1.shape[1]
+    inside = W1[:, i : min(j2, i2) - i1]
+    if j2 <= i2:
+        return inside
+    beyond = W[:, i2:j2] - Err1[:, :i] @ Hinv[i1 : i1 + i, i2:j2]
+    return torch.cat([inside, beyond], dim=1)
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    *,
+    bits: int,
+    symmetric: bool = True,
+    group_size: int = 0,
+    qrange: str = "narrow",
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+    mse_clip: bool = False,
+) -> tuple[torch.Tensor, dict]:
+    """GPTQ, Algorithm 1: quantize W [out, in] column by column, each error spread on the later columns.
+
+    H [in, in]: the Hessian 2/N Σ xᵀx. Returns (Wq [out, in] dequantized, W's dtype, info) with info:
+      scale, zero [out, groups]  the grid of each group (zero = 0 when symmetric)
+      g_idx [in]                 the group of each input column (original order)
+      perm [in] | None           the act-order permutation
+      loss                       Σ (w - q)² / (2 [H⁻¹]_qq) over all steps = ½ tr(ΔW H_damped ΔWᵀ)
+      dead [in]                  inputs with H[i, i] = 0 (quantized to 0)
+    Computed in float32 (float64 when W is float64); the Cholesky factor in float64.
+    """
+    out_f, in_f = W.shape
+    if H.shape != (in_f, in_f):
+        raise ValueError(f"H must be [{in_f}, {in_f}] for W {tuple(W.shape)}, got {tuple(H.shape)}")
+    if group_size < 0:
+        raise ValueError(f"group_size={group_size}: must be >= 0 (0 = per output channel)")
+    grid = IntGrid(bits, symmetric, qrange)
+    work = _work_dtype(W)
+    W_ = W.detach().to(work).clone()  # [out, in]
+    H_ = H.detach().to(device=W.device, dtype=torch.float64, copy=True)  # [in, in]
+    dead = zero_dead_inputs_(W_, H_)
+
+    g = group_size or in_f
+    n_groups = -(-in_f // g)
+    scale = torch.zeros(out_f, n_groups, dtype=work, device=W.device)
+    zero = torch.zeros_like(scale)
+    g_idx = torch.zeros(in_f, dtype=torch.long)  # on the host: no device sync per column
+    if group_size == 0 or static_groups:  # all grids from the original W (per channel: order-free)
+        for k, j in enumerate(range(0, in_f, g)):
+            s, z = find_scale_zero(W_[:, j : j + g], grid, mse_clip)
+            scale[:, k : k + 1], zero[:, k : k + 1] = s, z
+            g_idx[j : j + g] = k
+
+    perm = act_order_permutation(H_) if act_order else None
+    if perm is not None:
+        W_, H_ = W_[:, perm], H_[perm][:, perm]
+    col = perm.cpu() if perm is not None else torch.arange(in_f)  # original index of (permuted) column j
+
+    Hinv = inverse_hessian_cholesky(dampen_(H_, percdamp)).to(work)  # upper U, H⁻¹ = Uᵀ U
+    Q = torch.zeros_like(W_)
+    loss = torch.zeros((), dtype=torch.float64, device=W.device)
+    for i1 in range(0, in_f, blocksize):  # lazy batch updates: one block of columns at a time
+        i2 = min(i1 + blocksize, in_f)
+        W1 = W_[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if group_size and not static_groups and j % g == 0:  # a new group in the (permuted) order
+                k = j // g
+                s, z = find_scale_zero(_current_columns(W_, W1, Err1, Hinv, i1, i, min(j + g, in_f)), grid, mse_clip)
+                scale[:, k : k + 1], zero[:, k : k + 1] = s, z
+                g_idx[col[j : j + g]] = k
+            k = int(g_idx[col[j]]) if group_size else 0
+            w = W1[:, i : i + 1]  # [out, 1]
+            q = fake_quantize(w, scale[:, k : k + 1], zero[:, k : k + 1], grid)
+            Q[:, j : j + 1] = q
+            d = Hinv1[i, i]
+            err = (w - q) / d  # [out, 1]
+            loss += (err.double() ** 2).sum() / 2  # OBS error of this step: (w - q)² / (2 [H⁻¹]_qq)
+            W1[:, i:] -= err @ Hinv1[i : i + 1, i:]  # update the rest of the block
+            Err1[:, i : i + 1] = err
+        W_[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy update of the later blocks
+
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    if not torch.isfinite(Q).all():
+        raise FloatingPointError("GPTQ produced non-finite weights (H not positive definite? raise percdamp)")
+    info = {"scale": scale, "zero": zero, "g_idx": g_idx.to(W.device), "perm": perm, "loss": float(loss),
+            "dead": dead}
+    log.debug("GPTQ [%d, %d] %d-bit: loss %.4g", out_f, in_f, bits, info["loss"])
+    return Q.to(W.dtype), info

@@ -1,0 +1,41 @@
+"""Orthogonal transforms for rotation methods: Hadamard matrices and fast Hadamard transforms."""
+
+from masquant.transforms.hadamard import (
+    HADAMARD_K,
+    ROTATION_MODES,
+    RotationPlan,
+    base_hadamard_matrix,
+    block_hadamard_matrix,
+    block_hadamard_size,
+    block_hadamard_transform,
+    fwht,
+    fwht_,
+    hadamard_factor,
+    hadamard_matrix,
+    hadamard_transform,
+    is_hadamard_size,
+    padded_hadamard_size,
+    padded_hadamard_transform,
+    random_hadamard_matrix,
+    rotation_for_width,
+)
+
+__all__ = [
+    "HADAMARD_K",
+    "ROTATION_MODES",
+    "RotationPlan",
+    "base_hadamard_matrix",
+    "block_hadamard_matrix",
+    "block_hadamard_size",
+    "block_hadamard_transform",
+    "fwht",
+    "fwht_",
+    "hadamard_factor",
+    "hadamard_matrix",
+    "hadamard_transform",
+    "is_hadamard_size",
+    "padded_hadamard_size",
+    "padded_hadamard_transform",
+    "random_hadamard_matrix",
+    "rotation_for_width",
+]
