@@ -31,7 +31,8 @@ def collect_results(root: str | Path) -> list[dict]:
 
 
 def metric_value(m: dict, keys: Sequence[str]) -> float | None:
-    """The first of ``keys`` that ``m`` has: the key itself (unfiltered), else its first filtered variant ``key/<filter>``."""
+    """The first of ``keys`` that ``m`` has: the key itself (unfiltered), else its first filtered variant
+    ``key/<filter>``."""
     for key in keys:
         if key in m:
             return m[key]
