@@ -414,6 +414,18 @@ def _non_empty(frame: pd.DataFrame, column: Column) -> Column | None:
     return column if has_paper else replace(column, reference=None)
 
 
+def ablated_methods(results: Sequence[Mapping], pivot: Sequence[str]) -> set[str]:
+    """The ids of the methods whose labels set a pivot option in some run; ValueError when there is none."""
+    if not pivot:
+        raise ValueError("an ablation table needs at least one option to pivot on")
+    labelled = [parse_method_label(method_label_of(r)) for r in results]
+    methods = {method_id for method_id, options in labelled if set(pivot) & set(options)}
+    if not methods:
+        seen = sorted({k for _, options in labelled for k in options})
+        raise ValueError(f"no run's method label sets {list(pivot)}; options set by some label: {seen}")
+    return methods
+
+
 def ablation_table(results: Iterable[Mapping], pivot: Sequence[str], defaults: Mapping[str, Mapping[str, str]],
                    method: str | None = None, references: Mapping[ReferenceKey, float] | None = None) -> PaperTable:
     """Rows the values of the ``pivot`` options of the method label, within blocks of (model, bits, the rest of
@@ -424,13 +436,7 @@ def ablation_table(results: Iterable[Mapping], pivot: Sequence[str], defaults: M
     The published number is the one of the paper's ablation table that varies the pivot options."""
     pivot = list(pivot)
     results = list(results)
-    if not pivot:
-        raise ValueError("an ablation table needs at least one option to pivot on")
-    labelled = [parse_method_label(method_label_of(r)) for r in results]
-    methods = {method} if method else {mid for mid, options in labelled if set(pivot) & set(options)}
-    if not methods:
-        seen = sorted({k for _, options in labelled for k in options})
-        raise ValueError(f"no run's method label sets {pivot}; options set by some label: {seen}")
+    methods = {method} if method else ablated_methods(results, pivot)
     kept = [r for r in results if parse_method_label(method_label_of(r))[0] in methods]
     if references is None:
         references = reference_values(load_reference(ABLATION.reference_file))

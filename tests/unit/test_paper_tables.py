@@ -6,6 +6,7 @@ Regenerate the goldens after an intended change, then read every changed line be
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 from pathlib import Path
@@ -14,6 +15,7 @@ import pandas as pd
 import pytest
 
 from masquant.evaluation.runner import _flat_task_metrics
+from masquant.report import main as report_main
 from masquant.reporting.paper import (ABLATION, TABLE1, TABLE2, ablation_table, format_method_label,
                                       format_paper_csv, format_paper_latex, format_paper_markdown, improves_on_paper,
                                       load_reference, option_values, paper_table, parse_method_label,
@@ -272,3 +274,43 @@ def test_every_reference_file_is_shipped_with_the_package():
     shipped = {p.name for p in (Path(__file__).parents[2] / "masquant/reporting/reference").glob("*.csv")}
     assert {TABLE1.reference_file, TABLE2.reference_file, ABLATION.reference_file} <= shipped
     assert len(reference_values(load_reference(TABLE1.reference_file))) == 32 * 6
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+def write_runs(root: Path, results: list[dict]) -> None:
+    for i, result in enumerate(results):
+        run_dir = root / str(result["run/model"]) / str(result["run/method"]) / f"{result['run/quant']}-{i:04d}"
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.json").write_text(json.dumps(result))
+
+
+def test_cli_paper_table_ignores_half_written_runs_and_writes_atomically(tmp_path, capsys):
+    root = tmp_path / "runs"
+    write_runs(root, TABLE1_RESULTS)
+    partial = root / VL3B / "masquant" / ".w4a8-0099.partial-1"  # died after metrics.json, before the rename
+    partial.mkdir(parents=True)
+    (partial / "metrics.json").write_text(json.dumps(vl_result("masquant", "W4A8", (0.0,) * 5, seed=2)))
+
+    assert report_main([str(root), "--paper", "table1"]) == 0
+    assert capsys.readouterr().out == format_paper_markdown(paper_table(TABLE1_RESULTS, TABLE1)) + "\n"
+
+    out = tmp_path / "tables" / "table1.tex"
+    assert report_main([str(root), "--paper", "table1", "--format", "latex", "--model", VL3B, "--out", str(out)]) == 0
+    assert "testbed-vl" not in out.read_text() and r"$46.0 \pm 1.4$" in out.read_text()
+    assert [p.name for p in out.parent.iterdir()] == ["table1.tex"]  # no temporary file left
+
+
+def test_cli_ablation_pivot(tmp_path, capsys):
+    root = tmp_path / "runs"
+    write_runs(root, ABLATION_RESULTS)
+    assert report_main([str(root), "--pivot", "cmc.rank_ratio", "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("model,bits,method,cmc.rank_ratio,calib,limit,n,TextVQA,TextVQA std,MMMU,")
+    # the registry's MASQuantConfig gives the default that the label leaves out
+    assert [line.split(",")[3] for line in lines[1:4]] == ["0.05", "0.2 (default)", "1.0"]
+    assert report_main([str(root), "--pivot", "alpha"]) == 1
+    with pytest.raises(SystemExit):
+        report_main([str(root), "--paper", "table1", "--pivot", "epochs"])
+    with pytest.raises(SystemExit):
+        report_main([str(root), "--paper", "ablation"])
