@@ -354,12 +354,12 @@ def _sortable(value) -> tuple[int, float, str]:
     return (0, number, "") if number is not None and not math.isnan(number) else (1, 0.0, text)
 
 
-def _cells(runs: Sequence[Mapping], columns: Sequence[Column], all_columns: Sequence[Column],
+def _cells(runs: Sequence[Mapping], columns: Sequence[Column],
            published: Mapping[str, float | None]) -> dict[str, float | None]:
     """Ours (mean, std) and, where the column has a reference, the published number and the delta."""
     row: dict[str, float | None] = {}
     for column in columns:
-        values = [v for v in (run_value(r, column, all_columns) for r in runs) if v is not None]
+        values = [v for v in (run_value(r, column, columns) for r in runs) if v is not None]
         mean, std = mean_and_std(values)
         row[column.label], row[f"{column.label} std"] = mean, std
         if column.reference is not None:
@@ -400,7 +400,7 @@ def paper_table(results: Iterable[Mapping], layout: Layout = TABLE1,
         published = {c.reference: published_value(references, {PAPER_SETTING: {}}, key, {}, c.reference)
                      for c in layout.columns if c.reference is not None}
         rows.append({"model": key[0], "bits": key[1], "method": key[2], "calib": key[3], "limit": key[4],
-                     "n": len(groups[key]), **_cells(groups[key], layout.columns, layout.columns, published)})
+                     "n": len(groups[key]), **_cells(groups[key], layout.columns, published)})
     return PaperTable(keys, layout.columns, _frame(rows, keys, layout.columns),
                       f"{layout.title}, reference/{layout.reference_file}")
 
@@ -430,10 +430,13 @@ def ablation_table(results: Iterable[Mapping], pivot: Sequence[str], defaults: M
                    method: str | None = None, references: Mapping[ReferenceKey, float] | None = None) -> PaperTable:
     """Rows the values of the ``pivot`` options of the method label, within blocks of (model, bits, the rest of
     the label); columns the ablation layout's that hold a value in some row (paper and delta only where some row
-    has a published number). Runs of methods whose labels never set a pivot
-    option are left out (unless ``method`` names the method to keep). ``defaults``: method id -> option -> the
-    value a label leaves out (see :func:`option_values`); a value taken from it is shown as ``<v> (default)``.
-    The published number is the one of the paper's ablation table that varies the pivot options."""
+    has a published number).
+
+    Only the runs of ``method``, or else of the methods whose labels set a pivot option in some run, are kept.
+    ``defaults``: method id -> option -> the value a label leaves out (see :func:`option_values`); a value taken
+    from it is shown as ``<v> (default)``. The published numbers are those of the paper's ablation table that
+    varies the pivot options (``epochs`` -> Table 5), for runs whose label sets no option outside that table's.
+    """
     pivot = list(pivot)
     results = list(results)
     methods = {method} if method else ablated_methods(results, pivot)
@@ -464,7 +467,7 @@ def ablation_table(results: Iterable[Mapping], pivot: Sequence[str], defaults: M
         published = {c.reference: published_value(references, settings, key, method_defaults, c.reference)
                      for c in ABLATION.columns if c.reference is not None}
         rows.append({**described(key), "calib": key[3], "limit": key[4], "n": len(groups[key]),
-                     **_cells(groups[key], ABLATION.columns, ABLATION.columns, published)})
+                     **_cells(groups[key], ABLATION.columns, published)})
     frame = _frame(rows, keys, ABLATION.columns)
     columns = tuple(c for c in (_non_empty(frame, c) for c in ABLATION.columns) if c is not None)
     frame = frame[[*keys, *(name for c in columns for name in frame_names(c))]]

@@ -16,10 +16,10 @@ import pytest
 
 from masquant.evaluation.runner import _flat_task_metrics
 from masquant.report import main as report_main
-from masquant.reporting.paper import (ABLATION, TABLE1, TABLE2, ablation_table, format_method_label,
-                                      format_paper_csv, format_paper_latex, format_paper_markdown, improves_on_paper,
-                                      load_reference, option_values, paper_table, parse_method_label,
-                                      reference_values, same_option_value, seed_of)
+from masquant.reporting.paper import (ABLATION, TABLE1, TABLE2, ablation_table, better_direction,
+                                      format_method_label, format_paper_csv, format_paper_latex, format_paper_markdown,
+                                      improves_on_paper, load_reference, option_values, paper_table,
+                                      parse_method_label, reference_values, same_option_value, seed_of)
 from masquant.reporting.paper import _fixed, _signed
 
 GOLDEN = Path(__file__).parents[1] / "golden"
@@ -153,6 +153,7 @@ def test_wer_delta_keeps_its_sign_and_lower_is_better():
     assert cell["LibriSpeech WER"] == 3.0 and cell["LibriSpeech WER paper"] == 3.6
     assert cell["LibriSpeech WER delta"] == pytest.approx(-0.6)
     assert improves_on_paper(wer, -0.6) and not improves_on_paper(wer, 0.6)
+    assert better_direction(wer) == "lower" and better_direction(omnibench) == "higher"
     assert cell["OmniBench delta"] == pytest.approx(40.0 - 41.4) and not improves_on_paper(omnibench, -1.4)
     assert "LibriSpeech WER ↓" in format_paper_markdown(paper_table([omni], TABLE2))
 
