@@ -1,34 +1,113 @@
-"""Collect finished runs into one table: ``python -m masquant.report [outputs/runs] [--format md|csv|latex]``."""
+"""Collect finished runs into one table.
+
+    python -m masquant.report [outputs/runs] [--format md|csv|latex]            one row per run
+    python -m masquant.report outputs/runs --paper table1                      the paper's layout, its numbers, deltas
+    python -m masquant.report outputs/runs --paper ablation --pivot epochs     rows = the values of a label option
+    ... --out tables/table1.md                                                 written atomically instead of printed
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+import tempfile
+from pathlib import Path
 
+from masquant.reporting.paper import (LAYOUTS, PaperTable, ablated_methods, ablation_table, format_paper_csv,
+                                      format_paper_latex, format_paper_markdown, option_values, paper_table)
 from masquant.reporting.table import collect_results, format_markdown, results_frame
 
 FORMATS = ("md", "csv", "latex")
+log = logging.getLogger(__name__)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it: a reader never sees half a table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def method_defaults(method_ids: set[str]) -> dict[str, dict[str, str]]:
+    """Each method's option values at its defaults, from its config class in the registry (what a label omits)."""
+    from masquant.registry import get_config_class
+
+    defaults = {}
+    for method_id in sorted(method_ids):
+        try:
+            defaults[method_id] = option_values(get_config_class(method_id)())
+        except (KeyError, ImportError, TypeError) as err:
+            log.warning("no defaults for method %s (%s): options its labels omit show as 'default'", method_id, err)
+    return defaults
+
+
+def format_run_table(results: list[dict], fmt: str) -> str:
+    df = results_frame(results).sort_values(["model", "bits", "method"], kind="stable")
+    if fmt == "md":
+        return format_markdown(df) + "\n"
+    if fmt == "csv":
+        return df.to_csv(index=False, float_format="%.2f")
+    return df.to_latex(index=False, float_format="%.1f", na_rep="-")
+
+
+def format_paper(table: PaperTable, fmt: str) -> str:
+    formatter = {"md": format_paper_markdown, "csv": format_paper_csv, "latex": format_paper_latex}[fmt]
+    return formatter(table).rstrip("\n") + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", nargs="?", default="outputs/runs", help="folder searched for metrics.json")
     parser.add_argument("--format", choices=FORMATS, default="md")
-    parser.add_argument("--model", help="keep only this model name")
+    parser.add_argument("--model", help="keep only this model name (run/model)")
+    parser.add_argument("--method", help="keep only this method id (run/method)")
+    parser.add_argument("--paper", choices=sorted(LAYOUTS),
+                        help="a table in the paper's layout with its published numbers and the deltas")
+    parser.add_argument("--pivot", help="ablation: option(s) of the method label whose values are the rows, comma-"
+                                        "separated, e.g. cmc.rank_ratio or uniform,learn (implies --paper ablation)")
+    parser.add_argument("--out", type=Path, help="write the table to this file (atomically) instead of printing it")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    pivot = [p.strip() for p in args.pivot.split(",") if p.strip()] if args.pivot else []
+    paper = args.paper or ("ablation" if pivot else None)
+    if paper == "ablation" and not pivot:
+        parser.error("--paper ablation needs --pivot OPTION")
+    if pivot and paper != "ablation":
+        parser.error(f"--pivot makes an ablation table, not --paper {paper}")
+
     results = collect_results(args.root)
     if args.model:
         results = [r for r in results if r.get("run/model") == args.model]
+    if args.method:
+        results = [r for r in results if r.get("run/method") == args.method]
     if not results:
         print(f"no finished runs (metrics.json) under {args.root}", file=sys.stderr)
         return 1
-    df = results_frame(results).sort_values(["model", "bits", "method"], kind="stable")
-    if args.format == "md":
-        print(format_markdown(df))
-    elif args.format == "csv":
-        print(df.to_csv(index=False, float_format="%.2f"), end="")
+    if paper is None:
+        text = format_run_table(results, args.format)
+    elif paper == "ablation":
+        try:
+            methods = {args.method} if args.method else ablated_methods(results, pivot)
+            table = ablation_table(results, pivot, method_defaults(methods), method=args.method)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        text = format_paper(table, args.format)
     else:
-        print(df.to_latex(index=False, float_format="%.1f", na_rep="-"))
+        text = format_paper(paper_table(results, LAYOUTS[paper]), args.format)
+    if args.out:
+        write_text_atomic(args.out, text)
+        print(f"wrote {args.out}", file=sys.stderr)
+    else:
+        print(text, end="")
     return 0
 
 

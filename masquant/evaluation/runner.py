@@ -5,8 +5,9 @@ Traps of lmms-eval 0.7.3 handled here (see /work/shared/notes/lmms-eval-facts.md
   overwrites a fractional ``limit`` with the first task's document count and reuses it for the next tasks,
   and OCRBench's module-level score counter would accumulate across evaluations of reused task objects;
 - a None result, a task missing from the results or zero scored documents raise :class:`EvaluationError`;
-- OCRBench's aggregate divides by 1000 whatever the number of documents: ``ocrbench_accuracy`` here is
-  the hit rate over the documents scored (``ocrbench_hits`` is the count the benchmark reports out of 1000);
+- OCRBench's aggregate divides by 1000 whatever the number of documents: ``ocrbench_accuracy`` keeps
+  lmms-eval's value untouched, and ``hit_rate`` (hits / documents scored), ``hits`` and ``n`` are added
+  beside it (results written before this change carry the hit rate under ``ocrbench_accuracy``);
 - ``cli_args.output_path`` points lmms-eval's submission files into ``output_dir`` (not the working dir);
 - per-document post-processing runs in one thread so MMMU's random fallback is reproducible.
 """
@@ -88,10 +89,15 @@ def _flat_task_metrics(task: str, task_results: dict, samples: list[dict]) -> di
         name = metric if filter_name == "none" else f"{metric}/{filter_name}"
         metrics[f"eval/{task}/{name}"] = float(value)
     if task == "ocrbench":
-        hits = [float(s["ocrbench_accuracy"]["score"]) for s in samples]
-        metrics["eval/ocrbench/ocrbench_accuracy"] = sum(hits) / len(hits)
-        metrics["eval/ocrbench/ocrbench_hits"] = sum(hits)
+        metrics.update(ocrbench_hit_metrics(samples))
     return metrics
+
+
+def ocrbench_hit_metrics(samples: list[dict]) -> dict:
+    """OCRBench over the documents scored: lmms-eval's ``ocrbench_accuracy`` is hits / 1000 whatever their number."""
+    hits = [float(s["ocrbench_accuracy"]["score"]) for s in samples]
+    return {"eval/ocrbench/hit_rate": sum(hits) / len(hits), "eval/ocrbench/hits": sum(hits),
+            "eval/ocrbench/n": len(hits)}
 
 
 def _write_samples(path: Path, samples: list[dict]) -> None:

@@ -4,31 +4,47 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
-TASK_METRICS = {
-    "textvqa_val": "exact_match",
-    "vizwiz_vqa_val": "exact_match",
-    "scienceqa_img": "exact_match",
-    "ocrbench": "ocrbench_accuracy",
-    "mmmu_val": "mmmu_acc",
+# each task's headline metric names, tried in order: OCRBench's ``hit_rate`` (hits / documents scored) is
+# written since lmms-eval's own ``ocrbench_accuracy`` (hits / 1000) is kept; older results carry the hit
+# rate under ``ocrbench_accuracy``.
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "textvqa_val": ("exact_match",),
+    "vizwiz_vqa_val": ("exact_match",),
+    "scienceqa_img": ("exact_match",),
+    "ocrbench": ("hit_rate", "ocrbench_accuracy"),
+    "mmmu_val": ("mmmu_acc",),
 }
 SHORT = {"textvqa_val": "TextVQA", "vizwiz_vqa_val": "VizWiz", "scienceqa_img": "SQA", "ocrbench": "OCRBench", "mmmu_val": "MMMU"}
 
 
 def collect_results(root: str | Path) -> list[dict]:
-    """Every finished run (metrics.json) under root; half-written runs are never named metrics.json."""
-    return [json.loads(p.read_text()) for p in sorted(Path(root).rglob("metrics.json")) if not p.parent.name.startswith(".")]
+    """Every finished run (metrics.json) under root, skipping any under a folder whose name starts with '.'
+    (a run is written as ``.<name>.partial-*`` and renamed when complete; a crashed one stays ``.<name>.failed``)."""
+    root = Path(root)
+    paths = sorted(root.rglob("metrics.json"))
+    return [json.loads(p.read_text()) for p in paths if not any(part.startswith(".") for part in p.relative_to(root).parent.parts)]
 
 
-def _task_score(m: dict, task: str):
-    """The task's headline metric: ``eval/<task>/<metric>`` (unfiltered), else its first filtered variant."""
-    key = f"eval/{task}/{TASK_METRICS[task]}"
-    if key in m:
-        return m[key]
-    return next((v for k, v in m.items() if k.startswith(key + "/")), None)
+def metric_value(m: dict, keys: Sequence[str]) -> float | None:
+    """The first of ``keys`` that ``m`` has: the key itself (unfiltered), else its first filtered variant
+    ``key/<filter>``."""
+    for key in keys:
+        if key in m:
+            return m[key]
+        filtered = next((v for k, v in m.items() if k.startswith(key + "/")), None)
+        if filtered is not None:
+            return filtered
+    return None
+
+
+def _task_score(m: dict, task: str) -> float | None:
+    """The task's headline metric (see :data:`TASK_METRICS`)."""
+    return metric_value(m, [f"eval/{task}/{metric}" for metric in TASK_METRICS[task]])
 
 
 def results_frame(results: list[dict]) -> pd.DataFrame:

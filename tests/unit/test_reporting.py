@@ -6,9 +6,10 @@ import json
 
 
 def _metrics(method, text_sqnr, textvqa, ocr):
+    """A result as written today: OCRBench's hit rate under ``hit_rate``, lmms-eval's hits / 1000 kept beside it."""
     return {"run/model": "m", "run/method": method, "run/bits": "W4A8", "run/calib_samples": 16, "run/eval_limit": 0.1,
-            "eval/textvqa_val/exact_match": textvqa, "eval/ocrbench/ocrbench_accuracy": ocr,
-            "eval/ocrbench/ocrbench_hits": 3.0, "fidelity/sqnr/text/e2e": text_sqnr}
+            "eval/textvqa_val/exact_match": textvqa, "eval/ocrbench/hit_rate": ocr, "eval/ocrbench/hits": 3.0,
+            "eval/ocrbench/n": 12, "eval/ocrbench/ocrbench_accuracy": 3.0 / 1000, "fidelity/sqnr/text/e2e": text_sqnr}
 
 
 def test_results_frame_columns_and_average():
@@ -19,6 +20,13 @@ def test_results_frame_columns_and_average():
     md = format_markdown(df)
     assert "| m | rtn | W4A8 | 16 | 0.10 | 50.00 | 25.00 | 37.50 | 20.00 |" in md
     assert "inf" in md
+
+
+def test_ocrbench_falls_back_to_the_old_key_only_without_hit_rate():
+    old = {"run/model": "m", "run/method": "rtn", "run/bits": "W4A8", "eval/ocrbench/ocrbench_accuracy": 0.25,
+           "eval/ocrbench/ocrbench_hits": 3.0}  # written before hit_rate existed: the hit rate under lmms-eval's key
+    df = results_frame([_metrics("rtn", 20.0, 0.5, 0.25), old])
+    assert list(df["OCRBench"]) == [25.0, 25.0]
 
 
 def test_report_cli_reads_only_finished_runs(tmp_path, capsys):
