@@ -220,7 +220,7 @@ def test_parse_method_label_with_dotted_keys_and_values():
 
 def test_labels_written_by_the_pipeline_parse_back_to_their_options():
     from masquant.methods.masquant.config import CMCConfig, MASQuantConfig
-    from masquant.pipeline import method_label
+    from masquant.reporting.store import method_label
 
     config = MASQuantConfig(learn=False, lambda_vision=0.5, cmc=CMCConfig(rank_ratio=0.05, roles=["q", "k", "v"]))
     method_id, options = parse_method_label(method_label(config))
