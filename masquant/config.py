@@ -135,8 +135,32 @@ _GROUPS = {
 }
 
 
+def hydra_dir(output_root: str) -> str:
+    """Where Hydra keeps its own logs: under the output root when it can be written, else a temporary
+    folder, so that an unusable ``paths.output_root`` reaches masquant's own check (a clear message)
+    instead of failing inside Hydra with a traceback."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    root = Path(output_root).expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if os.access(root, os.W_OK | os.X_OK):
+            return str(root)
+    except OSError:
+        pass
+    return str(Path(tempfile.gettempdir()) / "masquant-hydra")
+
+
 def register_configs() -> None:
     from masquant.registry import get_config_class, method_ids
+
+    import masquant.sweeper  # noqa: F401  (hydra/sweeper=masquant)
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("masquant_hydra_dir"):
+        OmegaConf.register_new_resolver("masquant_hydra_dir", hydra_dir)
 
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)

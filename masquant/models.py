@@ -82,7 +82,8 @@ def calibration_rows(ccfg, adapter_cls, n: int, held_out: int) -> tuple[list[dic
 def calibration_sets(cfg, processor, adapter) -> tuple[CalibrationSet, CalibrationSet, dict]:
     """The calibration set and the held-out fidelity set of a run."""
     c = cfg.calib
-    calib_rows, held_rows, description = calibration_rows(c, type(adapter), int(c.n_samples), int(c.held_out))
+    held_out = int(c.held_out) if cfg.eval.fidelity else 0
+    calib_rows, held_rows, description = calibration_rows(c, type(adapter), int(c.n_samples), held_out)
     calib = CalibrationSet.from_rows(processor, calib_rows, description)
     held = CalibrationSet.from_rows(processor, held_rows, description, desc="held-out prompts")
     return calib, held, description

@@ -31,17 +31,26 @@ from masquant.models import ppl_token_ids
 from masquant.quant.linear import ModalityRouter, attach_router
 from masquant.quant.scheme import QuantScheme
 from masquant.registry import build_method, get_method_class
-from masquant.reporting.store import RESULT_FILE, is_finished, load_result, method_label, run_dir_for, write_json_atomic
+from masquant.reporting.store import (
+    RESULT_FILE,
+    clean_stale,
+    failed_dir,
+    is_finished,
+    load_result,
+    method_label,
+    partial_dir,
+    publish,
+    run_dir_for,
+    run_lock,
+    write_json_atomic,
+)
 from masquant.resources import peak_memory_mb, reset_peak_memory
+from masquant.validation import ConfigError
 
 log = logging.getLogger(__name__)
 
 # Keys that do not change results and are left out of the config hash.
 _NON_SEMANTIC = ("logger", "paths", "force", "threads", "device", "reference")
-
-
-class ConfigError(ValueError):
-    """A bad key, value or path in the run configuration (raised before any expensive work)."""
 
 
 @dataclass
@@ -83,50 +92,57 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve(cfg: DictConfig) -> RunSpec:
-    """Validate everything that can be validated without loading a model."""
+    """Validate everything that can be validated without loading a model; every problem is a ConfigError."""
+    from masquant import validation as v
+
+    problems = v.unknown_keys(cfg) + v.inapplicable_keys(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
     try:
         scheme = scheme_from_cfg(cfg.quant)
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    method_cls = get_method_class(str(cfg.method.id))
+    try:
+        method_cls = get_method_class(str(cfg.method.id))
+    except KeyError as err:
+        raise ConfigError(str(err.args[0])) from None
     try:
         method_cfg = OmegaConf.to_object(cfg.method)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"method={cfg.method.id}: {err}") from err
+    method = method_cls(method_cfg)
+    problems = v.check_values(cfg, method.needs_calibration)
+    if problems:
+        raise ConfigError("; ".join(problems))
     modalities = tuple(str(m.value if hasattr(m, "value") else m) for m in cfg.modality.modalities)
     if "text" not in modalities:
         raise ConfigError(f"modality.modalities={list(modalities)} must include 'text'")
     video_as = str(getattr(cfg.modality.video_as, "value", cfg.modality.video_as))
     try:
-        method_cls(method_cfg).check(scheme, modalities)
+        method.check(scheme, modalities)
     except MethodConfigError as err:
         raise ConfigError(f"method={cfg.method.id} quant={cfg.quant.name}: {err}") from err
     source = str(getattr(cfg.model.source, "value", cfg.model.source))
     if source == "local":
         if not cfg.model.path:
             raise ConfigError(f"model={cfg.model.name} loads from a local folder: set model.path=/path/to/model")
-        path = Path(str(cfg.model.path)).expanduser()
-        if not (path / "config.json").exists():
-            raise ConfigError(f"model.path={str(path)!r}: no config.json there (a Hugging Face model folder is expected)")
-        from transformers import AutoConfig
-
-        model_type = AutoConfig.from_pretrained(path).model_type
+        adapter_cls = adapter_class_for(v.check_model_folder(cfg.model.path))
+        supported = v.modalities_from_config(adapter_cls, v.model_folder_config(cfg.model.path))
+    elif source == "tiny":
         try:
-            adapter_class_for(model_type)
+            adapter_cls = adapter_class_for(str(cfg.model.tiny_type))
         except KeyError as err:
-            raise ConfigError(str(err.args[0])) from err
+            raise ConfigError(f"model.tiny_type: {err.args[0]}") from None
+        supported = ("text",) + adapter_cls.tiny_modalities()
+    else:  # the testbed: Qwen2.5-VL, text and vision
+        supported = ("text", "vision")
+    missing = [m for m in modalities if m not in supported]
+    if missing:
+        raise ConfigError(f"modality.modalities={list(modalities)}: model {cfg.model.name} has no {missing} input; "
+                          f"it takes {list(supported)} (e.g. modality=text_vision)")
     calib_source = str(getattr(cfg.calib.source, "value", cfg.calib.source))
-    if calib_source == "file":
-        from masquant.calibration.data import read_calibration_file
-
-        if not cfg.calib.path:
-            raise ConfigError("calib=file needs calib.path=/path/to/calibration.{json,jsonl,parquet}")
-        try:
-            read_calibration_file(cfg.calib.path)  # raises naming the bad path/row
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
-    if cfg.eval.limit is not None and cfg.eval.limit <= 0:
-        raise ConfigError(f"eval.limit={cfg.eval.limit}: use a count >= 1, a fraction in (0, 1), or null for all")
+    if calib_source == "file" and (method.needs_calibration or cfg.eval.fidelity):
+        _check_calibration_file(cfg.calib, cfg.eval.fidelity)
     if cfg.eval.data_root is not None and not Path(str(cfg.eval.data_root)).expanduser().exists():
         raise ConfigError(f"eval.data_root={cfg.eval.data_root!r} does not exist")
     if cfg.eval.tasks:
@@ -136,9 +152,28 @@ def resolve(cfg: DictConfig) -> RunSpec:
         if bad:
             raise ConfigError(f"eval.tasks: unknown task(s) {bad}; valid tasks: {list(EVAL_TASKS)}")
     device = resolve_device(str(cfg.device))
+    v.check_output_root(cfg.paths.output_root)
     h = config_hash(cfg)
     run_dir = run_dir_for(cfg.paths.output_root, cfg.model.name, cfg.method.id, cfg.quant.name, h)
     return RunSpec(cfg, scheme, method_cfg, modalities, video_as, device, h, run_dir)
+
+
+def _check_calibration_file(c, fidelity: bool) -> None:
+    from masquant.calibration.data import CalibrationDataError, read_calibration_file
+    from masquant.validation import check_calibration_rows
+
+    if not c.path:
+        raise ConfigError("calib=file needs calib.path=/path/to/calibration.{json,jsonl,parquet}")
+    held = int(c.held_out) if fidelity else 0
+    try:
+        if c.held_out_path:
+            check_calibration_rows(read_calibration_file(c.path), f"calib.path={c.path}", int(c.n_samples))
+            check_calibration_rows(read_calibration_file(c.held_out_path), f"calib.held_out_path={c.held_out_path}",
+                                   held)
+        else:
+            check_calibration_rows(read_calibration_file(c.path), f"calib.path={c.path}", int(c.n_samples) + held)
+    except CalibrationDataError as err:
+        raise ConfigError(str(err)) from None
 
 
 def seed_everything(seed: int) -> None:
@@ -155,15 +190,30 @@ def load_model(spec: RunSpec):
 
 
 def run(cfg: DictConfig) -> dict:
-    """Run one configuration; returns its metrics (loaded, if a finished result already exists)."""
+    """Run one configuration; returns its metrics (loaded, if a finished result already exists).
+
+    One process at a time per configuration (a lock beside the run folder; a second one waits, then
+    finds the result); the run is written under a temporary name and published by a rename, and what
+    killed runs left behind is cleaned up first.
+    """
     spec = resolve(cfg)
     if is_finished(spec.run_dir) and not cfg.force:
         log.info("finished result found for config %s, skipping: %s", spec.config_hash, spec.run_dir)
         return load_result(spec.run_dir)
+    with run_lock(spec.run_dir):
+        clean_stale(spec.run_dir)
+        if is_finished(spec.run_dir) and not cfg.force:
+            log.info("finished result found for config %s, skipping: %s", spec.config_hash, spec.run_dir)
+            return load_result(spec.run_dir)
+        return _run_locked(spec)
+
+
+def _run_locked(spec: RunSpec) -> dict:
+    cfg = spec.cfg
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     seed_everything(int(cfg.seed))
-    tmp_dir = spec.run_dir.with_name(f".{spec.run_dir.name}.partial-{os.getpid()}")
+    tmp_dir = partial_dir(spec.run_dir)
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
     file_log = logging.FileHandler(tmp_dir / "run.log")
@@ -175,15 +225,13 @@ def run(cfg: DictConfig) -> dict:
         write_json_atomic(metrics, tmp_dir / RESULT_FILE)
         logging.getLogger().removeHandler(file_log)
         file_log.close()
-        if spec.run_dir.exists():  # a forced re-run replaces the old result
-            shutil.rmtree(spec.run_dir)
-        os.replace(tmp_dir, spec.run_dir)
+        publish(tmp_dir, spec.run_dir)
         log.info("results: %s", spec.run_dir)
         return metrics
     except BaseException:
         logging.getLogger().removeHandler(file_log)
         file_log.close()
-        failed = spec.run_dir.with_name(f".{spec.run_dir.name}.failed")
+        failed = failed_dir(spec.run_dir)
         shutil.rmtree(failed, ignore_errors=True)
         os.replace(tmp_dir, failed)  # kept for the log; never mistaken for a finished result
         raise

@@ -83,13 +83,22 @@ def main(argv: list[str] | None = None) -> int:
     if pivot and paper != "ablation":
         parser.error(f"--pivot makes an ablation table, not --paper {paper}")
 
-    results = collect_results(args.root)
+    root = Path(args.root)
+    if not root.is_dir():
+        print(f"error: {args.root} does not exist or is not a folder (give the output root's runs/ folder, "
+              f"e.g. outputs/runs)", file=sys.stderr)
+        return 2
+    skipped: list[str] = []
+    results = collect_results(root, skipped)
+    if skipped:
+        print(f"warning: skipped {len(skipped)} unreadable result file(s):\n  " + "\n  ".join(skipped), file=sys.stderr)
     if args.model:
         results = [r for r in results if r.get("run/model") == args.model]
     if args.method:
         results = [r for r in results if r.get("run/method") == args.method]
     if not results:
-        print(f"no finished runs (metrics.json) under {args.root}", file=sys.stderr)
+        print(f"no finished runs (metrics.json) under {args.root}" + (" matching the filters" if args.model or args.method
+              else ""), file=sys.stderr)
         return 1
     if paper is None:
         text = format_run_table(results, args.format)

@@ -32,12 +32,17 @@ def reference_config(cfg: DictConfig) -> DictConfig:
     return ref
 
 
+def invocation_configs(cfg: DictConfig) -> list[DictConfig]:
+    """What one invocation runs: the dense reference (unless disabled or dense itself), then the run."""
+    configs = [reference_config(cfg)] if cfg.reference and cfg.method.id != "dense" else []
+    return configs + [cfg]
+
+
 def run_with_reference(cfg: DictConfig) -> list[dict]:
     """The dense reference (reused when finished) then the run; both are validated before either starts."""
     from masquant import pipeline
 
-    configs = [reference_config(cfg)] if cfg.reference and cfg.method.id != "dense" else []
-    configs.append(cfg)
+    configs = invocation_configs(cfg)
     for c in configs:
         pipeline.resolve(c)  # every bad key, value or path fails here, before any model is loaded
     return [pipeline.run(c) for c in configs]
@@ -61,6 +66,8 @@ def main(cfg: DictConfig) -> float | None:
         results = run_with_reference(cfg)
     except (ConfigError, CalibrationDataError) as err:
         log.error("configuration error: %s", err)
+        if _in_multirun():
+            raise  # the sweeper records the failed job and runs the others
         raise SystemExit(f"masquant: configuration error: {err}") from None
     table = format_markdown(results_frame(results))
     print("\n" + table + "\n")
@@ -69,6 +76,13 @@ def main(cfg: DictConfig) -> float | None:
 
         log_to_wandb(cfg, results[-1])
     return results[-1].get("fidelity/sqnr/all/e2e")
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 if __name__ == "__main__":

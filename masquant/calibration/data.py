@@ -70,31 +70,46 @@ def chat_inputs(processor, question: str, image=None, audio=None, answer: str | 
     return inputs
 
 
-def read_calibration_file(path: str | Path) -> list[dict]:
-    """Rows with 'question', optional 'answer', optional 'image' / 'audio' paths (relative to the file's folder)."""
+def read_calibration_file(path: str | Path) -> list:
+    """Rows of a JSON / JSONL / parquet file; media paths of object rows are resolved against the file's folder.
+
+    Rows are checked by ``masquant.validation.check_calibration_rows`` (fields, types, media that open).
+    """
     path = Path(path).expanduser()
     if not path.exists():
         raise CalibrationDataError(f"calib.path={str(path)!r} does not exist (JSON, JSONL or parquet expected)")
-    if path.suffix == ".parquet":
-        import pandas as pd
+    if not path.is_file():
+        raise CalibrationDataError(f"calib.path={str(path)!r} is a folder; give the calibration file itself")
+    try:
+        if path.suffix == ".parquet":
+            import pandas as pd
 
-        rows = pd.read_parquet(path).to_dict("records")
-    elif path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    elif path.suffix == ".json":
-        rows = json.loads(path.read_text())
-    else:
-        raise CalibrationDataError(f"calib.path={str(path)!r}: unsupported suffix {path.suffix!r}; use .json, .jsonl or .parquet")
-    for i, row in enumerate(rows):
-        if "question" not in row:
-            raise CalibrationDataError(f"{path}: row {i} has no 'question' field (fields: {sorted(row)})")
-        for key in ("image", "audio"):
-            if row.get(key) and isinstance(row[key], str):
-                p = Path(row[key])
-                p = p if p.is_absolute() else path.parent / p
-                if not p.exists():
-                    raise CalibrationDataError(f"{path}: row {i} {key}={row[key]!r} not found at {p}")
-                row[key] = p
+            rows = pd.read_parquet(path).to_dict("records")
+        elif path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        elif path.suffix == ".json":
+            rows = json.loads(path.read_text())
+        else:
+            raise CalibrationDataError(
+                f"calib.path={str(path)!r}: unsupported suffix {path.suffix!r}; use .json, .jsonl or .parquet")
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CalibrationDataError(f"calib.path={str(path)!r} is not valid {path.suffix[1:].upper()} ({err})") from None
+    except (OSError, ValueError) as err:
+        if isinstance(err, CalibrationDataError):
+            raise
+        raise CalibrationDataError(f"calib.path={str(path)!r} cannot be read ({type(err).__name__}: {err})") from None
+    if isinstance(rows, list):
+        for row in rows:
+            if not isinstance(row, dict):
+                continue
+            for key in ("image", "audio"):
+                if row.get(key) and isinstance(row[key], str):
+                    p = Path(row[key]).expanduser()
+                    p = p if p.is_absolute() else path.parent / p
+                    if not p.exists():
+                        i = rows.index(row)
+                        raise CalibrationDataError(f"{path}: row {i} {key}={row[key]!r} not found at {p}")
+                    row[key] = p
     return rows
 
 

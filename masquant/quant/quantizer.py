@@ -76,11 +76,23 @@ def quantize_weight(W: torch.Tensor, scheme: QuantScheme, ste: bool = False) -> 
         return fq(W, dim=1, **kw)
     if scheme.w_granularity == "tensor":
         return fq(W, dim=None, **kw)
+    return quantize_groups(W, scheme.w_group_size, lambda G: fq(G, dim=-1, **kw))
+
+
+def quantize_groups(W: torch.Tensor, group_size: int, fq) -> torch.Tensor:
+    """Apply ``fq`` to groups of ``group_size`` input columns of W [out, in], reducing over the last dim.
+
+    When ``in`` is not a multiple of the group size, the last group is smaller (its own scale over its
+    ``in % group_size`` columns; no padding, so no column is rounded against zeros it does not have).
+    Testbed widths 576 and 1536 with group 128: 4 full groups + one of 64 at 576.
+    """
     out_f, in_f = W.shape
-    g = scheme.w_group_size
-    if in_f % g != 0:
-        raise ValueError(f"weight input size {in_f} is not divisible by quant.w_group_size={g}")
-    return fq(W.reshape(out_f, in_f // g, g), dim=-1, **kw).reshape(out_f, in_f)
+    g = min(group_size, in_f)
+    full = (in_f // g) * g
+    parts = [fq(W[:, :full].reshape(out_f, in_f // g, g)).reshape(out_f, full)]
+    if full < in_f:
+        parts.append(fq(W[:, full:].reshape(out_f, 1, in_f - full)).reshape(out_f, in_f - full))
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
 def quantize_activation(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +13,7 @@ import pandas as pd
 # each task's headline metric names, tried in order: OCRBench's ``hit_rate`` (hits / documents scored) is
 # written since lmms-eval's own ``ocrbench_accuracy`` (hits / 1000) is kept; older results carry the hit
 # rate under ``ocrbench_accuracy``.
+log = logging.getLogger(__name__)
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "textvqa_val": ("exact_match",),
     "vizwiz_vqa_val": ("exact_match",),
@@ -22,12 +24,32 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
 SHORT = {"textvqa_val": "TextVQA", "vizwiz_vqa_val": "VizWiz", "scienceqa_img": "SQA", "ocrbench": "OCRBench", "mmmu_val": "MMMU"}
 
 
-def collect_results(root: str | Path) -> list[dict]:
+def collect_results(root: str | Path, skipped: list[str] | None = None) -> list[dict]:
     """Every finished run (metrics.json) under root, skipping any under a folder whose name starts with '.'
-    (a run is written as ``.<name>.partial-*`` and renamed when complete; a crashed one stays ``.<name>.failed``)."""
+    (a run is written as ``.<name>.partial-*`` and renamed when complete; a crashed one stays ``.<name>.failed``).
+
+    A metrics.json that is truncated, not UTF-8, or not a JSON object is skipped with a warning naming it
+    (and appended to ``skipped``); the valid runs still make a table.
+    """
     root = Path(root)
-    paths = sorted(root.rglob("metrics.json"))
-    return [json.loads(p.read_text()) for p in paths if not any(part.startswith(".") for part in p.relative_to(root).parent.parts)]
+    results = []
+    for p in sorted(root.rglob("metrics.json")):
+        if any(part.startswith(".") for part in p.relative_to(root).parent.parts):
+            continue
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            reason = f"{type(err).__name__}: {err}"
+            data = None
+        else:
+            reason = None if isinstance(data, dict) else f"a JSON {type(data).__name__}, not an object"
+        if reason is not None:
+            log.warning("skipping %s: %s", p, reason)
+            if skipped is not None:
+                skipped.append(f"{p}: {reason}")
+            continue
+        results.append(data)
+    return results
 
 
 def metric_value(m: dict, keys: Sequence[str]) -> float | None:

@@ -35,3 +35,47 @@ def test_gpu_pool_expands_cartesian_product():
     jobs = expand(["method=rtn,masquant", "quant=w4a8,w4a6", "eval.tasks=[a,b]"])
     assert len(jobs) == 4
     assert ["method=masquant", "quant=w4a6", "eval.tasks=[a,b]"] in jobs
+
+
+def _kill_when(cmd, env, ready, timeout=120.0):
+    """Start the sweep, SIGKILL it as soon as ``ready()`` holds; True if it was still running then."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.monotonic()
+    while proc.poll() is None and not ready() and time.monotonic() - t0 < timeout:
+        time.sleep(0.02)
+    alive = proc.poll() is None
+    if alive:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return alive
+
+
+def test_sweep_killed_at_three_points_resumes_with_each_result_once(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1", "MASQUANT_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "masquant", "-m", "debug=default", "hydra.verbose=false", "method=rtn",
+           "quant=w8a8,w4a8,w4a4", f"paths.output_root={out}", f"hydra.sweep.dir={tmp_path}/sweep"]
+
+    def results():
+        return list(out.rglob("metrics.json")) if out.exists() else []
+
+    def partials():
+        return [p for p in out.rglob(".*.partial-*")] if out.exists() else []
+
+    points = [
+        lambda: bool(partials()),                            # inside the first run (the dense reference)
+        lambda: len(results()) >= 1 and bool(partials()),    # inside the first job, reference done
+        lambda: len(results()) >= 3,                         # between or inside the last jobs
+    ]
+    killed = [_kill_when(cmd, env, p) for p in points]
+    assert killed[0], "the first kill point was never reached while the sweep ran"
+    final = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr[-3000:]
+    runs = [p.parent.relative_to(out / "runs").as_posix().rsplit("-", 1)[0] for p in results()]
+    assert sorted(runs) == ["tiny-qwen2.5-vl/dense/fp16", "tiny-qwen2.5-vl/rtn/w4a4", "tiny-qwen2.5-vl/rtn/w4a8",
+                            "tiny-qwen2.5-vl/rtn/w8a8"]
+    stale = [p for p in (out / "runs").rglob(".*") if p.is_dir()]
+    assert stale == [], stale

@@ -59,9 +59,34 @@ def test_per_group_weight_quantization_is_local_to_each_group():
     assert torch.allclose(Wq[:, 128:], alone)
 
 
-def test_group_size_must_divide():
-    with pytest.raises(ValueError, match="w_group_size"):
-        quantize_weight(torch.randn(4, 100), QuantScheme("g", w_bits=4, w_granularity="group", w_group_size=64))
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("in_features,group", [(576, 128), (100, 64), (48, 128)])
+def test_partial_last_group_is_its_own_group(in_features, group, symmetric):
+    """A width that is not a multiple of the group size (the testbed's 576 at g128): the last group is
+    smaller, with its own scale; every element lies on its group's grid and the error is at most half a step."""
+    torch.manual_seed(5)
+    W = torch.randn(6, in_features) * torch.linspace(0.2, 3, in_features)
+    bits = 4
+    scheme = QuantScheme("g", w_bits=bits, w_granularity="group", w_group_size=group, w_symmetric=symmetric)
+    Wq = quantize_weight(W, scheme)
+    for start in range(0, in_features, group):
+        cols = slice(start, min(start + group, in_features))
+        w, q = W[:, cols], Wq[:, cols]
+        if symmetric:
+            step = w.abs().amax(1, keepdim=True) / (2 ** (bits - 1) - 1)
+            codes, bound = q / step, step / 2  # integers in [-7, 7]
+            assert codes.abs().max() <= 2 ** (bits - 1) - 1 + 1e-4
+        else:
+            lo, hi = w.amin(1, keepdim=True).clamp(max=0), w.amax(1, keepdim=True).clamp(min=0)
+            step = (hi - lo) / (2**bits - 1)
+            zero = (-lo / step).round()
+            codes, bound = q / step, step  # (codes + zero) are integers in [0, 15]; zero rounding costs up to a step
+            assert (codes + zero).min() >= -1e-3 and (codes + zero).max() <= 2**bits - 1 + 1e-3
+        assert torch.allclose(codes, codes.round(), atol=1e-3)
+        assert ((q - w).abs() <= bound + 1e-5).all()
+    torch.testing.assert_close(Wq[:, -(in_features % group or group):],
+                               quantize_weight(W[:, -(in_features % group or group):],
+                                               QuantScheme("t", w_bits=bits, w_symmetric=symmetric)))
 
 
 def test_per_token_activation_and_static_scale():

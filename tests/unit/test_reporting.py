@@ -39,6 +39,8 @@ def test_report_cli_reads_only_finished_runs(tmp_path, capsys):
     assert report_main([str(tmp_path / "runs"), "--format", "csv"]) == 0
     out = capsys.readouterr().out
     assert out.count("\n") == 2 and "rtn" in out and "smoothquant" not in out
+    assert report_main([str(tmp_path / "missing")]) == 2  # no such folder: said so, not "no runs"
+    (tmp_path / "empty").mkdir()
     assert report_main([str(tmp_path / "empty")]) == 1
 
 

@@ -1,0 +1,8 @@
+"""hydra/sweeper=masquant. Hydra accepts plugin classes defined under ``hydra_plugins`` only; the logic
+is in :mod:`masquant.sweeper`."""
+
+from masquant.sweeper import SweeperLogic
+
+
+class MasquantSweeper(SweeperLogic):
+    pass
