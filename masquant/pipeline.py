@@ -322,7 +322,7 @@ def _execute(spec: RunSpec, out_dir: Path) -> dict:
     metrics.update({
         "run/model": str(cfg.model.name), "run/method": str(cfg.method.id), "run/quant": str(cfg.quant.name),
         "run/method_label": method_label(spec.method_cfg),
-        "run/bits": spec.scheme.tag, "run/modalities": list(spec.modalities), "run/config_hash": spec.config_hash,
+        "run/bits": spec.scheme.tag, "run/int_range": spec.scheme.int_range.value, "run/modalities": list(spec.modalities), "run/config_hash": spec.config_hash,
         "run/eval_limit": cfg.eval.limit, "run/calib_samples": int(cfg.calib.n_samples),
         "run/device": str(spec.device), "run/seed": int(cfg.seed),
     })

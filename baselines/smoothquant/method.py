@@ -58,7 +58,7 @@ def deploy_layer_(ctx: QuantContext, layer, layer_stats, factors) -> None:
         absmax = layer_stats[group]["all"].absmax
         if group in factors:
             absmax = absmax / factors[group].cpu()
-        return {"text": ModalityPath(act_scale=static_act_scale(absmax.max(), scheme.a_bits, scheme.a_clip_ratio)
+        return {"text": ModalityPath(act_scale=static_act_scale(absmax.max(), scheme.a_bits, scheme.a_clip_ratio, scheme.int_range)
                                      .to(linear.weight.device))}
 
     quantize_layer_(ctx, layer, paths_for=paths_for)

@@ -1,6 +1,9 @@
 """Fake quantizers (quantize -> dequantize). Pure functions of tensors.
 
-Symmetric grid: integers in [-(2^(b-1)-1), 2^(b-1)-1], scale = clip * absmax / qmax.
+Symmetric grid, ``int_range="narrow"`` (the paper's and the official MASQuant code's, default): integers in
+[-(2^(b-1)-1), 2^(b-1)-1], scale = clip * absmax / (2^(b-1)-1). ``int_range="full"`` (compressed-tensors,
+the deployment kernels): integers in [-2^(b-1), 2^(b-1)-1], scale = clip * absmax / ((2^b-1)/2), e.g.
+absmax / 7.5 at 4 bits, so the grid spends its extra level.
 Asymmetric grid: integers in [0, 2^b-1] with a zero point, scale = clip * (max - min) / (2^b - 1).
 With ``ste=True`` rounding uses the straight-through estimator and the scale keeps its gradient,
 so gradients reach both the input and the dynamic range (as MAS learning needs).
@@ -28,6 +31,14 @@ def sym_qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+def sym_grid(bits: int, int_range: str = "narrow") -> tuple[int, int, float]:
+    """(lowest code, highest code, absmax divisor) of the symmetric grid."""
+    qmax = sym_qmax(bits)
+    if str(getattr(int_range, "value", int_range)) == "full":
+        return -(qmax + 1), qmax, (2**bits - 1) / 2
+    return -qmax, qmax, float(qmax)
+
+
 def fake_quant_sym(
     x: torch.Tensor,
     bits: int,
@@ -35,13 +46,14 @@ def fake_quant_sym(
     clip_ratio: float = 1.0,
     ste: bool = False,
     scale: torch.Tensor | None = None,
+    int_range: str = "narrow",
 ) -> torch.Tensor:
     """Symmetric abs-max fake quantization, reducing over ``dim`` (None = whole tensor)."""
-    qmax = sym_qmax(bits)
+    qmin, qmax, divisor = sym_grid(bits, int_range)
     if scale is None:
         amax = x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)
-        scale = (amax * clip_ratio / qmax).clamp(min=_EPS)
-    q = torch.clamp(_round(x / scale, ste), -qmax, qmax)
+        scale = (amax * clip_ratio / divisor).clamp(min=_EPS)
+    q = torch.clamp(_round(x / scale, ste), qmin, qmax)
     return q * scale
 
 
@@ -72,6 +84,8 @@ def quantize_weight(W: torch.Tensor, scheme: QuantScheme, ste: bool = False) -> 
         return W
     fq = fake_quant_sym if scheme.w_symmetric else fake_quant_asym
     kw = dict(bits=scheme.w_bits, clip_ratio=scheme.w_clip_ratio, ste=ste)
+    if scheme.w_symmetric:
+        kw["int_range"] = scheme.int_range
     if scheme.w_granularity == "channel":
         return fq(W, dim=1, **kw)
     if scheme.w_granularity == "tensor":
@@ -107,15 +121,17 @@ def quantize_activation(
     if static_scale is not None:
         if not scheme.a_symmetric:
             raise ValueError("static activation scales are symmetric only")
-        return fake_quant_sym(X, scheme.a_bits, ste=ste, scale=static_scale)
-    fq = fake_quant_sym if scheme.a_symmetric else fake_quant_asym
+        return fake_quant_sym(X, scheme.a_bits, ste=ste, scale=static_scale, int_range=scheme.int_range)
     dim = -1 if scheme.a_granularity == "token" else None
-    return fq(X, scheme.a_bits, dim=dim, clip_ratio=scheme.a_clip_ratio, ste=ste)
+    if scheme.a_symmetric:
+        return fake_quant_sym(X, scheme.a_bits, dim=dim, clip_ratio=scheme.a_clip_ratio, ste=ste,
+                              int_range=scheme.int_range)
+    return fake_quant_asym(X, scheme.a_bits, dim=dim, clip_ratio=scheme.a_clip_ratio, ste=ste)
 
 
-def static_act_scale(absmax: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> torch.Tensor:
+def static_act_scale(absmax: torch.Tensor, bits: int, clip_ratio: float = 1.0, int_range: str = "narrow") -> torch.Tensor:
     """Static symmetric per-tensor scale from a calibrated abs-max."""
-    return (absmax * clip_ratio / sym_qmax(bits)).clamp(min=_EPS)
+    return (absmax * clip_ratio / sym_grid(bits, int_range)[2]).clamp(min=_EPS)
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:

@@ -24,6 +24,11 @@ class AGranularity(str, Enum):
     tensor = "tensor"
 
 
+class IntRange(str, Enum):
+    narrow = "narrow"  # [-(2^(b-1)-1), 2^(b-1)-1], scale absmax / (2^(b-1)-1): the paper's, official MASQuant
+    full = "full"  # [-2^(b-1), 2^(b-1)-1], scale absmax / ((2^b-1)/2): compressed-tensors / vLLM kernels
+
+
 W_GRANULARITIES = tuple(g.value for g in WGranularity)
 A_GRANULARITIES = tuple(g.value for g in AGranularity)
 
@@ -50,8 +55,10 @@ class QuantScheme:
     a_granularity: AGranularity = AGranularity.token
     a_dynamic: bool = True  # False: static per-tensor scale calibrated offline
     a_clip_ratio: float = 1.0
+    int_range: IntRange = IntRange.narrow  # integer grid of the symmetric quantizers (weights and activations)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "int_range", _enum(IntRange, self.int_range, "int_range"))
         object.__setattr__(self, "w_granularity", _enum(WGranularity, self.w_granularity, "w_granularity"))
         object.__setattr__(self, "a_granularity", _enum(AGranularity, self.a_granularity, "a_granularity"))
         for key, bits in (("w_bits", self.w_bits), ("a_bits", self.a_bits)):

@@ -130,3 +130,26 @@ def test_sqnr_falls_as_bits_fall():
     values = [sqnr_db(x, fake_quant_sym(x, b)) for b in (8, 6, 4, 3)]
     assert values == sorted(values, reverse=True)
     assert abs(values[0] - values[1] - 12.0) < 2.0  # ~6 dB per bit
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_full_integer_range_uses_the_extra_level(bits):
+    """int_range=full: codes in [-2^(b-1), 2^(b-1)-1] with scale absmax/((2^b-1)/2) (compressed-tensors' grid);
+    narrow (default): [-(2^(b-1)-1), 2^(b-1)-1] with scale absmax/(2^(b-1)-1)."""
+    torch.manual_seed(7)
+    W = torch.randn(16, 64)
+    full = QuantScheme("f", w_bits=bits, int_range="full")
+    narrow = QuantScheme("n", w_bits=bits)
+    assert narrow.int_range == "narrow" and full.int_range == "full"
+    for scheme, lo, hi, div in ((full, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1, (2**bits - 1) / 2),
+                                (narrow, -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1, 2 ** (bits - 1) - 1)):
+        Wq = quantize_weight(W, scheme)
+        step = W.abs().amax(1, keepdim=True) / div
+        codes = Wq / step
+        assert torch.allclose(codes, codes.round(), atol=1e-4)
+        assert codes.min() >= lo - 1e-4 and codes.max() <= hi + 1e-4
+    # at 4 bits the full grid's 7% finer step outweighs clamping the positive maximum (at 8 bits it does not)
+    err = {s.int_range: (quantize_weight(W, s) - W).pow(2).mean() for s in (full, narrow)}
+    assert (err["full"] < err["narrow"]) == (bits == 4), err
+    with pytest.raises(ValueError, match="int_range"):
+        QuantScheme("bad", w_bits=4, int_range="wide")
