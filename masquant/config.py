@@ -40,6 +40,7 @@ class CalibSource(str, Enum):
     testbed = "testbed"
     file = "file"
     tiny = "tiny"
+    text = "text"  # text-only sequences of the built-in corpus (masquant.evaluation.text_corpus)
 
 
 class DType(str, Enum):
@@ -73,6 +74,7 @@ class CalibConfig:
     n_samples: int = 16
     seed: int = 2
     held_out: int = 4  # extra samples (disjoint) for the fidelity SQNR
+    seq_len: int = 256  # calib=text: tokens per calibration sequence
     cache: bool = True
 
 
@@ -88,7 +90,9 @@ class EvalConfig:
     min_pixels: Optional[int] = None  # image budget of the processor; None = the processor's own
     max_pixels: Optional[int] = None
     fidelity: bool = True  # SQNR vs FP per layer and per modality on held-out samples
-    ppl: bool = True  # perplexity on a text sample
+    ppl: bool = True  # perplexity on the held-out part of the text corpus (masquant.evaluation.text_corpus)
+    ppl_sequences: int = 32  # evenly spaced held-out sequences (32 x 256 tokens: the text benchmark's setting)
+    ppl_seq_len: int = 256
 
 
 @dataclass

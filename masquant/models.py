@@ -83,17 +83,37 @@ def calibration_sets(cfg, processor, adapter) -> tuple[CalibrationSet, Calibrati
     """The calibration set and the held-out fidelity set of a run."""
     c = cfg.calib
     held_out = int(c.held_out) if cfg.eval.fidelity else 0
+    if _src(c.source) == "text":
+        return text_calibration_sets(c, processor, held_out)
     calib_rows, held_rows, description = calibration_rows(c, type(adapter), int(c.n_samples), held_out)
     calib = CalibrationSet.from_rows(processor, calib_rows, description)
     held = CalibrationSet.from_rows(processor, held_rows, description, desc="held-out prompts")
     return calib, held, description
 
 
-def ppl_token_ids(processor, model) -> torch.Tensor:
-    """Token ids of the packaged English paragraph (or random ids for tokenizer-less models)."""
-    if processor is None:
-        g = torch.Generator().manual_seed(0)
-        return torch.randint(5, min(290, model.config.get_text_config().vocab_size), (1, 128), generator=g)
-    text = (Path(__file__).parent / "calibration" / "ppl_text.txt").read_text()
+def ppl_sequences(processor, ecfg) -> torch.Tensor:
+    """The held-out sequences of the text corpus [eval.ppl_sequences, eval.ppl_seq_len] for perplexity."""
+    from masquant.evaluation.text_corpus import corpus_parts, evenly_spaced, token_sequences
+
     tokenizer = getattr(processor, "tokenizer", processor)
-    return tokenizer(text, return_tensors="pt").input_ids
+    held = token_sequences(tokenizer, corpus_parts()[1], int(ecfg.ppl_seq_len))
+    return evenly_spaced(held, int(ecfg.ppl_sequences))
+
+
+def text_calibration_sets(ccfg, processor, held_out: int) -> tuple[CalibrationSet, CalibrationSet, dict]:
+    """calib=text: the corpus's calibration sequences, and held-out sequences for the SQNR (text only)."""
+    from masquant.evaluation.text_corpus import corpus_parts, evenly_spaced, token_sequences
+
+    tokenizer = getattr(processor, "tokenizer", processor)
+    calib_text, held_text = corpus_parts()
+    seq_len = int(ccfg.seq_len)
+
+    def batches(seqs):
+        return [{"input_ids": s[None], "attention_mask": torch.ones(1, seq_len, dtype=torch.long)} for s in seqs]
+
+    calib = evenly_spaced(token_sequences(tokenizer, calib_text, seq_len), int(ccfg.n_samples))
+    # held-out SQNR sequences come from the held-out part, offset from the perplexity ones
+    held = evenly_spaced(token_sequences(tokenizer, held_text, seq_len)[1::2], held_out) if held_out else calib[:0]
+    description = {"source": "text", "corpus": "pydoc_data.topics", "seq_len": seq_len}
+    return (CalibrationSet(batches(calib), description=description),
+            CalibrationSet(batches(held), description=description), description)

@@ -25,9 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from masquant.adapters.registry import adapter_class_for, get_adapter
 from masquant.calibration.cache import StatsCache, model_fingerprint, stable_hash
-from masquant.evaluation.fidelity import perplexity, record_reference, sqnr_report
+from masquant.evaluation.fidelity import record_reference, sqnr_report
+from masquant.evaluation.text_corpus import sequences_perplexity
 from masquant.methods.base import MethodConfigError, QuantContext
-from masquant.models import ppl_token_ids
+from masquant.models import ppl_sequences
 from masquant.quant.linear import ModalityRouter, attach_router
 from masquant.quant.scheme import QuantScheme
 from masquant.registry import build_method, get_method_class
@@ -141,6 +142,9 @@ def resolve(cfg: DictConfig) -> RunSpec:
         raise ConfigError(f"modality.modalities={list(modalities)}: model {cfg.model.name} has no {missing} input; "
                           f"it takes {list(supported)} (e.g. modality=text_vision)")
     calib_source = str(getattr(cfg.calib.source, "value", cfg.calib.source))
+    if calib_source == "text" and any(m != "text" for m in modalities):
+        raise ConfigError(f"calib=text is text-only but modality.modalities={list(modalities)}; use modality=text_only "
+                          "(or a calibration set with images: calib=testbed, calib=file)")
     if calib_source == "file" and (method.needs_calibration or cfg.eval.fidelity):
         _check_calibration_file(cfg.calib, cfg.eval.fidelity)
     if cfg.eval.data_root is not None and not Path(str(cfg.eval.data_root)).expanduser().exists():
@@ -287,8 +291,8 @@ def _execute(spec: RunSpec, out_dir: Path) -> dict:
         if cfg.eval.fidelity and held_out is not None and len(held_out):
             ref = record_reference(model, adapter, held_out.batches, spec.device, spec.video_as)
         if cfg.eval.ppl:
-            ppl_ids = ppl_token_ids(processor, model)
-            metrics["fidelity/ppl_fp"] = perplexity(model, ppl_ids, spec.device)
+            ppl_ids = ppl_sequences(processor, cfg.eval)
+            metrics["fidelity/ppl_fp"] = sequences_perplexity(model, ppl_ids, spec.device, "perplexity (FP)")
 
     with stage("quantize"):
         cache = StatsCache(Path(cfg.paths.cache_dir) / "stats" if cfg.calib.cache else None)
@@ -310,7 +314,8 @@ def _execute(spec: RunSpec, out_dir: Path) -> dict:
         if ref is not None:
             metrics.update(sqnr_report(model, adapter, held_out.batches, spec.device, ref))
         if ppl_ids is not None:
-            metrics["fidelity/ppl"] = perplexity(model, ppl_ids, spec.device)
+            metrics["fidelity/ppl"] = sequences_perplexity(model, ppl_ids, spec.device)
+            metrics["fidelity/ppl_delta"] = metrics["fidelity/ppl"] - metrics["fidelity/ppl_fp"]
 
     with stage("eval"):
         if cfg.eval.tasks:

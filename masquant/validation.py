@@ -76,6 +76,8 @@ def check_values(cfg: DictConfig, needs_calibration: bool) -> list[str]:
     if int(cfg.seed) < 0:
         problems.append(f"seed={cfg.seed}: must be >= 0")
     c = cfg.calib
+    if int(c.seq_len) < 2:
+        problems.append(f"calib.seq_len={c.seq_len}: must be >= 2")
     if int(c.n_samples) < 0 or int(c.held_out) < 0 or int(c.seed) < 0:
         bad = {k: c[k] for k in ("n_samples", "held_out", "seed") if int(c[k]) < 0}
         problems.append(f"calib: {', '.join(f'calib.{k}={v}' for k, v in bad.items())}: must be >= 0")
@@ -87,7 +89,7 @@ def check_values(cfg: DictConfig, needs_calibration: bool) -> list[str]:
     e = cfg.eval
     if e.limit is not None and e.limit <= 0:
         problems.append(f"eval.limit={e.limit}: use a count >= 1, a fraction in (0, 1), or null for all")
-    for key in ("batch_size", "max_new_tokens"):
+    for key in ("batch_size", "max_new_tokens", "ppl_sequences", "ppl_seq_len"):
         if int(e[key]) < 1:
             problems.append(f"eval.{key}={e[key]}: must be >= 1")
     if int(e.testbed_docs) < 0:

@@ -23,25 +23,33 @@ from masquant.quant.quantizer import static_act_scale
 from masquant.registry import register_method
 
 
+ACT_STATISTICS = ("absmax", "range")
+
+
 @dataclass
 class SmoothQuantConfig:
     id: str = "smoothquant"
     alpha: float = 0.5
     alpha_grid: list[float] = field(default_factory=list)  # non-empty: per-layer search over these alphas
+    # per-channel activation statistic of the factor: absmax (the paper's Eq. 4) or max - min (llm-compressor's)
+    act_statistic: str = "absmax"
 
     def __post_init__(self):
         for a in [self.alpha, *self.alpha_grid]:
             if not 0.0 <= a <= 1.0:
                 raise ValueError(f"method.alpha / method.alpha_grid value {a}: must be in [0, 1]")
+        if self.act_statistic not in ACT_STATISTICS:
+            raise ValueError(f"method.act_statistic={self.act_statistic!r}: valid choices are {list(ACT_STATISTICS)}")
 
 
-def smooth_layer_(adapter, layer, layer_stats, alpha: float) -> dict[str, torch.Tensor]:
+def smooth_layer_(adapter, layer, layer_stats, alpha: float, act_statistic: str = "absmax") -> dict[str, torch.Tensor]:
     """Fold SmoothQuant factors at each norm→linear pair of one layer; returns s per input group."""
     lin = adapter.linears(layer)
     factors = {}
     for pair in adapter.norm_fold_pairs(layer):
-        s = smoothquant_factors(layer_stats[pair.input_group]["all"].absmax, [lin[r].weight for r in pair.consumers],
-                                alpha)
+        stats = layer_stats[pair.input_group]["all"]
+        act = stats.absmax if act_statistic == "absmax" else stats.range
+        s = smoothquant_factors(act, [lin[r].weight for r in pair.consumers], alpha)
         adapter.fold_scales_(layer, pair, s)
         factors[pair.input_group] = s
     return factors
@@ -81,6 +89,7 @@ class SmoothQuant(Method):
 
     def apply(self, ctx: QuantContext, stats) -> dict:
         search = bool(self.cfg.alpha_grid)
+        stat = self.cfg.act_statistic
         chosen = []
         for step in ctx.walk(stats=True, quantized_stream=search, desc="smoothquant"):
             alpha = self.cfg.alpha
@@ -89,10 +98,10 @@ class SmoothQuant(Method):
                 errors = {}
                 for a in self.cfg.alpha_grid:
                     trial = copy.deepcopy(step.layer)
-                    deploy_layer_(ctx, trial, step.stats, smooth_layer_(ctx.adapter, trial, step.stats, a))
+                    deploy_layer_(ctx, trial, step.stats, smooth_layer_(ctx.adapter, trial, step.stats, a, stat))
                     errors[a] = _layer_error(step, trial, targets)
                     del trial
                 alpha = min(errors, key=errors.get)
-            deploy_layer_(ctx, step.layer, step.stats, smooth_layer_(ctx.adapter, step.layer, step.stats, alpha))
+            deploy_layer_(ctx, step.layer, step.stats, smooth_layer_(ctx.adapter, step.layer, step.stats, alpha, stat))
             chosen.append(alpha)
         return {"smoothquant/alpha_mean": sum(chosen) / len(chosen), "smoothquant/alphas": chosen}

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: statistics carry per-channel min and max
 
 
 def stable_hash(obj, length: int = 12) -> str:

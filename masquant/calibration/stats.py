@@ -21,6 +21,8 @@ class ChannelStats:
     with_cov: bool = False
     absmax: torch.Tensor = None  # [D] max |x|
     abs_sum: torch.Tensor = None  # [D] sum |x| (float64)
+    min: torch.Tensor = None  # [D] min x
+    max: torch.Tensor = None  # [D] max x
     cov: torch.Tensor | None = None  # [D, D] sum x^T x (float64), unnormalised
     count: int = 0
     cov_device: str | torch.device = "cpu"
@@ -30,6 +32,10 @@ class ChannelStats:
             self.absmax = torch.zeros(self.dim)
         if self.abs_sum is None:
             self.abs_sum = torch.zeros(self.dim, dtype=torch.float64)
+        if self.min is None:
+            self.min = torch.full((self.dim,), float("inf"))
+        if self.max is None:
+            self.max = torch.full((self.dim,), float("-inf"))
         if self.with_cov and self.cov is None:
             self.cov = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.cov_device)
 
@@ -40,6 +46,8 @@ class ChannelStats:
         xa = x.detach().abs()
         self.absmax = torch.maximum(self.absmax, xa.amax(0).float().cpu())
         self.abs_sum += xa.sum(0, dtype=torch.float64).cpu()
+        self.min = torch.minimum(self.min, x.detach().amin(0).float().cpu())
+        self.max = torch.maximum(self.max, x.detach().amax(0).float().cpu())
         if self.cov is not None:
             xd = x.detach().to(self.cov.device, torch.float64)
             self.cov += xd.T @ xd
@@ -49,14 +57,19 @@ class ChannelStats:
     def mean_abs(self) -> torch.Tensor:
         return (self.abs_sum / max(self.count, 1)).float()
 
+    @property
+    def range(self) -> torch.Tensor:
+        """max - min per channel (0 where no row was seen)."""
+        return (self.max - self.min).clamp(min=0) if self.count else torch.zeros(self.dim)
+
     def to_dict(self) -> dict:
-        return {"absmax": self.absmax, "abs_sum": self.abs_sum,
+        return {"absmax": self.absmax, "abs_sum": self.abs_sum, "min": self.min, "max": self.max,
                 "cov": None if self.cov is None else self.cov.cpu(), "count": self.count}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ChannelStats":
         return cls(dim=d["absmax"].numel(), with_cov=d["cov"] is not None, absmax=d["absmax"],
-                   abs_sum=d["abs_sum"], cov=d["cov"], count=d["count"])
+                   abs_sum=d["abs_sum"], min=d["min"], max=d["max"], cov=d["cov"], count=d["count"])
 
 
 # stats[layer_idx][input_group][modality] -> ChannelStats; modality "all" covers every token.

@@ -1,4 +1,6 @@
-"""Fidelity without a benchmark: SQNR of hidden states vs the FP model, per layer and modality; perplexity.
+"""Fidelity without a benchmark: SQNR of hidden states vs the FP model, per layer and modality.
+
+Perplexity is measured on the text corpus of ``masquant.evaluation.text_corpus``.
 
 SQNR_dB = 10 log10( sum |h_fp|^2 / sum |h_q - h_fp|^2 ) over the tokens of one modality.
 The FP side is recorded once before quantization (offloaded to CPU, fp32) and compared after.
@@ -74,18 +76,3 @@ def sqnr_report(model, adapter, batches, device, ref: FidelityReference) -> dict
         key = "e2e" if l == n_layers - 1 else f"layer_{l}"
         report[f"fidelity/sqnr/{m}/{key}"] = db
     return report
-
-
-@torch.no_grad()
-def perplexity(model: nn.Module, input_ids: torch.Tensor, device, window: int = 512) -> float:
-    """Perplexity of a text-only token sequence [1, N] in non-overlapping windows."""
-    nll, count = 0.0, 0
-    for start in range(0, input_ids.shape[1] - 1, window):
-        ids = input_ids[:, start : start + window].to(device)
-        if ids.shape[1] < 2:
-            break
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.float()
-        loss = nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
-        nll += float(loss)
-        count += ids.shape[1] - 1
-    return math.exp(nll / max(count, 1))

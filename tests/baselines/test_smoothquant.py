@@ -113,3 +113,24 @@ def test_rtn_refuses_static_activation_scales():
 
     with pytest.raises(MethodConfigError, match="static"):
         RTN(RTNConfig()).check(QuantScheme("s", 8, 8, a_granularity="tensor", a_dynamic=False), ("text",))
+
+
+def test_range_statistic_uses_max_minus_min():
+    """act_statistic=range (llm-compressor's factor) differs from the paper's absmax on one-sided channels."""
+    from baselines.smoothquant.method import smooth_layer_
+    from masquant.calibration.stats import ChannelStats
+
+    model = _outlier_model()
+    ad = get_adapter(model)
+    layer = ad.decoder_layers()[0]
+    x = torch.randn(50, 64) + 3.0  # one-sided: range < absmax
+    stats = {g: {"all": ChannelStats(lin.in_features)} for g, lin in ad.input_group_linears(layer).items()}
+    stats["qkv"]["all"].update(x)
+    stats["gate_up"]["all"].update(x)
+    lin = ad.linears(layer)
+    W = [lin[r].weight.detach().clone() for r in ("q", "k", "v")]
+    s = smooth_layer_(ad, copy.deepcopy(layer), stats, 0.5, "range")["qkv"]
+    expected = smooth_factors((x.amax(0) - x.amin(0)), W, 0.5)
+    torch.testing.assert_close(s, expected)
+    s_abs = smooth_layer_(ad, copy.deepcopy(layer), stats, 0.5, "absmax")["qkv"]
+    assert not torch.allclose(s, s_abs)

@@ -21,6 +21,8 @@ def test_running_stats_equal_batch_stats():
     assert torch.allclose(st.absmax, allx.abs().amax(0))
     assert torch.allclose(st.mean_abs, allx.abs().mean(0), atol=1e-6)
     assert torch.allclose(st.cov, allx.double().T @ allx.double())
+    assert torch.equal(st.min, allx.amin(0)) and torch.equal(st.max, allx.amax(0))
+    assert torch.equal(st.range, allx.amax(0) - allx.amin(0))
     assert st.count == 28
 
 
