@@ -32,6 +32,9 @@ G64 = ["quant=w4a16_g128", "quant.w_group_size=64"]
 ROWS: dict[str, tuple[list[str], float | None, float | None]] = {
     "rtn-w8a8": (["method=rtn", "quant=w8a8"], 0.39, None),
     "sq-w8a8": (["method=smoothquant", "quant=w8a8", "method.alpha=0.8"], 0.21, 88.0),
+    "rtn-w8a8-full": (["method=rtn", "quant=w8a8", "quant.int_range=full"], 0.39, None),
+    "sq-w8a8-full": (["method=smoothquant", "quant=w8a8", "method.alpha=0.8", "quant.int_range=full"], 0.21, 88.0),
+    "sq-w8a8-search": (["method=smoothquant", "quant=w8a8", "method.alpha_grid=[0.5,0.6,0.7,0.8,0.9]"], 0.21, 88.0),
     "rtn-w4a16-g64": (["method=rtn", *G64], 6.80, None),
     "awq-w4a16-g64": (["method=awq", *G64, "calib.n_samples=8"], 3.84, 169.0),
     "rtn-w4a16-g128": (["method=rtn", "quant=w4a16_g128"], None, None),

@@ -33,11 +33,14 @@ class SmoothQuantConfig:
     alpha_grid: list[float] = field(default_factory=list)  # non-empty: per-layer search over these alphas
     # per-channel activation statistic of the factor: absmax (the paper's Eq. 4) or max - min (llm-compressor's)
     act_statistic: str = "absmax"
+    search_samples: int = 16  # calibration samples whose layer-output error scores each alpha of the grid
 
     def __post_init__(self):
         for a in [self.alpha, *self.alpha_grid]:
             if not 0.0 <= a <= 1.0:
                 raise ValueError(f"method.alpha / method.alpha_grid value {a}: must be in [0, 1]")
+        if self.search_samples < 1:
+            raise ValueError(f"method.search_samples={self.search_samples}: must be >= 1")
         if self.act_statistic not in ACT_STATISTICS:
             raise ValueError(f"method.act_statistic={self.act_statistic!r}: valid choices are {list(ACT_STATISTICS)}")
 
@@ -72,9 +75,16 @@ def deploy_layer_(ctx: QuantContext, layer, layer_stats, factors) -> None:
     quantize_layer_(ctx, layer, paths_for=paths_for)
 
 
-def _layer_error(step, trial, targets) -> float:
-    outs = step.run("quant", layer=trial)
+def _layer_error(step, trial, targets, samples) -> float:
+    outs = step.run("quant", layer=trial, samples=samples)
     return sum(float((y - t).pow(2).mean()) for y, t in zip(outs, targets))
+
+
+def _evenly(n: int, k: int) -> list[int]:
+    """``k`` evenly spaced indices of ``n`` (all when k >= n)."""
+    if k >= n:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)}) if k > 1 else [0]
 
 
 @register_method("smoothquant", config=SmoothQuantConfig)
@@ -94,12 +104,13 @@ class SmoothQuant(Method):
         for step in ctx.walk(stats=True, quantized_stream=search, desc="smoothquant"):
             alpha = self.cfg.alpha
             if search:
-                targets = step.run("quant")  # the FP layer on the quantized stream's inputs
+                picked = _evenly(step.n_samples, self.cfg.search_samples)
+                targets = step.run("quant", samples=picked)  # the FP layer on the quantized stream's inputs
                 errors = {}
                 for a in self.cfg.alpha_grid:
                     trial = copy.deepcopy(step.layer)
                     deploy_layer_(ctx, trial, step.stats, smooth_layer_(ctx.adapter, trial, step.stats, a, stat))
-                    errors[a] = _layer_error(step, trial, targets)
+                    errors[a] = _layer_error(step, trial, targets, picked)
                     del trial
                 alpha = min(errors, key=errors.get)
             deploy_layer_(ctx, step.layer, step.stats, smooth_layer_(ctx.adapter, step.layer, step.stats, alpha, stat))

@@ -207,13 +207,14 @@ class LayerStep:
                            to_device(rec.masks, self.walker.device))
 
     def run(self, stream: str = "fp", layer: nn.Module | None = None, observers: Sequence[InputObserver] = (),
-            keep: bool = True) -> list[torch.Tensor] | None:
-        """Outputs of ``layer`` (default: this step's layer as it is now) on every sample of ``stream``."""
+            keep: bool = True, samples: Sequence[int] | None = None) -> list[torch.Tensor] | None:
+        """Outputs of ``layer`` (default: this step's layer as it is now) on the samples of ``stream``
+        (all, or the indices in ``samples``)."""
         layer = self.layer if layer is None else layer
         outputs = [] if keep else None
         current: dict = {}
         with torch.no_grad(), observing(self.walker.adapter, layer, observers, current):
-            for k in range(self.n_samples):
+            for k in (range(self.n_samples) if samples is None else samples):
                 s = self.sample(stream, k)
                 current["masks"] = s.masks
                 if self.walker.router is not None:
