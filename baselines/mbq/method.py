@@ -13,7 +13,9 @@ Spec: /work/shared/specs/baselines.md, section MBQ.
 2. ``apply``: AWQ's search (``baselines.awq.search.search_pair_scale``, the same function AWQ calls) for
    every scheme (W3A16, W4A16, W4A8, W8A8), α ∈ {0, 0.05, ..., 0.95}, with the MAE loss (Σ_answer|Δ| +
    r Σ_vision|Δ|) / (elements of both) on the pair's loss block (r_attn for attn_in and v_o, r_mlp for
-   mlp_in and up_down); no clip search; layer inputs from the FP model (the FP stream). The calibration
+   mlp_in and up_down); the answer rows are those of step 1, where the answer's loss is read (the official
+   search masks the answer tokens themselves, one row later); no clip search; layer inputs from the FP
+   model (the FP stream). The calibration
    sequences are the prompt + answer inputs (the answer rows must exist in the layers' inputs); they carry
    the model's real position ids: the walker replays each layer's own keyword arguments captured from the
    model's forward, so Qwen2-VL / Qwen2.5-VL keep their M-RoPE positions (the official MBQ code calls the
@@ -56,7 +58,7 @@ GRAD_ROLES = {"o": "attn", "down": "mlp"}  # the linear whose output gradient gi
 
 
 class MBQLoss(str, Enum):
-    mae = "mae"  # the paper / spec
+    mae = "mae"  # the spec and the official configs
     mse = "mse"  # official loss_mode option (AWQ's norm)
 
 

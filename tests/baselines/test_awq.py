@@ -17,7 +17,7 @@ from baselines.awq.core import (
     shrink_grid,
 )
 from baselines.awq.method import AWQ, AWQConfig
-from baselines.awq.search import TokenSubsample, search_pair_scale
+from baselines.awq.search import TokenSubsample, search_pair_scale, trial_linear
 from baselines.rtn.method import RTNConfig
 from masquant import pipeline
 from masquant.adapters import get_adapter
@@ -25,7 +25,7 @@ from masquant.calibration.data import CalibrationSet
 from masquant.calibration.walker import BlockCall
 from masquant.methods.base import MethodConfigError, QuantContext
 from masquant.quant import ModalityRouter, QuantScheme, attach_router
-from masquant.quant.quantizer import quantize_weight, sqnr_db
+from masquant.quant.quantizer import quantize_activation, quantize_weight, sqnr_db
 from masquant.registry import build_method
 from masquant.validation import ConfigError
 from support.tiny import MODEL_TYPES, prompts, tiny
@@ -67,6 +67,21 @@ def test_block_error_terms_are_mse_and_weighted_mae():
     num, den = block_error_terms(Y, R, torch.tensor([1.0, 0.5]), p=1)
     assert (num, den) == (3 + 0.5 * 8, 4)
     assert block_error_terms(Y, R, torch.tensor([0.0, 2.0]), p=1) == (16, 2)  # rows of weight 0 do not count
+
+
+def test_trial_linear_is_the_papers_w_prime_and_quantizes_activations_when_the_scheme_does():
+    """Weight-only: Y = X (Q(W diag(s)) diag(s)^-1)ᵀ + b (the paper's W'); W4A8: Qa(X / s) Q(W diag(s))ᵀ + b."""
+    gen = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(64, 24)
+    X = torch.randn(5, 64, generator=gen) * torch.exp(torch.randn(64, generator=gen))
+    s = awq_scales(X.abs().mean(0), 0.5)
+    W_prime = quantize_weight(lin.weight.data * s, W4G32) / s
+    with torch.no_grad():
+        torch.testing.assert_close(trial_linear(lin, s, W4G32)(X), X @ W_prime.T + lin.bias, rtol=1e-5, atol=1e-5)
+        w4a8 = QuantScheme("w4a8", 4, 8)
+        expected = quantize_activation(X / s, w4a8) @ quantize_weight(lin.weight.data * s, w4a8).T + lin.bias
+        torch.testing.assert_close(trial_linear(lin, s, w4a8)(X), expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(expected, (X / s) @ quantize_weight(lin.weight.data * s, w4a8).T + lin.bias)
 
 
 # --- the search picks a planted α ---------------------------------------------------------------------
