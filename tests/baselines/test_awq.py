@@ -258,9 +258,9 @@ def test_partial_last_group_end_to_end(compose_cfg, tiny_overrides):
 def test_awq_beats_rtn_on_testbed(compose_cfg, quant):
     """End-to-end SQNR vs FP over the 16 held-out testbed samples (default calibration, 16 samples).
 
-    Measured (2-core CPU, 1 thread), text / vision e2e dB, PPL (FP 21.11):
+    Measured once from the CLI (2-core CPU, OMP_NUM_THREADS=1), e2e SQNR text / vision dB, PPL (FP 21.11):
     W4A16-g128: RTN 4.76 / 11.07, PPL 30.14; AWQ 6.94 / 16.54, PPL 26.25.
-    W3A16-g128: see the report table (filled when measured).
+    W3A16-g128: RTN 0.84 / 5.18, PPL 85.22; AWQ 2.50 / 8.28, PPL 72.29.
     """
     base = ["eval=fidelity", "eval.ppl=false", f"quant={quant}"]
     rtn = pipeline.run(compose_cfg(*base, "method=rtn"))
