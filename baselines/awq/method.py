@@ -146,7 +146,8 @@ class AWQ(Method):
             if role not in clips:
                 return None
             W = linear.weight.data
-            return DeployWeight(clip_weight(W, clips[role].max_val.to(W.device), clip_group_size(ctx.scheme, W.shape[1])))
+            g = clip_group_size(ctx.scheme, W.shape[1])
+            return DeployWeight(clip_weight(W, clips[role].max_val.to(W.device), g))
 
         quantize_layer_(ctx, layer, weight_for=weight_for)
 
