@@ -159,6 +159,33 @@ def capture_layer_inputs(model: nn.Module, adapter, batches: list[dict], device,
     return captured
 
 
+@dataclass
+class BlockCall:
+    """One call of a module inside a decoder layer (the attention, the MLP, a linear): the positional and
+    keyword arguments the layer passed it, on the offload device. The input hidden state is the first
+    positional argument, or ``hidden_states`` when the layer passes it by keyword (HF attention blocks)."""
+
+    args: tuple
+    kwargs: dict
+
+    @property
+    def input(self) -> torch.Tensor:
+        return self.args[0] if self.args else self.kwargs["hidden_states"]
+
+    def run(self, module: nn.Module, device, x: torch.Tensor | None = None) -> torch.Tensor:
+        """``module``'s output (the first element when it returns a tuple) on this call's arguments, on
+        ``device``; ``x`` replaces the input hidden state."""
+        memo: dict = {}
+        args, kwargs = to_device(self.args, device, memo), to_device(self.kwargs, device, memo)
+        if x is not None:
+            if args:
+                args = (x.to(device),) + args[1:]
+            else:
+                kwargs = {**kwargs, "hidden_states": x.to(device)}
+        out = module(*args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
 class InputObserver(Protocol):
     """Sees the input rows of one input group's linear: x [N, D] and the rows' modality masks {m: bool[N]}."""
 
@@ -223,6 +250,28 @@ class LayerStep:
                 if keep:
                     outputs.append(y.to(self.walker.captured.offload))
         return outputs
+
+    def block_calls(self, module: nn.Module, stream: str = "fp") -> list[BlockCall]:
+        """What ``module`` (a block inside this layer) receives, per sample, when the layer as it is now runs on
+        ``stream``: its arguments exactly as the layer passes them (the attention's position embeddings and
+        masks, the MLP's post-norm input), on the offload device. One pass of the layer; the caller holds one
+        block's inputs at a time, so memory stays at one stream's worth."""
+        calls: list[BlockCall] = []
+        offload = self.walker.captured.offload
+
+        def hook(mod, args, kwargs):
+            memo: dict = {}
+            calls.append(BlockCall(to_device(args, offload, memo), to_device(kwargs, offload, memo)))
+
+        handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            self.run(stream, keep=False)
+        finally:
+            handle.remove()
+        if len(calls) != self.n_samples:
+            raise RuntimeError(f"{type(module).__name__} was called {len(calls)} times for {self.n_samples} samples; "
+                               "block_calls needs a module the layer calls once per forward")
+        return calls
 
     def quant_outputs(self) -> list[torch.Tensor]:
         """Outputs of the layer as it is now on the quantized stream (computed once; the walk advances with them)."""

@@ -118,3 +118,25 @@ def test_observers_see_each_modalitys_rows():
             assert all(per[m].count == counts[m] for m in ("text", "vision", "audio"))
             assert torch.equal(per["all"].absmax, torch.maximum(torch.maximum(per["text"].absmax, per["vision"].absmax),
                                                                 per["audio"].absmax))
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_block_calls_replay_the_attention_and_mlp_as_the_layer_calls_them(model_type):
+    """step.block_calls(block) records the block's own arguments (position embeddings, masks; the post-norm
+    input of the MLP); replaying them gives the block's outputs inside the layer's forward."""
+    model, processor, cls = tiny(model_type)
+    adapter = get_adapter(model)
+    captured = capture_layer_inputs(model, adapter, prompts(processor, cls, 2, seed=3), "cpu")
+    for step in LayerWalker(adapter, captured, "cpu"):
+        for block in (adapter.attention(step.layer), adapter.mlp(step.layer)):
+            seen = []
+            h = block.register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+            calls = step.block_calls(block)
+            h.remove()
+            assert len(calls) == len(seen) == 2
+            with torch.no_grad():
+                for call, ref in zip(calls, seen):
+                    torch.testing.assert_close(call.run(block, "cpu"), ref, rtol=1e-6, atol=1e-6)
+                    assert torch.equal(call.run(block, "cpu", x=call.input), call.run(block, "cpu"))
+        x = 2 * calls[0].input  # the MLP takes its input positionally: x replaces it
+        torch.testing.assert_close(calls[0].run(block, "cpu", x=x), block(x))

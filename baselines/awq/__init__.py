@@ -1,0 +1,1 @@
+"""AWQ: activation-aware weight quantization (scale search + clip search), weight-only."""

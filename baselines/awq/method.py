@@ -1,0 +1,192 @@
+"""AWQ baseline (mit-han-lab/llm-awq) on the layer walker and the adapters' fold pairs.
+
+Spec: /work/shared/specs/baselines.md, section AWQ. Per decoder layer, on the FP stream (the official
+code's cached inputs come from the FP model):
+
+1. Statistics: x̄ = mean |x| per channel of each input group (the walk's running statistics, cached).
+2. Scale search per fold pair of the adapter (attn_in, v_o only without GQA, mlp_in, up_down), each on the
+   unscaled FP layer with only the pair's consumers quantized (``baselines.awq.search``): α ∈ {0, 0.05, ...,
+   0.95}, s = x̄^α clamped at 1e-4 and normalised by sqrt(max(s) min(s)), loss = MSE (fp32) of the loss
+   block's output. Then every chosen s is folded by ``adapter.fold_scales_`` (exact for the norm kind).
+3. Clip search on the scaled layer, for every linear but q and k (the official code leaves them out: the
+   q·k product makes their error hard to measure): per (output channel, group of the scheme's input
+   channels) the shrink 1.0, 0.95, ..., 0.55 of the group's absmax with the lowest error of the group's
+   partial output on about ``clip_n_tokens`` tokens, taken evenly over all calibration tokens (the
+   official ``[0::N // 512]``) from a pass of the scaled FP layer. Output channels in batches of
+   ``clip_oc_batch``.
+4. Deploy: the clipped weights through the shared quantize step (asymmetric uint with a zero point per
+   group for ``w4a16_g128`` / ``w3a16_g128``; any ``quant.w_group_size``, partial last groups included).
+
+Memory: one loss block's inputs and targets at a time (all tokens of the calibration set; the search
+needs whole sequences for the attention block), plus the subsampled clip tokens; never all linears' inputs
+of a layer at once (the official code keeps them all).
+
+Where this departs from the official code, on purpose:
+- the attention block is called with the keyword arguments the layer itself passes it (each layer's own
+  position embeddings and masks, M-RoPE included), not layer 0's;
+- the trial linear computes Q(W diag(s)) on X diag(s)^-1 rather than Q(W diag(s)) diag(s)^-1 on X
+  (equal in exact arithmetic), which is also exactly the deployed linear after the fold;
+- the clip search evaluates partial last groups (in % group != 0) instead of asserting them away.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from baselines.awq.core import alpha_grid, clip_group_size, clip_weight, search_clip, shrink_grid
+from baselines.awq.search import ScaleSearch, TokenSubsample, pair_inputs, search_pair_scale
+from masquant.adapters.base import ROLE_TO_GROUP
+from masquant.calibration.walker import LayerStep
+from masquant.methods.base import DeployWeight, Method, MethodConfigError, QuantContext, quantize_layer_
+from masquant.quant.scheme import QuantScheme
+from masquant.registry import register_method
+
+log = logging.getLogger(__name__)
+
+CLIP_SKIPPED_ROLES = ("q", "k")  # official auto_clip: "due to qk bmm, it is hard to clip precisely"
+VALID_SCHEMES = "quant=w4a16_g128 or quant=w3a16_g128 (any quant.w_group_size, e.g. quant.w_group_size=64)"
+
+
+@dataclass
+class AWQConfig:
+    id: str = "awq"
+    n_grid: int = 20  # α ∈ {0, 1/n_grid, ..., (n_grid-1)/n_grid}
+    clip: bool = True  # the clip search after scaling (official mse_range)
+    clip_n_tokens: int = 512  # tokens of the clip search, subsampled evenly over the calibration set
+    clip_max_shrink: float = 0.5  # shrinks 1.0, 0.95, ..., down to 1 - clip_max_shrink (excluded)
+    clip_oc_batch: int = 256  # output channels per batch of the clip search (memory bound)
+
+    def __post_init__(self):
+        if self.n_grid < 1:
+            raise ValueError(f"method.n_grid={self.n_grid}: must be >= 1")
+        if self.clip_n_tokens < 1 or self.clip_oc_batch < 1:
+            raise ValueError("method.clip_n_tokens and method.clip_oc_batch must be >= 1")
+        if not 0.0 < self.clip_max_shrink < 1.0:
+            raise ValueError(f"method.clip_max_shrink={self.clip_max_shrink}: must be in (0, 1)")
+
+
+def check_weight_only(method_id: str, scheme: QuantScheme) -> None:
+    if scheme.is_dense:
+        raise MethodConfigError(f"method={method_id} with quant=fp16 quantizes nothing; use method=dense")
+    if scheme.quantize_acts:
+        raise MethodConfigError(
+            f"method={method_id} is weight-only, but quant={scheme.name} quantizes activations (a_bits="
+            f"{scheme.a_bits}); use {VALID_SCHEMES}, or method=mbq / smoothquant for weight-activation schemes")
+    if scheme.w_granularity == "tensor":
+        raise MethodConfigError(f"method={method_id} searches clips per group of input channels; quant.w_granularity="
+                                f"tensor has none; use {VALID_SCHEMES}")
+
+
+def search_layer_scales(ctx: QuantContext, step: LayerStep, grid, row_weights_for=None, p: int = 2,
+                        bar: tqdm | None = None) -> dict[str, ScaleSearch]:
+    """Step 2 without the fold: every fold pair searched on the unscaled FP layer (FP stream inputs).
+
+    ``row_weights_for(pair)`` gives per-sample row weights of the loss (MBQ); None: every row, AWQ's MSE.
+    """
+    found: dict[str, ScaleSearch] = {}
+    for pair in ctx.adapter.fold_pairs(step.layer):
+        calls, targets = pair_inputs(step, ctx.adapter, pair, ctx.device)
+        x_mean = step.stats[pair.input_group]["all"].mean_abs
+        weights = None if row_weights_for is None else row_weights_for(pair)
+        found[pair.name] = search_pair_scale(ctx.adapter, step.layer, pair, calls, targets, x_mean, ctx.scheme, grid,
+                                             ctx.device, weights, p)
+        del calls, targets
+        if bar is not None:
+            bar.set_postfix({name: f"α={r.alpha:.2f}" for name, r in found.items()})
+            bar.update()
+    return found
+
+
+def fold_layer_scales_(ctx: QuantContext, layer, found: dict[str, ScaleSearch]) -> None:
+    """Fold every chosen s through the adapter (exact for the model's norm kind)."""
+    for pair in ctx.adapter.fold_pairs(layer):
+        if pair.name in found:
+            ctx.adapter.fold_scales_(layer, pair, found[pair.name].s)
+
+
+@register_method("awq", config=AWQConfig)
+class AWQ(Method):
+    def __init__(self, cfg: AWQConfig | None = None):
+        super().__init__(cfg if cfg is not None else AWQConfig())
+
+    def check(self, scheme: QuantScheme, modalities) -> None:
+        check_weight_only("awq", scheme)
+
+    # --- steps ------------------------------------------------------------------------------------
+    def scale_layer_(self, ctx: QuantContext, step: LayerStep, bar: tqdm | None = None) -> dict[str, ScaleSearch]:
+        """Step 2: search every pair's s on the FP layer, then fold them all; returns the searches."""
+        found = search_layer_scales(ctx, step, alpha_grid(self.cfg.n_grid), bar=bar)
+        fold_layer_scales_(ctx, step.layer, found)
+        return found
+
+    def clip_layer(self, ctx: QuantContext, step: LayerStep) -> dict:
+        """Step 3 on the (scaled) layer: {role: ClipResult} for every linear but q and k."""
+        cfg = self.cfg
+        n_total = sum(s.hidden.shape[:-1].numel() for s in step.walker.captured.samples)
+        linears = ctx.adapter.linears(step.layer)
+        roles = [r for r in linears if r not in CLIP_SKIPPED_ROLES]
+        sampler = TokenSubsample(n_total // cfg.clip_n_tokens, {ROLE_TO_GROUP[r] for r in roles})
+        step.run("fp", observers=[sampler], keep=False)
+        shrinks = shrink_grid(cfg.n_grid, cfg.clip_max_shrink)
+        out = {}
+        for role in roles:
+            X = sampler.tokens(ROLE_TO_GROUP[role]).to(ctx.device)
+            out[role] = search_clip(linears[role].weight.data, X, ctx.scheme, shrinks, cfg.clip_oc_batch)
+        return out
+
+    def deploy_layer_(self, ctx: QuantContext, layer, clips: dict) -> None:
+        """Step 4: clamp to the chosen clip values, then the shared quantize step."""
+
+        def weight_for(role, linear):
+            if role not in clips:
+                return None
+            W = linear.weight.data
+            g = clip_group_size(ctx.scheme, W.shape[1])
+            return DeployWeight(clip_weight(W, clips[role].max_val.to(W.device), g))
+
+        quantize_layer_(ctx, layer, weight_for=weight_for)
+
+    # --- plugin -----------------------------------------------------------------------------------
+    def apply(self, ctx: QuantContext, stats) -> dict:
+        if ctx.calib is None:
+            raise MethodConfigError("method=awq needs calibration data (calib.n_samples > 0)")
+        report: dict = {"awq/n_grid": self.cfg.n_grid, "awq/clip": self.cfg.clip}
+        alphas, ratios = [], []
+        for step in ctx.walk(stats=True, desc="awq"):
+            t0 = time.perf_counter()
+            i = step.index
+            n_pairs = len(ctx.adapter.fold_pairs(step.layer))
+            with tqdm(total=n_pairs + int(self.cfg.clip), desc=f"awq layer {i}", leave=False) as bar:
+                found = self.scale_layer_(ctx, step, bar)
+                clips = {}
+                if self.cfg.clip:
+                    clips = self.clip_layer(ctx, step)
+                    bar.update()
+            self.deploy_layer_(ctx, step.layer, clips)
+            for name, r in found.items():
+                report[f"awq/alpha/{name}/layer_{i}"] = r.alpha
+                report[f"awq/loss/{name}/layer_{i}"] = r.loss
+                report[f"awq/loss_alpha0/{name}/layer_{i}"] = r.losses[0.0]
+                alphas.append(r.alpha)
+            if clips:
+                ratio = torch.cat([c.ratio.reshape(-1) for c in clips.values()])
+                err = sum(float(c.err.sum()) for c in clips.values())
+                err0 = sum(float(c.err_noclip.sum()) for c in clips.values())
+                report[f"awq/clip_ratio_mean/layer_{i}"] = float(ratio.mean())
+                report[f"awq/clip_frac_clipped/layer_{i}"] = float((ratio < 1.0).float().mean())
+                report[f"awq/clip_err_reduction/layer_{i}"] = 1.0 - err / err0 if err0 > 0 else 0.0
+                ratios.append(ratio)
+            report[f"awq/time_s/layer_{i}"] = time.perf_counter() - t0
+            log.info("awq layer %d: %s%s", i, {n: r.alpha for n, r in found.items()},
+                     f", mean clip {report[f'awq/clip_ratio_mean/layer_{i}']:.3f}" if clips else "")
+        report["awq/alpha_mean"] = sum(alphas) / max(len(alphas), 1)
+        if ratios:
+            all_ratios = torch.cat(ratios)
+            report["awq/clip_ratio_mean"] = float(all_ratios.mean())
+            report["awq/clip_frac_clipped"] = float((all_ratios < 1.0).float().mean())
+        return report
