@@ -142,11 +142,14 @@ def resolve(cfg: DictConfig) -> RunSpec:
         raise ConfigError(f"modality.modalities={list(modalities)}: model {cfg.model.name} has no {missing} input; "
                           f"it takes {list(supported)} (e.g. modality=text_vision)")
     calib_source = str(getattr(cfg.calib.source, "value", cfg.calib.source))
+    if method.needs_answers and calib_source == "text":
+        raise ConfigError(f"method={cfg.method.id} needs calibration answers; calib=text has none: use calib=testbed "
+                          "or a calib=file whose rows carry an 'answer'")
     if calib_source == "text" and any(m != "text" for m in modalities):
         raise ConfigError(f"calib=text is text-only but modality.modalities={list(modalities)}; use modality=text_only "
                           "(or a calibration set with images: calib=testbed, calib=file)")
     if calib_source == "file" and (method.needs_calibration or cfg.eval.fidelity):
-        _check_calibration_file(cfg.calib, cfg.eval.fidelity)
+        _check_calibration_file(cfg.calib, cfg.eval.fidelity, method.needs_answers, str(cfg.method.id))
     if cfg.eval.data_root is not None and not Path(str(cfg.eval.data_root)).expanduser().exists():
         raise ConfigError(f"eval.data_root={cfg.eval.data_root!r} does not exist")
     if cfg.eval.tasks:
@@ -162,7 +165,7 @@ def resolve(cfg: DictConfig) -> RunSpec:
     return RunSpec(cfg, scheme, method_cfg, modalities, video_as, device, h, run_dir)
 
 
-def _check_calibration_file(c, fidelity: bool) -> None:
+def _check_calibration_file(c, fidelity: bool, needs_answers: bool = False, method_id: str = "") -> None:
     from masquant.calibration.data import CalibrationDataError, read_calibration_file
     from masquant.validation import check_calibration_rows
 
@@ -178,6 +181,12 @@ def _check_calibration_file(c, fidelity: bool) -> None:
             check_calibration_rows(read_calibration_file(c.path), f"calib.path={c.path}", int(c.n_samples) + held)
     except CalibrationDataError as err:
         raise ConfigError(str(err)) from None
+    if needs_answers:
+        rows = read_calibration_file(c.path)
+        missing = [i for i, r in enumerate(rows) if not (isinstance(r, dict) and r.get("answer"))]
+        if missing:
+            raise ConfigError(f"method={method_id} needs calibration answers, but calib.path={c.path} rows "
+                              f"{missing[:5]} have no 'answer' field; add answers or use calib=testbed")
 
 
 def seed_everything(seed: int) -> None:

@@ -139,6 +139,8 @@ def modality_gradients(model, adapter, sft: list[dict], device, video_as: str = 
 
 @register_method("mbq", config=MBQConfig)
 class MBQ(Method):
+    needs_answers = True  # the SFT loss of the calibration answers (checked before the model loads)
+
     def __init__(self, cfg: MBQConfig | None = None):
         super().__init__(cfg if cfg is not None else MBQConfig())
 

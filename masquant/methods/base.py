@@ -110,6 +110,7 @@ class QuantContext:
 class Method(ABC):
     id: ClassVar[str]
     needs_calibration: ClassVar[bool] = True
+    needs_answers: ClassVar[bool] = False  # True: calibration rows must carry answers (checked before loading)
 
     def __init__(self, cfg: Any = None):
         self.cfg = cfg

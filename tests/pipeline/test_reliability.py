@@ -325,3 +325,9 @@ def test_report_skips_bad_result_files_and_names_them(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert report([str(tmp_path / "empty")]) == 1
     assert "no finished runs" in capsys.readouterr().err
+
+
+def test_method_that_needs_answers_with_a_file_without_them(cli, loads, tmp_path):
+    path = _calib_file(tmp_path, [{"question": f"q{i}"} for i in range(4)])
+    _fails_before_load(cli, loads, *TINY, "calib=file", f"calib.path={path}", f"paths.output_root={tmp_path}/o",
+                       "method=mbq", "quant=w8a8", match="method=mbq needs calibration answers")
