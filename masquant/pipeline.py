@@ -111,7 +111,7 @@ def resolve(cfg: DictConfig) -> RunSpec:
     except (ValueError, TypeError) as err:
         raise ConfigError(f"method={cfg.method.id}: {err}") from err
     method = method_cls(method_cfg)
-    problems = v.check_values(cfg, method.needs_calibration)
+    problems = v.check_values(cfg, method.requires_calibration(scheme))
     if problems:
         raise ConfigError("; ".join(problems))
     modalities = tuple(str(m.value if hasattr(m, "value") else m) for m in cfg.modality.modalities)
@@ -119,6 +119,7 @@ def resolve(cfg: DictConfig) -> RunSpec:
         raise ConfigError(f"modality.modalities={list(modalities)} must include 'text'")
     video_as = str(getattr(cfg.modality.video_as, "value", cfg.modality.video_as))
     try:
+        method.check_weight_options(scheme)
         method.check(scheme, modalities)
     except MethodConfigError as err:
         raise ConfigError(f"method={cfg.method.id} quant={cfg.quant.name}: {err}") from err
@@ -141,7 +142,7 @@ def resolve(cfg: DictConfig) -> RunSpec:
         raise ConfigError(f"modality.modalities={list(modalities)}: model {cfg.model.name} has no {missing} input; "
                           f"it takes {list(supported)} (e.g. modality=text_vision)")
     calib_source = str(getattr(cfg.calib.source, "value", cfg.calib.source))
-    if calib_source == "file" and (method.needs_calibration or cfg.eval.fidelity):
+    if calib_source == "file" and (method.requires_calibration(scheme) or cfg.eval.fidelity):
         _check_calibration_file(cfg.calib, cfg.eval.fidelity)
     if cfg.eval.data_root is not None and not Path(str(cfg.eval.data_root)).expanduser().exists():
         raise ConfigError(f"eval.data_root={cfg.eval.data_root!r} does not exist")
@@ -272,10 +273,11 @@ def _execute(spec: RunSpec, out_dir: Path) -> dict:
             f"{missing} input; it supports {list(adapter.supported_modalities())}"
         )
     method = build_method(spec.method_cfg)
+    needs_calibration = method.requires_calibration(spec.scheme)
     metrics: dict[str, Any] = {}
     with stage("calib_data"):
         calib = held_out = None
-        if method.needs_calibration or cfg.eval.fidelity:
+        if needs_calibration or cfg.eval.fidelity:
             calib, held_out, description = calibration_sets(cfg, processor, adapter)
             calib.check_modalities_present(adapter, spec.modalities, spec.video_as)
             metrics["run/calib_set"] = description
@@ -298,7 +300,7 @@ def _execute(spec: RunSpec, out_dir: Path) -> dict:
             "weights": model_fingerprint(model) if cache.root is not None else None,
         }
         ctx = QuantContext(model, adapter, spec.scheme, router, spec.device, spec.modalities,
-                           calib if method.needs_calibration else None, cache, cache_key, spec.video_as)
+                           calib if needs_calibration else None, cache, cache_key, spec.video_as)
         report = method.run(ctx)
         del ctx
         if calib is not None:
@@ -321,7 +323,8 @@ def _execute(spec: RunSpec, out_dir: Path) -> dict:
     metrics["memory/peak_mb"] = peak_memory_mb(spec.device)
     metrics.update({
         "run/model": str(cfg.model.name), "run/method": str(cfg.method.id), "run/quant": str(cfg.quant.name),
-        "run/method_label": method_label(spec.method_cfg),
+        "run/method_label": method_label(spec.method_cfg) + ("+gptq" if spec.scheme.w_quantizer == "gptq" else ""),
+        "run/w_quantizer": spec.scheme.w_quantizer.value, "run/w_mse_clip": spec.scheme.w_mse_clip,
         "run/bits": spec.scheme.tag, "run/int_range": spec.scheme.int_range.value, "run/modalities": list(spec.modalities), "run/config_hash": spec.config_hash,
         "run/eval_limit": cfg.eval.limit, "run/calib_samples": int(cfg.calib.n_samples),
         "run/device": str(spec.device), "run/seed": int(cfg.seed),
