@@ -103,8 +103,8 @@ class ModelAdapter:
         if head.weight is not embed.weight and head.weight.data_ptr() != embed.weight.data_ptr():
             return False
         head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=embed.weight.requires_grad)
-        for cfg in {id(c): c for c in (self.config, self.text_config())}.values():
-            if "tie_word_embeddings" in cfg.to_dict() or hasattr(cfg, "tie_word_embeddings"):
+        for cfg in (self.config, self.text_config()):
+            if getattr(cfg, "tie_word_embeddings", None):
                 cfg.tie_word_embeddings = False
         return True
 

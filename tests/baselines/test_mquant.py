@@ -186,6 +186,27 @@ def test_rms_deploys_a_rank1_branch_where_channel_0_is_an_outlier(monkeypatch):
         assert torch.isfinite(model(**held).logits).all()
 
 
+@pytest.mark.parametrize("model_type", [t for t in MODEL_TYPES if t != "gemma3"])
+def test_mquant_on_every_rotatable_adapter_at_static_w8a8(model_type):
+    """One static scale per modality the family has (Omni: text, vision, audio); close to FP at W8A8."""
+    base, processor, cls = tiny(model_type)
+    modalities = ("text",) + cls.tiny_modalities()
+    held = prompts(processor, cls, 2, seed=50)
+
+    def final(m):
+        with torch.no_grad():
+            return torch.cat([m(**b).logits[0] for b in held])
+
+    ref = final(base)
+    model = copy.deepcopy(base)
+    adapter, router = _routed(model)
+    ctx = QuantContext(model, adapter, QuantScheme("w8a8s", 8, 8, a_dynamic=False, a_granularity="tensor"), router,
+                       torch.device("cpu"), modalities, CalibrationSet(prompts(processor, cls, 4, seed=0)))
+    build_method(MQuantConfig()).run(ctx)
+    assert set(adapter.linears(adapter.decoder_layers()[0])["gate"].paths) == set(modalities)
+    assert sqnr_db(ref, final(model)) > 20
+
+
 def test_check_refusals():
     method = MQuant(MQuantConfig())
     with pytest.raises(MethodConfigError, match="quant.a_dynamic=false quant.a_granularity=tensor"):
