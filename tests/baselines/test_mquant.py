@@ -233,13 +233,15 @@ STATIC = ["eval=fidelity", "quant=w4a8", "quant.a_dynamic=false", "quant.a_granu
 
 @pytest.mark.slow
 def test_msq_beats_one_static_scale_on_the_testbed(compose_cfg):
-    """Measured once (W4A8 static per-tensor, GPTQ weights, 16 calibration / 16 held-out samples; e2e SQNR
-    text / vision dB, PPL; FP PPL 21.11): one scale for all tokens 7.31 / 17.58, 43.7; MSQ + AIFS
-    7.46 / 22.07, 39.5; + RMS the same (no point of the testbed is affected: channel-0 ratio at most 0.40)."""
+    """Measured once (W4A8 static per-tensor, GPTQ weights, 16 calibration / 16 held-out samples, 1 thread;
+    e2e SQNR text / vision dB, PPL; FP PPL 21.11): one scale for all tokens 7.31 / 17.58, 43.7; MSQ + AIFS
+    7.46 / 22.07, 39.5; + RMS the same (no point of the testbed is affected: channel-0 ratio at most 0.40).
+
+    The perplexity of these 4-bit GPTQ models moves with the thread count alone (the same "one scale" run:
+    43.7 with 1 thread, 39.7 and 48.2 with 2), so only the SQNR (stable to 0.02 dB) is asserted."""
     from masquant import pipeline
 
     one = pipeline.run(compose_cfg(*STATIC, "method=mquant", "method.msq=false", "method.aifs=false", "method.rms=false"))
     msq = pipeline.run(compose_cfg(*STATIC, "method=mquant", "method.rms=false"))
     assert msq["fidelity/sqnr/vision/e2e"] > one["fidelity/sqnr/vision/e2e"] + 2.0
     assert msq["fidelity/sqnr/text/e2e"] >= one["fidelity/sqnr/text/e2e"] - 0.1
-    assert msq["fidelity/ppl"] < one["fidelity/ppl"]
