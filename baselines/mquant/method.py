@@ -26,8 +26,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import torch
-
 from baselines.mquant.aifs import AIFS
 from baselines.mquant.core import channel0_outlier, msq_scale, split_channel0
 from baselines.quarot.method import rotate_or_refuse_

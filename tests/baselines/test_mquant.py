@@ -17,7 +17,7 @@ from masquant.calibration.cache import StatsCache
 from masquant.calibration.data import CalibrationSet
 from masquant.methods.base import MethodConfigError, QuantContext
 from masquant.quant import ModalityPath, ModalityRouter, QuantLinear, QuantScheme, attach_router
-from masquant.quant.quantizer import quantize_activation, quantize_weight, sqnr_db
+from masquant.quant.quantizer import quantize_weight, sqnr_db
 from masquant.registry import build_method
 from masquant.transforms.hadamard import hadamard_matrix
 from support.tiny import MODEL_TYPES, prompts, tiny

@@ -9,7 +9,6 @@ import torch
 
 from baselines.quarot.core import KVQuantizer, kv_fake_quant, qk_hadamard
 from baselines.quarot.method import QuaRot, QuaRotConfig
-from baselines.rtn.method import RTNConfig
 from masquant.adapters import adapter_class_for, get_adapter
 from masquant.calibration.data import CalibrationSet
 from masquant.methods.base import MethodConfigError, QuantContext
