@@ -258,6 +258,19 @@ class _Stages:
         self.metrics[f"memory/peak_after_{name}_mb"] = peak_memory_mb(self.device)
 
 
+def run_method_label(spec: RunSpec) -> str:
+    """The method label, with the scheme's non-default weight rounding as options, e.g. 'rtn(w_quantizer=gptq)'
+    (plain GPTQ and RTN are different rows of a table)."""
+    from masquant.reporting.paper import format_method_label, parse_method_label
+
+    method_id, options = parse_method_label(method_label(spec.method_cfg))
+    if spec.scheme.w_quantizer == "gptq":
+        options["w_quantizer"] = "gptq"
+    if spec.scheme.w_mse_clip:
+        options["w_mse_clip"] = "True"
+    return format_method_label(method_id, options)
+
+
 def _execute(spec: RunSpec, out_dir: Path) -> dict:
     from masquant.models import calibration_sets
 
@@ -323,7 +336,7 @@ def _execute(spec: RunSpec, out_dir: Path) -> dict:
     metrics["memory/peak_mb"] = peak_memory_mb(spec.device)
     metrics.update({
         "run/model": str(cfg.model.name), "run/method": str(cfg.method.id), "run/quant": str(cfg.quant.name),
-        "run/method_label": method_label(spec.method_cfg) + ("+gptq" if spec.scheme.w_quantizer == "gptq" else ""),
+        "run/method_label": run_method_label(spec),
         "run/w_quantizer": spec.scheme.w_quantizer.value, "run/w_mse_clip": spec.scheme.w_mse_clip,
         "run/bits": spec.scheme.tag, "run/int_range": spec.scheme.int_range.value, "run/modalities": list(spec.modalities), "run/config_hash": spec.config_hash,
         "run/eval_limit": cfg.eval.limit, "run/calib_samples": int(cfg.calib.n_samples),

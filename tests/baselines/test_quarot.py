@@ -135,13 +135,17 @@ def test_quarot_kv4_runs_and_generates():
 
 def test_pipeline_end_to_end_on_the_tiny_model(compose_cfg, tiny_overrides):
     from masquant import pipeline
+    from masquant.reporting.paper import parse_method_label
 
     m = pipeline.run(compose_cfg(*tiny_overrides, "method=quarot", "quant=w4a8", "quant.w_quantizer=gptq"))
-    assert m["run/method_label"] == "quarot+gptq" and m["run/w_quantizer"] == "gptq"
+    assert m["run/method_label"] == "quarot(w_quantizer=gptq)" and m["run/w_quantizer"] == "gptq"
     assert m["quarot/gptq_s_per_layer"] > 0 and m["quarot/a_clip_ratio"] == 0.9
     assert 0 < m["fidelity/sqnr/all/e2e"] < 80
     rtn = pipeline.run(compose_cfg(*tiny_overrides, "method=quarot", "quant=w4a8"))  # no calibration needed
     assert rtn["run/method_label"] == "quarot" and "quarot/gptq_s_per_layer" not in rtn
+    mq = pipeline.run(compose_cfg(*tiny_overrides, "method=mquant", "method.msq=false", "quant=w4a8",
+                                  "quant.a_dynamic=false", "quant.a_granularity=tensor", "quant.w_quantizer=gptq"))
+    assert parse_method_label(mq["run/method_label"]) == ("mquant", {"msq": "False", "w_quantizer": "gptq"})
 
 
 TESTBED = ["eval=fidelity"]
