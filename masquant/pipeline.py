@@ -314,7 +314,10 @@ def _execute(spec: RunSpec, out_dir: Path) -> dict:
         }
         ctx = QuantContext(model, adapter, spec.scheme, router, spec.device, spec.modalities,
                            calib if needs_calibration else None, cache, cache_key, spec.video_as)
-        report = method.run(ctx)
+        try:
+            report = method.run(ctx)
+        except MethodConfigError as err:  # what only the loaded model shows (e.g. a model that cannot be rotated)
+            raise ConfigError(f"quant={cfg.quant.name}: {err}") from err
         del ctx
         if calib is not None:
             calib.invalidate()

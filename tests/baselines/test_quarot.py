@@ -177,3 +177,13 @@ def pipeline_run(compose_cfg, *overrides):
     from masquant import pipeline
 
     return pipeline.run(compose_cfg(*TESTBED, *overrides))
+
+
+def test_cli_refuses_gemma3_with_a_configuration_error(compose_cfg, tiny_overrides):
+    from masquant import pipeline
+    from masquant.validation import ConfigError
+
+    cfg = compose_cfg(*tiny_overrides, "model.tiny_type=gemma3", "method=quarot", "quant=w4a8")
+    with pytest.raises(ConfigError, match="method=quarot: Gemma3Adapter cannot be rotated exactly"):
+        pipeline.run(cfg)
+
