@@ -112,7 +112,7 @@ def resolve(cfg: DictConfig) -> RunSpec:
     except (ValueError, TypeError) as err:
         raise ConfigError(f"method={cfg.method.id}: {err}") from err
     method = method_cls(method_cfg)
-    problems = v.check_values(cfg, method.needs_calibration)
+    problems = v.check_values(cfg, method.requires_calibration(scheme))
     if problems:
         raise ConfigError("; ".join(problems))
     modalities = tuple(str(m.value if hasattr(m, "value") else m) for m in cfg.modality.modalities)
@@ -120,6 +120,7 @@ def resolve(cfg: DictConfig) -> RunSpec:
         raise ConfigError(f"modality.modalities={list(modalities)} must include 'text'")
     video_as = str(getattr(cfg.modality.video_as, "value", cfg.modality.video_as))
     try:
+        method.check_weight_options(scheme)
         method.check(scheme, modalities)
     except MethodConfigError as err:
         raise ConfigError(f"method={cfg.method.id} quant={cfg.quant.name}: {err}") from err
@@ -148,7 +149,7 @@ def resolve(cfg: DictConfig) -> RunSpec:
     if calib_source == "text" and any(m != "text" for m in modalities):
         raise ConfigError(f"calib=text is text-only but modality.modalities={list(modalities)}; use modality=text_only "
                           "(or a calibration set with images: calib=testbed, calib=file)")
-    if calib_source == "file" and (method.needs_calibration or cfg.eval.fidelity):
+    if calib_source == "file" and (method.requires_calibration(scheme) or cfg.eval.fidelity):
         _check_calibration_file(cfg.calib, cfg.eval.fidelity, method.needs_answers, str(cfg.method.id))
     if cfg.eval.data_root is not None and not Path(str(cfg.eval.data_root)).expanduser().exists():
         raise ConfigError(f"eval.data_root={cfg.eval.data_root!r} does not exist")
@@ -270,6 +271,19 @@ class _Stages:
         self.metrics[f"memory/peak_after_{name}_mb"] = peak_memory_mb(self.device)
 
 
+def run_method_label(spec: RunSpec) -> str:
+    """The method label, with the scheme's non-default weight rounding as options, e.g. 'rtn(w_quantizer=gptq)'
+    (plain GPTQ and RTN are different rows of a table)."""
+    from masquant.reporting.paper import format_method_label, parse_method_label
+
+    method_id, options = parse_method_label(method_label(spec.method_cfg))
+    if spec.scheme.w_quantizer == "gptq":
+        options["w_quantizer"] = "gptq"
+    if spec.scheme.w_mse_clip:
+        options["w_mse_clip"] = "True"
+    return format_method_label(method_id, options)
+
+
 def _execute(spec: RunSpec, out_dir: Path) -> dict:
     from masquant.models import calibration_sets
 
@@ -285,10 +299,11 @@ def _execute(spec: RunSpec, out_dir: Path) -> dict:
             f"{missing} input; it supports {list(adapter.supported_modalities())}"
         )
     method = build_method(spec.method_cfg)
+    needs_calibration = method.requires_calibration(spec.scheme)
     metrics: dict[str, Any] = {}
     with stage("calib_data"):
         calib = held_out = None
-        if method.needs_calibration or cfg.eval.fidelity:
+        if needs_calibration or cfg.eval.fidelity:
             calib, held_out, description = calibration_sets(cfg, processor, adapter)
             calib.check_modalities_present(adapter, spec.modalities, spec.video_as)
             metrics["run/calib_set"] = description
@@ -311,8 +326,11 @@ def _execute(spec: RunSpec, out_dir: Path) -> dict:
             "weights": model_fingerprint(model) if cache.root is not None else None,
         }
         ctx = QuantContext(model, adapter, spec.scheme, router, spec.device, spec.modalities,
-                           calib if method.needs_calibration else None, cache, cache_key, spec.video_as)
-        report = method.run(ctx)
+                           calib if needs_calibration else None, cache, cache_key, spec.video_as)
+        try:
+            report = method.run(ctx)
+        except MethodConfigError as err:  # what only the loaded model shows (e.g. a model that cannot be rotated)
+            raise ConfigError(f"quant={cfg.quant.name}: {err}") from err
         del ctx
         if calib is not None:
             calib.invalidate()
@@ -335,7 +353,8 @@ def _execute(spec: RunSpec, out_dir: Path) -> dict:
     metrics["memory/peak_mb"] = peak_memory_mb(spec.device)
     metrics.update({
         "run/model": str(cfg.model.name), "run/method": str(cfg.method.id), "run/quant": str(cfg.quant.name),
-        "run/method_label": method_label(spec.method_cfg),
+        "run/method_label": run_method_label(spec),
+        "run/w_quantizer": spec.scheme.w_quantizer.value, "run/w_mse_clip": spec.scheme.w_mse_clip,
         "run/bits": spec.scheme.tag, "run/int_range": spec.scheme.int_range.value, "run/modalities": list(spec.modalities), "run/config_hash": spec.config_hash,
         "run/eval_limit": cfg.eval.limit, "run/calib_samples": int(cfg.calib.n_samples),
         "run/device": str(spec.device), "run/seed": int(cfg.seed),

@@ -57,6 +57,14 @@ def inapplicable_keys(cfg: DictConfig) -> list[str]:
         if value not in (None, "") and current not in allowed:
             problems.append(f"{group}.{key}={value!r} is not read with {selector}={current}; it needs {fix}")
     q = cfg.quant
+    if _value(q.w_quantizer) != "gptq":
+        from masquant.quant.scheme import QuantScheme
+
+        default = QuantScheme()
+        for key in ("gptq_damp", "gptq_block", "gptq_act_order"):
+            if q[key] != getattr(default, key):
+                problems.append(f"quant.{key}={q[key]} is not read with quant.w_quantizer={_value(q.w_quantizer)}; "
+                                "set quant.w_quantizer=gptq")
     if _value(q.w_granularity) != "group" and q.w_group_size:
         problems.append(f"quant.w_group_size={q.w_group_size} is not read with quant.w_granularity="
                         f"{_value(q.w_granularity)}; set quant.w_granularity=group (or use quant=w4a16_g128)")

@@ -63,6 +63,15 @@ class ModelAdapter:
     mlp_norm_path: ClassVar[str] = "post_attention_layernorm"  # feeds gate, up
     # config attribute names holding each modality's placeholder token id ("video" counts as vision or text)
     token_id_attrs: ClassVar[dict[str, tuple[str, ...]]] = {}
+    final_norm_path: ClassVar[str] = "norm"  # inside the language model
+    # Rotations (QuaRot, MQuant) rotate the residual stream by an orthogonal Q, exactly only when every norm on it
+    # is an RMSNorm reading the stream and every writer into it is a linear map (folded with Q). False, with the
+    # reason, where the architecture breaks that; methods refuse such a model instead of giving a wrong result.
+    supports_residual_rotation: ClassVar[bool] = True
+    residual_rotation_blocker: ClassVar[str] = ""
+    # Linears outside the decoder whose outputs the model writes into the residual stream (the encoders' projector
+    # outputs, merged into inputs_embeds); None = not declared (a residual rotation then refuses the model).
+    encoder_output_paths: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -82,7 +91,30 @@ class ModelAdapter:
         return self.language_model().embed_tokens
 
     def final_norm(self) -> nn.Module:
-        return self.language_model().norm
+        return self.language_model().get_submodule(self.final_norm_path)
+
+    def replace_final_norm_(self, new: nn.Module) -> None:
+        _set_submodule(self.language_model(), self.final_norm_path, new)
+
+    def untie_lm_head_(self) -> bool:
+        """Give lm_head its own copy of a weight it shares with the embeddings (a rotation folds a different
+        matrix into each); True when it was tied. The configs are updated so that nothing re-ties them."""
+        head, embed = self.lm_head(), self.embed_tokens()
+        if head.weight is not embed.weight and head.weight.data_ptr() != embed.weight.data_ptr():
+            return False
+        head.weight = nn.Parameter(embed.weight.detach().clone(), requires_grad=embed.weight.requires_grad)
+        for cfg in (self.config, self.text_config()):
+            if getattr(cfg, "tie_word_embeddings", None):
+                cfg.tie_word_embeddings = False
+        return True
+
+    def encoder_output_linears(self) -> list[nn.Module]:
+        """The linears whose outputs enter the residual stream from the encoders (see ``encoder_output_paths``)."""
+        if self.encoder_output_paths is None:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not declare which encoder linears write into the decoder's residual "
+                "stream (encoder_output_paths); a residual rotation would leave those tokens unrotated")
+        return [self.model.get_submodule(p) for p in self.encoder_output_paths]
 
     def lm_head(self) -> nn.Module:
         return self.model.get_submodule(self.lm_head_path)
@@ -153,6 +185,70 @@ class ModelAdapter:
         lin = self.linears(layer)
         for role in pair.consumers:
             norms.scale_linear_inputs_(lin[role], s)
+
+    # --- one decoder layer's call (MQuant's AIFS, KV-cache quantization) ------------------------
+    def reorder_layer_call(self, args: tuple, kwargs: dict, perm: torch.Tensor) -> tuple[tuple, dict]:
+        """The decoder layer's call with its tokens in the order ``perm`` [T] (one order for the whole batch).
+
+        Hidden states, position embeddings and position ids follow their tokens (every token keeps its own
+        position, M-RoPE included), and the attention mask is the model's mask with rows and columns permuted
+        (the causal mask when the model passes none), so token i still attends to exactly the tokens j it
+        attended to before: orig(j) <= orig(i) for a causal mask. The layer's output, un-permuted, is unchanged.
+        """
+        impl = self.text_config()._attn_implementation
+        if impl not in ("sdpa", "eager"):
+            raise NotImplementedError(f"reordering a layer's tokens needs an explicit attention mask; "
+                                      f"attn_implementation={impl!r} takes none (use sdpa or eager)")
+        args, kwargs = list(args), dict(kwargs)
+        if args:
+            args[0] = args[0][:, perm]
+        else:
+            kwargs["hidden_states"] = kwargs["hidden_states"][:, perm]
+        T = perm.numel()
+        pe = kwargs.get("position_embeddings")
+        if pe is not None:
+            kwargs["position_embeddings"] = tuple(t[..., perm, :] for t in pe)
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"][..., perm]
+        mask = kwargs.get("attention_mask")
+        if mask is None:  # the kernel's implicit causal mask: token a may see b iff orig(b) <= orig(a)
+            allowed = (perm[None, :] <= perm[:, None])[None, None]
+            if impl == "eager":  # eager kernels add the mask
+                dtype = (args[0] if args else kwargs["hidden_states"]).dtype
+                allowed = torch.zeros(allowed.shape, dtype=dtype, device=perm.device).masked_fill(
+                    ~allowed, torch.finfo(dtype).min)
+            kwargs["attention_mask"] = allowed
+        elif torch.is_tensor(mask) and mask.dim() == 4 and mask.shape[-1] == mask.shape[-2] == T:
+            kwargs["attention_mask"] = mask[:, :, perm][:, :, :, perm]
+        else:
+            raise NotImplementedError(f"cannot reorder an attention mask of type {type(mask).__name__} "
+                                      f"{tuple(getattr(mask, 'shape', ()))} for {T} tokens")
+        return tuple(args), kwargs
+
+    def wrap_attention_kernel_(self, layer: nn.Module, fn) -> None:
+        """Run this layer's attention kernel through ``fn(module, query, key, value, attention_mask, kernel, **kw)``.
+
+        query/key/value [B, heads, T, head_dim] are what the model hands its kernel: after the projections and
+        RoPE, keys and values with the cache's past; ``kernel`` is the model's own attention function (same
+        signature without ``kernel``). Only this layer's attention is affected (it gets its own view of the
+        config naming the wrapper as its implementation); the model's masks are built as before.
+        """
+        import copy
+        import sys
+
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        attn = self.attention(layer)
+        base = getattr(attn, "_masquant_base_attn", None) or attn.config._attn_implementation
+        eager = getattr(sys.modules[type(attn).__module__], "eager_attention_forward", None)
+        kernel = ALL_ATTENTION_FUNCTIONS.get_interface(base, eager)
+        if _WRAPPED_ATTENTION not in ALL_ATTENTION_FUNCTIONS:
+            ALL_ATTENTION_FUNCTIONS.register(_WRAPPED_ATTENTION, _wrapped_attention)
+        if getattr(attn, "_masquant_base_attn", None) is None:
+            attn.config = copy.copy(attn.config)
+            attn.config._attn_implementation_internal = _WRAPPED_ATTENTION
+            attn._masquant_base_attn = base
+        attn._masquant_attention = lambda module, q, k, v, mask, **kw: fn(module, q, k, v, mask, kernel, **kw)
 
     # --- what the model adds between decoder layers ----------------------------------------
     def between_layers_state(self, language_model_kwargs: dict) -> dict | None:
@@ -247,6 +343,14 @@ class ModelAdapter:
     def tiny_modalities(cls) -> tuple[str, ...]:
         """Non-text inputs the tiny processor takes (its calibration rows carry them)."""
         return ("vision",)
+
+
+_WRAPPED_ATTENTION = "masquant_wrapped"
+
+
+def _wrapped_attention(module, query, key, value, attention_mask, **kwargs):
+    """The attention implementation of layers passed to :meth:`ModelAdapter.wrap_attention_kernel_`."""
+    return module._masquant_attention(module, query, key, value, attention_mask, **kwargs)
 
 
 def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:

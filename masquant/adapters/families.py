@@ -70,6 +70,7 @@ class Qwen25VLAdapter(ModelAdapter):
     model_class = "Qwen2_5_VLForConditionalGeneration"
     processor_class = "Qwen2_5_VLProcessor"
     encoder_paths = {"vision": "model.visual"}
+    encoder_output_paths = ("model.visual.merger.mlp.2",)
     token_id_attrs = {"vision": ("image_token_id",), "video": ("video_token_id",)}
 
     @classmethod
@@ -109,6 +110,12 @@ class Qwen3VLAdapter(Qwen25VLAdapter):
     model_types = ("qwen3_vl",)
     model_class = "Qwen3VLForConditionalGeneration"
     processor_class = "Qwen3VLProcessor"
+    encoder_output_paths = ("model.visual.merger.linear_fc2",)
+
+    def encoder_output_linears(self):
+        # DeepStack's mergers write into the residual stream too (added after the first decoder layers)
+        deepstack = getattr(self.model.get_submodule("model.visual"), "deepstack_merger_list", [])
+        return super().encoder_output_linears() + [m.linear_fc2 for m in deepstack]
 
     def between_layers_state(self, language_model_kwargs: dict) -> dict | None:
         embeds = language_model_kwargs.get("deepstack_visual_embeds")
@@ -151,6 +158,7 @@ class Qwen25OmniThinkerAdapter(ModelAdapter):
     model_class = "Qwen2_5OmniThinkerForConditionalGeneration"
     processor_class = "Qwen2_5OmniProcessor"
     encoder_paths = {"vision": "model.visual", "audio": "model.audio_tower"}
+    encoder_output_paths = ("model.visual.merger.mlp.2", "model.audio_tower.proj")
     token_id_attrs = {
         "vision": ("image_token_id", "image_token_index"),
         "video": ("video_token_id", "video_token_index"),
@@ -192,6 +200,11 @@ class Gemma3Adapter(ModelAdapter):
     encoder_paths = {"vision": "model.vision_tower", "projector": "model.multi_modal_projector"}
     norm_kind = NormKind.rms_one_plus
     mlp_norm_path = "pre_feedforward_layernorm"
+    supports_residual_rotation = False
+    residual_rotation_blocker = (
+        "Gemma 3 normalises each block's output (post_attention_layernorm, post_feedforward_layernorm) before "
+        "adding it to the residual stream; a norm between the block and the residual does not commute with a "
+        "rotation of the stream, so o_proj/down_proj cannot absorb Q exactly")
     token_id_attrs = {"vision": ("image_token_id", "image_token_index")}
     _SPECIALS = ["<pad>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
                  "<image_soft_token>"]
@@ -236,6 +249,7 @@ class Idefics3Adapter(ModelAdapter):
     processor_class = "Idefics3Processor"
     language_model_path = "model.text_model"
     encoder_paths = {"vision": "model.vision_model", "projector": "model.connector"}
+    encoder_output_paths = ("model.connector.modality_projection.proj",)
     token_id_attrs = {"vision": ("image_token_id",)}
     _SPECIALS = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
                  "<global-img>"]
@@ -279,6 +293,7 @@ class LlavaAdapter(ModelAdapter):
     model_class = "LlavaForConditionalGeneration"
     processor_class = "LlavaProcessor"
     encoder_paths = {"vision": "model.vision_tower", "projector": "model.multi_modal_projector"}
+    encoder_output_paths = ("model.multi_modal_projector.linear_2",)
     token_id_attrs = {"vision": ("image_token_id", "image_token_index")}
     _TEMPLATE = (
         "{{ bos_token }}{% for message in messages %}{{ message['role'].upper() }}: "

@@ -194,11 +194,19 @@ class InputObserver(Protocol):
 
 @contextmanager
 def observing(adapter, layer: nn.Module, observers: Sequence[InputObserver], current: dict):
-    """Forward pre-hooks on one linear per input group that pass its input rows to every observer."""
+    """Forward pre-hooks on one linear per input group that pass its input rows to every observer.
+
+    A linear with an ``input_transform`` (an online Hadamard) is observed after it: observers see the rows its
+    weight multiplies.
+    """
     handles = []
     for group, linear in adapter.input_group_linears(layer).items():
         def hook(module, args, group=group):
-            x = args[0].reshape(-1, args[0].shape[-1])
+            x = args[0]
+            transform = getattr(module, "input_transform", None)
+            if transform is not None:
+                x = transform(x)
+            x = x.reshape(-1, x.shape[-1])
             masks = {m: mask.reshape(-1).to(x.device) for m, mask in current["masks"].items()}
             for obs in observers:
                 obs.observe(group, x, masks)

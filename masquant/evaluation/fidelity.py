@@ -17,7 +17,14 @@ from tqdm.auto import tqdm
 
 
 def _layer_outputs(model: nn.Module, adapter, batches: list[dict], device, store_dtype=torch.float32):
-    """Per sample: [output of each decoder layer ..., final normed hidden state] on CPU."""
+    """Per sample: [output of each decoder layer ..., final normed hidden state] on CPU.
+
+    A model whose residual stream was transformed (a rotation; see ``ResidualBasis``) has its hidden states
+    mapped back to the original basis, so they compare with a reference recorded before the transform.
+    """
+    from masquant.transforms.rotation import ResidualBasis
+
+    basis = ResidualBasis.of(adapter)
     layers = list(adapter.decoder_layers()) + [adapter.final_norm()]
     current: list = []
 
@@ -32,6 +39,9 @@ def _layer_outputs(model: nn.Module, adapter, batches: list[dict], device, store
             for b in tqdm(batches, desc="fidelity pass", leave=False):
                 current.clear()
                 model(**{k: v.to(device) for k, v in b.items()}, use_cache=False)
+                if basis is not None:
+                    last = len(current) - 1
+                    current[:] = [basis.to_reference(h, final=i == last).to(store_dtype) for i, h in enumerate(current)]
                 outputs.append(list(current))
     finally:
         for h in handles:

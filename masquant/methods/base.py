@@ -111,9 +111,27 @@ class Method(ABC):
     id: ClassVar[str]
     needs_calibration: ClassVar[bool] = True
     needs_answers: ClassVar[bool] = False  # True: calibration rows must carry answers (checked before loading)
+    # True when the method rounds its weights through masquant.methods.weights (quant.w_quantizer=gptq,
+    # quant.w_mse_clip); the others round to nearest and refuse those options (check_weight_options).
+    honours_weight_options: ClassVar[bool] = False
 
     def __init__(self, cfg: Any = None):
         self.cfg = cfg
+
+    def requires_calibration(self, scheme: QuantScheme) -> bool:
+        """Calibration data needed for this scheme: the method's own need, or GPTQ's Hessians."""
+        return self.needs_calibration or (self.honours_weight_options and scheme.w_quantizer == "gptq")
+
+    def check_weight_options(self, scheme: QuantScheme) -> None:
+        """Refuse weight-rounding options the method would silently ignore."""
+        if self.honours_weight_options or scheme.default_weight_rounding:
+            return
+        from masquant.registry import get_method_class, method_ids
+
+        honour = [m for m in method_ids() if get_method_class(m).honours_weight_options]
+        asked = "quant.w_quantizer=gptq" if scheme.w_quantizer == "gptq" else "quant.w_mse_clip=true"
+        raise MethodConfigError(f"method={self.id} rounds its weights to nearest and does not honour {asked}; "
+                                f"methods that do: {honour}")
 
     def check(self, scheme: QuantScheme, modalities: tuple[str, ...]) -> None:
         """Raise MethodConfigError for an unsupported scheme/modality set. Default: accept all."""
@@ -130,6 +148,7 @@ class Method(ABC):
         ...
 
     def run(self, ctx: QuantContext) -> dict:
+        self.check_weight_options(ctx.scheme)
         t0 = time.perf_counter()
         transform = self.transform_model_(ctx)
         if transform is not None:
@@ -165,7 +184,9 @@ def quantize_layer_(ctx: QuantContext, layer: nn.Module, weight_for: WeightFn | 
     ``weight_for(role, linear)`` gives the shared weight (default: the linear's own, quantized by the
     scheme; a :class:`DeployWeight` with ``quantized=True`` is used as is). ``paths_for(role, linear, W_q)``
     adds per-modality :class:`ModalityPath` s. ``input_transform_for(role, linear)`` gives a module applied
-    to the input before activation quantization (an online Hadamard). Returns the number of linears.
+    to the input before activation quantization (an online Hadamard); by default a linear keeps its own
+    ``input_transform`` (a rotated model's online Hadamard, whose other half is folded into the weight).
+    Returns the number of linears.
     """
     n = 0
     for role, linear in ctx.adapter.linears(layer).items():
@@ -178,7 +199,10 @@ def quantize_layer_(ctx: QuantContext, layer: nn.Module, weight_for: WeightFn | 
         W_q = spec.W if spec.quantized else quantize_weight(spec.W.float(), ctx.scheme)
         W_q = W_q.to(dtype)
         paths = paths_for(role, linear, W_q) if paths_for is not None else {}
-        transform = input_transform_for(role, linear) if input_transform_for is not None else None
+        if input_transform_for is not None:
+            transform = input_transform_for(role, linear)
+        else:
+            transform = getattr(linear, "input_transform", None)
         bias = None if linear.bias is None else linear.bias.data
         ctx.adapter.set_linear(layer, role, QuantLinear(W_q, bias, ctx.scheme, ctx.router, paths, transform))
         n += 1

@@ -29,6 +29,11 @@ class IntRange(str, Enum):
     full = "full"  # [-2^(b-1), 2^(b-1)-1], scale absmax / ((2^b-1)/2): compressed-tensors / vLLM kernels
 
 
+class WQuantizer(str, Enum):
+    rtn = "rtn"  # round to nearest at deploy (the scheme's grid)
+    gptq = "gptq"  # GPTQ (masquant.quant.gptq) on Hessians of the walker's quantized stream; methods that honour it
+
+
 W_GRANULARITIES = tuple(g.value for g in WGranularity)
 A_GRANULARITIES = tuple(g.value for g in AGranularity)
 
@@ -56,11 +61,18 @@ class QuantScheme:
     a_dynamic: bool = True  # False: static per-tensor scale calibrated offline
     a_clip_ratio: float = 1.0
     int_range: IntRange = IntRange.narrow  # integer grid of the symmetric quantizers (weights and activations)
+    # How the weights are rounded (methods that do not honour these options refuse non-defaults in ``check``)
+    w_quantizer: WQuantizer = WQuantizer.rtn
+    w_mse_clip: bool = False  # per channel/group range shrink minimising |w - Q(w)|^2.4 (GPTQ/QuaRot's search)
+    gptq_damp: float = 0.01  # dampening, relative to mean(diag H)
+    gptq_block: int = 128  # lazy-update block of columns
+    gptq_act_order: bool = False  # quantize columns by decreasing H[i, i]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "int_range", _enum(IntRange, self.int_range, "int_range"))
         object.__setattr__(self, "w_granularity", _enum(WGranularity, self.w_granularity, "w_granularity"))
         object.__setattr__(self, "a_granularity", _enum(AGranularity, self.a_granularity, "a_granularity"))
+        object.__setattr__(self, "w_quantizer", _enum(WQuantizer, self.w_quantizer, "w_quantizer"))
         for key, bits in (("w_bits", self.w_bits), ("a_bits", self.a_bits)):
             if not 2 <= bits <= 16:
                 raise ValueError(f"quant.{key}={bits}: must be in [2, 16] (16 = not quantized)")
@@ -69,6 +81,19 @@ class QuantScheme:
         for key, r in (("w_clip_ratio", self.w_clip_ratio), ("a_clip_ratio", self.a_clip_ratio)):
             if not 0.0 < r <= 1.0:
                 raise ValueError(f"quant.{key}={r}: must be in (0, 1]")
+        if self.w_quantizer == "gptq" or self.w_mse_clip:
+            what = "quant.w_quantizer=gptq" if self.w_quantizer == "gptq" else "quant.w_mse_clip=true"
+            if not self.quantize_weights:
+                raise ValueError(f"{what} needs quantized weights (quant.w_bits < 16)")
+            if self.w_granularity == "tensor":
+                raise ValueError(f"{what} quantizes per output channel or per group, not quant.w_granularity=tensor")
+            if self.w_clip_ratio != 1.0:
+                raise ValueError(f"{what} searches or keeps the full range; quant.w_clip_ratio={self.w_clip_ratio} "
+                                 "must stay 1.0 (use quant.w_mse_clip=true for a searched clip)")
+        if not 0.0 <= self.gptq_damp < 1.0:
+            raise ValueError(f"quant.gptq_damp={self.gptq_damp}: must be in [0, 1)")
+        if self.gptq_block < 1:
+            raise ValueError(f"quant.gptq_block={self.gptq_block}: must be >= 1")
 
     @property
     def quantize_weights(self) -> bool:
@@ -85,6 +110,11 @@ class QuantScheme:
     @property
     def weight_only(self) -> bool:
         return self.quantize_weights and not self.quantize_acts
+
+    @property
+    def default_weight_rounding(self) -> bool:
+        """True when the weights are rounded to nearest on the full range (what every method can deploy)."""
+        return self.w_quantizer == WQuantizer.rtn and not self.w_mse_clip
 
     @property
     def tag(self) -> str:

@@ -1,0 +1,126 @@
+"""MQuant (arXiv 2502.00425; code github StiphyJay/MQuant): QuaRot + GPTQ with full static activations.
+
+``transform_model_``: QuaRot's rotations (:func:`masquant.transforms.rotation.rotate_model_`, online Hadamard
+on down_proj). ``apply`` walks the layers with the FP statistics and the quantized stream; per layer:
+
+- weights as ``quant.w_quantizer`` says (the paper's setting: ``quant.w_quantizer=gptq``);
+- every activation quantization point (the input of q/k/v, o, gate/up, down) gets static per-tensor scales
+  from the calibration set: with ``msq`` one per modality (text, vision, audio), deployed as per-modality
+  :class:`ModalityPath` s, the router sending each token to its modality's scale (decode tokens are text);
+  without it one scale for all tokens;
+- ``rms``: points whose channel 0 is an outlier (:func:`baselines.mquant.core.channel0_outlier` on the FP
+  statistics) split it into a rank-1 FP product (the path's low-rank branch x_0 · W[:, 0]ᵀ); the weight's
+  column 0 is zeroed before rounding and the scale ignores channel 0;
+- ``aifs``: after deployment, prefill runs visual tokens first in every layer (:mod:`baselines.mquant.aifs`).
+  Under per-token routing the scales already follow the tokens, so AIFS changes no number here (the tests
+  check it): it is the deployment order that lets a kernel use one scale per contiguous block.
+
+Static scales need ``quant.a_dynamic=false quant.a_granularity=tensor`` (the scheme says what is deployed).
+Where the released code differs, this follows the paper (spec): MSQ is implemented (the code keeps one scale
+for all tokens) and calibration uses the run's calibration set, never an evaluation benchmark. Quantizing
+the vision encoder (MQuant's own setting) is not implemented: ``quantize_vision=true`` is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from baselines.mquant.aifs import AIFS
+from baselines.mquant.core import channel0_outlier, msq_scale, split_channel0
+from baselines.quarot.method import rotate_or_refuse_
+from masquant.adapters.base import INPUT_GROUPS, ROLE_TO_GROUP
+from masquant.methods.base import Method, MethodConfigError, ModalityPath, QuantContext, quantize_layer_
+from masquant.methods.weights import layer_weight_fn, summarize
+from masquant.registry import register_method
+from masquant.transforms.rotation import RotationMode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MQuantConfig:
+    id: str = "mquant"
+    msq: bool = True  # one static scale per modality (False: one for all tokens)
+    aifs: bool = True  # prefill visual tokens first (function-preserving)
+    rms: bool = True  # split channel-0 outliers of rotated inputs into an FP rank-1 product
+    seed: int = 0  # random signs of the residual rotation
+    rotation_mode: RotationMode = RotationMode.pad  # widths without a Hadamard matrix
+    online_down: bool = True  # online Hadamard on down_proj's input
+    quantize_vision: bool = False  # MQuant also quantizes the vision encoder: not implemented (refused)
+
+
+def group_scales(layer_stats, group: str, modalities, scheme, msq: bool, skip_channel0: bool) -> dict:
+    """{path name: static scale} of one input group: per modality with calibration tokens (msq) or one for all."""
+    per_m = layer_stats[group]
+    kw = dict(bits=scheme.a_bits, clip_ratio=scheme.a_clip_ratio, int_range=scheme.int_range.value,
+              skip_channel0=skip_channel0)
+    if not msq:
+        return {"text": msq_scale(per_m["all"].absmax, **kw)}
+    scales = {}
+    for m in modalities:
+        if m in per_m and per_m[m].count > 0:
+            scales[m] = msq_scale(per_m[m].absmax, **kw)
+        elif m != "text":
+            log.warning("MSQ: no calibration tokens of modality %r at %s; its tokens take the text scale", m, group)
+    if "text" not in scales:  # every point needs the default path's scale
+        scales["text"] = msq_scale(per_m["all"].absmax, **kw)
+    return scales
+
+
+@register_method("mquant", config=MQuantConfig)
+class MQuant(Method):
+    honours_weight_options = True
+
+    def check(self, scheme, modalities) -> None:
+        if self.cfg.quantize_vision:
+            raise MethodConfigError("method.quantize_vision=true (MQuant's vision-encoder quantization, with its "
+                                    "LayerNorm->RMSNorm conversion and own rotation) is not implemented; only "
+                                    "the language model is quantized (MASQuant's setting)")
+        if not scheme.quantize_acts:
+            raise MethodConfigError(f"method=mquant is full static activation quantization; quant={scheme.name} "
+                                    "quantizes no activations (use quarot, gptq or awq for weight-only)")
+        if scheme.a_dynamic or scheme.a_granularity != "tensor" or not scheme.a_symmetric:
+            raise MethodConfigError("method=mquant deploys static symmetric per-tensor activation scales: add "
+                                    "quant.a_dynamic=false quant.a_granularity=tensor (and quant.a_symmetric=true)")
+
+    def transform_model_(self, ctx: QuantContext) -> dict:
+        return rotate_or_refuse_(ctx.adapter, self.cfg.seed, self.cfg.rotation_mode, self.cfg.online_down, self.id)
+
+    def apply(self, ctx: QuantContext, stats) -> dict:
+        cfg, scheme = self.cfg, ctx.scheme
+        n, per_layer, split, ratios = 0, [], [], {}
+        for step in ctx.walk(stats=True, quantized_stream=True, desc="mquant"):
+            groups = {}
+            for group in INPUT_GROUPS:
+                affected, ratios[f"{group}/layer_{step.index}"] = channel0_outlier(step.stats[group]["all"].mean_abs)
+                groups[group] = cfg.rms and affected
+            split += [f"{group}/layer_{step.index}" for group, s in groups.items() if s]
+            rest = {}
+
+            def source(role, linear):
+                if not groups[ROLE_TO_GROUP[role]]:
+                    return linear.weight.data
+                rest[role] = split_channel0(linear.weight.data)
+                return rest[role][0]
+
+            weights = layer_weight_fn(ctx, step, weight_source=source if any(groups.values()) else None)
+            per_layer.append(weights)
+
+            def paths_for(role, linear, W_q, stats=step.stats, groups=groups, rest=rest):
+                group = ROLE_TO_GROUP[role]
+                scales = group_scales(stats, group, ctx.modalities, scheme, cfg.msq, groups[group])
+                extra = {}
+                if groups[group]:
+                    _, L1, L2 = rest[role] if role in rest else split_channel0(linear.weight.data)
+                    extra = {"L1": L1, "L2": L2}
+                return {m: ModalityPath(act_scale=s.to(W_q.device), **extra) for m, s in scales.items()}
+
+            n += quantize_layer_(ctx, step.layer, weight_for=weights.weight_for, paths_for=paths_for)
+        report = {"quant/linears": n, "mquant/rms_split_points": len(split), "mquant/rms_split": split,
+                  "mquant/channel0_ratio_max": max(ratios.values()) if ratios else 0.0,
+                  **summarize(per_layer, "mquant")}
+        if cfg.aifs and any(m != "text" for m in ctx.modalities):
+            AIFS(ctx.adapter, ctx.router).attach()
+            report["mquant/aifs"] = True
+        return report

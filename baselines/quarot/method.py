@@ -1,0 +1,104 @@
+"""QuaRot (spcl/QuaRot) on the adapters: rotations, GPTQ or RTN weights, dynamic per-token activations.
+
+``transform_model_`` runs QuaRot's offline steps (:func:`masquant.transforms.rotation.rotate_model_`): norm
+fusion, the residual rotation Q (random Hadamard, ``seed``), a Hadamard per head between v and o, and the
+online Hadamard on down_proj's input (``rotation_mode`` for widths without a Hadamard matrix: pad, the
+default, or block). Then every decoder linear is deployed: weights as ``quant.w_quantizer`` says (rtn, or
+gptq on the walker's quantized stream; QuaRot's paper default is GPTQ, the project's scheme default RTN:
+pass ``quant.w_quantizer=gptq``), activations dynamic per token with clip ``a_clip_ratio`` (0.9, QuaRot's;
+applied as the scheme's ``a_clip_ratio``). lm_head stays 16-bit (it is never a decoder linear).
+Optional KV cache: ``kv_bits`` < 16 quantizes K (after RoPE and an online Hadamard, ``k_hadamard``) and V
+asymmetrically per token and head, groups of ``kv_group_size``, clip ``kv_clip_ratio``.
+
+Models the adapter cannot rotate exactly (Gemma 3) are refused with the adapter's reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+from baselines.quarot.core import KVQuantizer
+from masquant.methods.base import Method, MethodConfigError, QuantContext, quantize_layer_
+from masquant.methods.weights import layer_weight_fn, summarize
+from masquant.registry import register_method
+from masquant.transforms.rotation import RotationMode, RotationUnsupported, rotate_model_
+
+
+@dataclass
+class QuaRotConfig:
+    id: str = "quarot"
+    seed: int = 0  # random signs of the residual rotation Q
+    rotation_mode: RotationMode = RotationMode.pad  # widths without a Hadamard matrix (down_proj's input)
+    online_down: bool = True  # online Hadamard on down_proj's input
+    a_clip_ratio: Optional[float] = 0.9  # per-token activation clip (QuaRot's); null = keep quant.a_clip_ratio
+    kv_bits: int = 16  # < 16: quantize the KV cache
+    kv_group_size: int = 128
+    kv_clip_ratio: float = 0.95
+    k_hadamard: bool = True  # online Hadamard on q and k after RoPE (with kv_bits < 16)
+
+    def __post_init__(self):
+        if self.a_clip_ratio is not None and not 0.0 < self.a_clip_ratio <= 1.0:
+            raise ValueError(f"method.a_clip_ratio={self.a_clip_ratio}: must be in (0, 1] or null")
+        if not 2 <= self.kv_bits <= 16:
+            raise ValueError(f"method.kv_bits={self.kv_bits}: must be in [2, 16] (16 = KV cache not quantized)")
+        if self.kv_group_size < 1 or not 0.0 < self.kv_clip_ratio <= 1.0:
+            raise ValueError("method.kv_group_size must be >= 1 and method.kv_clip_ratio in (0, 1]")
+
+
+def rotate_or_refuse_(adapter, seed: int, mode, online_down: bool, method: str) -> dict:
+    """QuaRot's offline transform, or a MethodConfigError naming why the model cannot be rotated."""
+    try:
+        return rotate_model_(adapter, seed=seed, mode=mode, online_down=online_down)
+    except RotationUnsupported as err:
+        raise MethodConfigError(f"method={method}: {err}") from None
+
+
+@register_method("quarot", config=QuaRotConfig)
+class QuaRot(Method):
+    needs_calibration = False  # RTN weights need none; GPTQ asks for it (requires_calibration)
+    honours_weight_options = True
+
+    def check(self, scheme, modalities) -> None:
+        if scheme.is_dense and self.cfg.kv_bits >= 16:
+            raise MethodConfigError("method=quarot with quant=fp16 quantizes nothing; use method=dense")
+        if scheme.quantize_acts and not scheme.a_dynamic:
+            raise MethodConfigError("QuaRot quantizes activations dynamically per token; for static per-tensor "
+                                    "scales use method=mquant (QuaRot + static quantization)")
+        clip = self.cfg.a_clip_ratio
+        if clip is not None and scheme.a_clip_ratio not in (1.0, clip):
+            raise MethodConfigError(f"quant.a_clip_ratio={scheme.a_clip_ratio} and method.a_clip_ratio={clip} "
+                                    "disagree; set one (method.a_clip_ratio=null keeps the scheme's)")
+
+    def deploy_scheme(self, scheme):
+        clip = self.cfg.a_clip_ratio
+        if clip is None or not scheme.quantize_acts:
+            return scheme
+        return dataclasses.replace(scheme, a_clip_ratio=clip)
+
+    def transform_model_(self, ctx: QuantContext) -> dict:
+        return rotate_or_refuse_(ctx.adapter, self.cfg.seed, self.cfg.rotation_mode, self.cfg.online_down, self.id)
+
+    def apply(self, ctx: QuantContext, stats) -> dict:
+        ctx.scheme = self.deploy_scheme(ctx.scheme)
+        kv = None
+        if self.cfg.kv_bits < 16:
+            kv = KVQuantizer(self.cfg.kv_bits, self.cfg.kv_group_size, self.cfg.kv_clip_ratio, self.cfg.k_hadamard)
+        n, per_layer = 0, []
+
+        def deploy(layer, weights):
+            per_layer.append(weights)
+            if kv is not None:
+                ctx.adapter.wrap_attention_kernel_(layer, kv)
+            return quantize_layer_(ctx, layer, weight_for=weights.weight_for) if ctx.scheme.quantize_weights or \
+                ctx.scheme.quantize_acts else 0
+
+        if ctx.scheme.w_quantizer == "gptq":
+            for step in ctx.walk(quantized_stream=True, fp_stream=False, desc="quarot gptq"):
+                n += deploy(step.layer, layer_weight_fn(ctx, step))
+        else:
+            for layer in ctx.adapter.decoder_layers():
+                n += deploy(layer, layer_weight_fn(ctx, layer=layer))
+        return {"quant/linears": n, "quarot/a_clip_ratio": ctx.scheme.a_clip_ratio, "quarot/kv_bits": self.cfg.kv_bits,
+                **summarize(per_layer, "quarot")}

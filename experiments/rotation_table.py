@@ -1,0 +1,84 @@
+"""The rotation-family testbed table: dense, RTN, GPTQ, QuaRot (RTN / GPTQ weights), MQuant's ablation steps.
+
+    .venv/bin/python experiments/rotation_table.py                      # W4A8 and W4A4, eval=fidelity
+    .venv/bin/python experiments/rotation_table.py --quants w4a8 --variants rtn,quarot-gptq
+
+Every cell is an ordinary CLI run in its own process (``python -m masquant ...``: its peak memory is its own;
+results keyed by config hash: re-running resumes). MQuant runs with static
+per-tensor activations (quant.a_dynamic=false quant.a_granularity=tensor) and GPTQ weights, its paper's
+setting; the others with the scheme's dynamic per-token activations. Prints the table (e2e SQNR per
+modality, perplexity, quantize stage time, peak memory, GPTQ time per layer) and writes it as CSV next to the
+runs (<output_root>/tables/rotation_table.csv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from masquant.config import register_configs  # noqa: E402
+from masquant.reporting.table import format_markdown, results_frame  # noqa: E402
+from masquant.run import CONF_DIR  # noqa: E402
+
+GPTQ = ["quant.w_quantizer=gptq"]
+STATIC = ["quant.a_dynamic=false", "quant.a_granularity=tensor", *GPTQ]
+VARIANTS = {
+    "rtn": ["method=rtn"],
+    "gptq": ["method=rtn", *GPTQ],
+    "quarot-rtn": ["method=quarot"],
+    "quarot-gptq": ["method=quarot", *GPTQ],
+    "mquant static gptq+hadamard": ["method=mquant", "method.msq=false", "method.aifs=false", "method.rms=false", *STATIC],
+    "mquant +msq+aifs": ["method=mquant", "method.rms=false", *STATIC],
+    "mquant +msq+aifs+rms": ["method=mquant", *STATIC],
+}
+
+
+def gptq_seconds_per_layer(m: dict) -> float | None:
+    return next((v for k, v in m.items() if k.endswith("gptq_s_per_layer")), None)
+
+
+def run_cell(overrides: list[str]) -> dict:
+    """One configuration through the CLI in its own process (so its peak memory is its own); its metrics."""
+    from masquant import pipeline
+    from masquant.reporting.store import load_result
+
+    cfg = compose(config_name="config", overrides=overrides)
+    subprocess.run([sys.executable, "-m", "masquant", *overrides], check=True)
+    return load_result(pipeline.resolve(cfg).run_dir)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quants", default="w4a8,w4a4")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    register_configs()
+    rows = []
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        for q in args.quants.split(","):
+            for name in args.variants.split(","):
+                overrides = ["eval=fidelity", *args.overrides, *VARIANTS[name], f"quant={q}"]
+                if not rows:
+                    rows.append(run_cell([*overrides[:-len(VARIANTS[name]) - 1], "method=dense", "quant=fp16"]))
+                rows.append({**run_cell(overrides), "run/method_label": name})
+        out = Path(compose(config_name="config", overrides=args.overrides).paths.output_root) / "tables"
+    df = results_frame(rows)
+    df["quantize s"] = [m.get("time/quantize_s") for m in rows]
+    df["peak MB"] = [m.get("memory/peak_mb") for m in rows]
+    df["GPTQ s/layer"] = [gptq_seconds_per_layer(m) for m in rows]
+    df = df.drop(columns=[c for c in ("calib", "limit") if c in df.columns])
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "rotation_table.csv", index=False, float_format="%.2f")
+    print("\n" + format_markdown(df) + f"\n\nCSV: {out / 'rotation_table.csv'}")
+
+
+if __name__ == "__main__":
+    main()
