@@ -28,7 +28,7 @@ from masquant.quant import ModalityRouter, QuantScheme, attach_router
 from masquant.quant.quantizer import quantize_activation, quantize_weight, sqnr_db
 from masquant.registry import build_method
 from masquant.validation import ConfigError
-from support.tiny import MODEL_TYPES, prompts, tiny
+from support.tiny import MODEL_TYPES, final_hidden, prompts, tiny
 
 W4G32 = QuantScheme("w4a16_g32", 4, 16, w_symmetric=False, w_granularity="group", w_group_size=32)
 W3G16 = QuantScheme("w3a16_g16", 3, 16, w_symmetric=False, w_granularity="group", w_group_size=16)
@@ -201,21 +201,17 @@ def test_v_o_pair_is_searched_and_folded_without_gqa():
 
 
 # --- the method on every adapter -----------------------------------------------------------------------
-def _final_hidden(model, batches):
-    with torch.no_grad():
-        return torch.cat([model(**b, output_hidden_states=True).hidden_states[-1][0] for b in batches])
-
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_awq_beats_rtn_on_every_adapter(model_type):
     base, processor, cls = tiny(model_type)
     calib, held = prompts(processor, cls, 4), prompts(processor, cls, 2, seed=50)
-    ref = _final_hidden(base, held)
+    ref = final_hidden(base, held)
     sqnr, reports = {}, {}
     for name, cfg in {"rtn": RTNConfig(), "awq": AWQConfig()}.items():
         model = copy.deepcopy(base)
         reports[name] = build_method(cfg).run(_ctx(model, W3G16, calib, ("text",) + cls.tiny_modalities()))
-        sqnr[name] = sqnr_db(ref, _final_hidden(model, held))
+        sqnr[name] = sqnr_db(ref, final_hidden(model, held))
     assert sqnr["awq"] > sqnr["rtn"], sqnr
     report = reports["awq"]
     n_layers = get_adapter(base).num_layers()

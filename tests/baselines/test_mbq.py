@@ -25,7 +25,7 @@ from masquant.methods.base import MethodConfigError, QuantContext
 from masquant.quant import ModalityRouter, QuantLinear, QuantScheme, attach_router
 from masquant.quant.quantizer import sqnr_db
 from masquant.registry import build_method
-from support.tiny import MODEL_TYPES, calib_set, prompts, tiny
+from support.tiny import MODEL_TYPES, calib_set, final_hidden, prompts, tiny
 from test_awq import W3G16, W4G32, planted_down_weight
 
 W4A8 = QuantScheme("w4a8", 4, 8)
@@ -206,23 +206,19 @@ def test_mbq_scales_folded_without_quantization_leave_logits_unchanged(model_typ
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
 
-def _final_hidden(model, batches):
-    with torch.no_grad():
-        return torch.cat([model(**b, output_hidden_states=True).hidden_states[-1][0] for b in batches])
-
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_mbq_no_worse_than_rtn_at_w8a8_on_every_adapter(model_type):
     """As tests/methods/test_every_adapter.py for the other methods; the deployed linears quantize activations."""
     base, processor, cls = tiny(model_type)
     held = prompts(processor, cls, 2, seed=50)
-    ref = _final_hidden(base, held)
+    ref = final_hidden(base, held)
     sqnr = {}
     for name, cfg in {"rtn": RTNConfig(), "mbq": MBQConfig()}.items():
         model = copy.deepcopy(base)
         ctx = _ctx(model, W8A8, calib_set(processor, cls, 3), _modalities(cls))
         report = build_method(cfg).run(ctx)
-        sqnr[name] = sqnr_db(ref, _final_hidden(model, held))
+        sqnr[name] = sqnr_db(ref, final_hidden(model, held))
     linears = ctx.adapter.linears(ctx.adapter.decoder_layers()[0])
     assert all(isinstance(lin, QuantLinear) and lin.scheme.quantize_acts for lin in linears.values())
     assert all(f"mbq/r_attn/layer_{i}" in report for i in range(ctx.adapter.num_layers()))

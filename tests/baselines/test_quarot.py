@@ -15,7 +15,7 @@ from masquant.methods.base import MethodConfigError, QuantContext
 from masquant.quant import ModalityRouter, QuantLinear, QuantScheme, attach_router
 from masquant.quant.quantizer import sqnr_db
 from masquant.registry import build_method
-from support.tiny import MODEL_TYPES, prompts, tiny
+from support.tiny import MODEL_TYPES, final_hidden, prompts, tiny
 
 ROTATABLE = [t for t in MODEL_TYPES if adapter_class_for(t).supports_residual_rotation]
 W8A8 = QuantScheme("w8a8", 8, 8)
@@ -30,22 +30,18 @@ def _run(model, cls, processor, cfg, scheme, n_calib=4):
     return build_method(cfg).run(ctx), ctx
 
 
-def _final(model, batches):
-    with torch.no_grad():
-        return torch.cat([model(**b, output_hidden_states=True).hidden_states[-1][0] for b in batches])
-
 
 @pytest.mark.parametrize("model_type", ROTATABLE)
 def test_quarot_on_every_rotatable_adapter_at_w8a8(model_type):
     """The final hidden state (un-rotated) of QuaRot+GPTQ at W8A8 is close to FP: a wrong fold collapses it."""
     base, processor, cls = tiny(model_type)
     held = prompts(processor, cls, 2, seed=50)
-    ref = _final(base, held)
+    ref = final_hidden(base, held)
     model = copy.deepcopy(base)
     report, ctx = _run(model, cls, processor, QuaRotConfig(), QuantScheme("w8a8", 8, 8, w_quantizer="gptq"))
     Q = get_adapter(model).language_model().masquant_residual_basis.Q
     assert report["quant/linears"] == 7 * ctx.adapter.num_layers()
-    assert sqnr_db(ref, _final(model, held) @ Q.T) > 20
+    assert sqnr_db(ref, final_hidden(model, held) @ Q.T) > 20
     down = ctx.adapter.linears(ctx.adapter.decoder_layers()[0])["down"]
     assert isinstance(down, QuantLinear) and down.input_transform is not None  # the online Hadamard survived deploy
     assert down.scheme.a_clip_ratio == 0.9

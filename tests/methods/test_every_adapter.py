@@ -17,16 +17,12 @@ from masquant.methods.masquant.config import MASQuantConfig
 from masquant.quant import ModalityRouter, QuantScheme, attach_router
 from masquant.quant.quantizer import sqnr_db
 from masquant.registry import build_method
-from support.tiny import MODEL_TYPES, prompts, tiny
+from support.tiny import MODEL_TYPES, final_hidden, prompts, tiny
 
 W8A8 = QuantScheme("w8a8", 8, 8)
 METHODS = {"rtn": RTNConfig(), "smoothquant": SmoothQuantConfig(alpha=0.5),
            "masquant": MASQuantConfig(epochs=1, lr=5e-3)}
 
-
-def _final_hidden(model, batches):
-    with torch.no_grad():
-        return torch.cat([model(**b, output_hidden_states=True).hidden_states[-1][0] for b in batches])
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -35,7 +31,7 @@ def test_methods_no_worse_than_rtn_at_w8a8(model_type):
     modalities = ("text",) + cls.tiny_modalities()
     calib = prompts(processor, cls, 4, seed=0)
     held = prompts(processor, cls, 2, seed=50)
-    ref = _final_hidden(base, held)
+    ref = final_hidden(base, held)
     sqnr = {}
     for name, cfg in METHODS.items():
         model = copy.deepcopy(base)
@@ -44,7 +40,7 @@ def test_methods_no_worse_than_rtn_at_w8a8(model_type):
         attach_router(model, router)
         ctx = QuantContext(model, adapter, W8A8, router, torch.device("cpu"), modalities, CalibrationSet(calib))
         build_method(cfg).run(ctx)
-        sqnr[name] = sqnr_db(ref, _final_hidden(model, held))
+        sqnr[name] = sqnr_db(ref, final_hidden(model, held))
     assert sqnr["rtn"] < 80, sqnr  # something was quantized
     assert sqnr["smoothquant"] >= sqnr["rtn"] - 1.0, sqnr
     assert sqnr["masquant"] >= sqnr["rtn"] - 1.0, sqnr

@@ -36,3 +36,9 @@ def text_prompt(processor, seed: int = 0) -> dict:
 
 def calib_set(processor, cls, n: int, seed: int = 0) -> CalibrationSet:
     return CalibrationSet.from_rows(processor, tiny_rows(n, seed, cls.tiny_modalities()))
+
+
+def final_hidden(model, batches: list[dict]) -> torch.Tensor:
+    """The last hidden states of ``batches`` (tokens of every batch concatenated): what SQNR checks compare."""
+    with torch.no_grad():
+        return torch.cat([model(**b, output_hidden_states=True).hidden_states[-1][0] for b in batches])
