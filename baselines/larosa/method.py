@@ -142,6 +142,9 @@ def group_macs(adapter, layer) -> dict[str, int]:
 class SparsityMeter:
     """Forward hooks on the sparsifiers: zero fraction of their outputs, and per modality the energy they drop.
 
+    The zero fraction counts the rows whose input is not all zero (such rows, e.g. the zero embeddings of some
+    placeholder tokens, cost nothing and are not the Top-K's doing).
+
     The energy of the input u and of the output s = TopK(u Q) are summed per modality of the router's masks
     (‖u Q‖ = ‖u‖ for orthogonal Q); dropped = 1 − Σ‖s‖² / Σ‖u‖².
     """
@@ -155,9 +158,10 @@ class SparsityMeter:
         def hook(module, args, out):
             u = args[0].reshape(-1, args[0].shape[-1]).float()
             s = out.reshape(-1, out.shape[-1]).float()
+            live = (u != 0).any(-1)  # all-zero input rows (e.g. masked or padded tokens) skip the product anyway
             z = self.zeros.setdefault((group, index), [0, 0])
-            z[0] += int((s == 0).sum())
-            z[1] += s.numel()
+            z[0] += int((s[live] == 0).sum())
+            z[1] += s[live].numel()
             masks = dict(self.router.masks or {})
             masks["all"] = None
             eu, es = u.pow(2).sum(-1), s.pow(2).sum(-1)
@@ -184,8 +188,9 @@ class SparsityMeter:
         out: dict = {}
         realised: dict[str, list[float]] = {}
         for (group, i), (zeros, n) in sorted(self.zeros.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-            out[f"larosa/realised_sparsity/{group}/layer_{i}"] = zeros / n
-            realised.setdefault(group, []).append(zeros / n)
+            value = zeros / n if n else 0.0
+            out[f"larosa/realised_sparsity/{group}/layer_{i}"] = value
+            realised.setdefault(group, []).append(value)
         means = {g: sum(v) / len(v) for g, v in realised.items()}
         out.update({f"larosa/realised_sparsity/{g}": v for g, v in means.items()})
         if means:

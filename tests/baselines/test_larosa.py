@@ -179,13 +179,15 @@ def test_sparsity_then_quantization():
     assert torch.equal(quantize_weight(down.weight.data, scheme), down.weight.data)  # on the 8-bit grid
     # the q weight is the rounded W Q: un-rotating it gives the FP weight up to the rounding error
     Q = layer_sparsifiers(ctx.adapter, layer)["qkv"].Q
-    W_fp = ctx.adapter.linears(get_adapter(base).decoder_layers()[0])["q"].weight
-    assert sqnr_db(W_fp, lin["q"].weight @ Q.T) > 35
+    W_fp = ctx.adapter.linears(get_adapter(base).decoder_layers()[0])["q"].weight.detach()
+    assert sqnr_db(W_fp, lin["q"].weight.detach() @ Q.T) > 35
     held = prompts(processor, cls, 2, seed=50)
     _, sparse_only = _run(copy.deepcopy(base), cls, processor, LaRoSAConfig(sparsity=0.4))
-    ref = final_hidden(base, held)
-    quantized, alone = sqnr_db(ref, final_hidden(model, held)), sqnr_db(ref, final_hidden(sparse_only.model, held))
-    assert 5 < quantized < alone, (quantized, alone)  # the 8-bit error adds to the sparsity's
+    ref, h_sparse, h_both = final_hidden(base, held), final_hidden(sparse_only.model, held), final_hidden(model, held)
+    # 8 bits on top of 40 % sparsity: a small extra error (either sign on the FP SQNR: the two errors are not
+    # additive), but a real one
+    assert 25 < sqnr_db(h_sparse, h_both) < 80
+    assert abs(sqnr_db(ref, h_both) - sqnr_db(ref, h_sparse)) < 1.0
 
 
 def test_gptq_weights_compose(compose_cfg, tiny_overrides):
@@ -205,7 +207,7 @@ def test_pipeline_end_to_end_reports_sparsity_and_per_modality_sqnr(compose_cfg,
         assert 0 < m[f"fidelity/sqnr/{modality}/e2e"] < 80
         assert 0 < m[f"larosa/energy_dropped/{modality}/gate_up/layer_0"] < 1
     assert m["larosa/realised_sparsity/o/layer_1"] == pytest.approx(1 - m["larosa/kept/o"] / 64)
-    assert m["fidelity/ppl"] > m["fidelity/ppl_fp"]
+    assert m["fidelity/ppl"] != m["fidelity/ppl_fp"]  # random tiny weights: the direction means nothing here
     teal = pipeline.run(compose_cfg(*tiny_overrides, "method=larosa", "quant=fp16", "method.rotate=false"))
     assert teal["run/method_label"] == "larosa(rotate=False)"
 
@@ -219,3 +221,21 @@ def test_cli_refuses_bad_options_before_loading(compose_cfg, tiny_overrides):
     with pytest.raises(ConfigError, match="dynamic"):
         pipeline.resolve(compose_cfg(*tiny_overrides, "method=larosa", "quant=w8a8", "quant.a_dynamic=false",
                                      "quant.a_granularity=tensor"))
+
+
+@pytest.mark.slow
+def test_testbed_text_perplexity_rises_monotonically_with_sparsity(compose_cfg):
+    """The testbed's language model on the text corpus (benchmarks/text_ppl.py's setting, fewer samples):
+    perplexity grows with the sparsity level; the TEAL-style Top-K without rotation is worse at 40 %."""
+    from masquant import pipeline
+
+    base = ["modality=text_only", "calib=text", "eval=fidelity", "eval.ppl=true", "quant=fp16", "method=larosa",
+            "calib.n_samples=8", "calib.held_out=2", "eval.ppl_sequences=8"]
+    ppl = {s: pipeline.run(compose_cfg(*base, f"method.sparsity={s}")) for s in (0.0, 0.25, 0.4, 0.5)}
+    curve = [m["fidelity/ppl"] for m in ppl.values()]
+    assert curve[0] == pytest.approx(ppl[0.0]["fidelity/ppl_fp"], rel=1e-3)
+    assert all(a < b for a, b in zip(curve, curve[1:])), curve
+    teal = pipeline.run(compose_cfg(*base, "method.sparsity=0.4", "method.rotate=false"))
+    assert teal["fidelity/ppl"] > ppl[0.4]["fidelity/ppl"], (teal["fidelity/ppl"], curve)
+    for s, m in ppl.items():
+        assert m["larosa/realised_sparsity_macs"] == pytest.approx(m["larosa/sparsity_macs"], abs=0.01), s
