@@ -64,15 +64,20 @@ class LaRoSAConfig:
     block_out_scale: float = 1.2  # × sparsity on the o_proj and down_proj inputs
 
     def __post_init__(self):
-        if self.block_in_scale <= 0 or self.block_out_scale <= 0:
-            raise ValueError("method.block_in_scale and method.block_out_scale must be > 0")
+        if not 0.0 <= self.sparsity < 1.0:  # also refuses NaN
+            raise ValueError(f"method.sparsity={self.sparsity}: must be in [0, 1) (the fraction of each token's "
+                             "entries set to zero, e.g. 0.4)")
+        if not (self.block_in_scale > 0 and self.block_out_scale > 0):
+            raise ValueError(f"method.block_in_scale={self.block_in_scale} and method.block_out_scale="
+                             f"{self.block_out_scale}: both must be > 0")
         if abs((self.block_in_scale + self.block_out_scale) / 2 - 1.0) > 1e-9:
             raise ValueError(f"method.block_in_scale={self.block_in_scale} and method.block_out_scale="
                              f"{self.block_out_scale} must average to 1 (method.sparsity is their mean level)")
-        top = max(self.block_in_scale, self.block_out_scale) * self.sparsity
-        if self.sparsity < 0 or top >= 1.0:
-            raise ValueError(f"method.sparsity={self.sparsity}: must be >= 0 and keep every position below 1 "
-                             f"(the highest position would be {top:.3g})")
+        for key, scale in (("block_in_scale", self.block_in_scale), ("block_out_scale", self.block_out_scale)):
+            if scale * self.sparsity >= 1.0:
+                raise ValueError(f"method.sparsity={self.sparsity} with method.{key}={scale} gives a position level "
+                                 f"of {scale * self.sparsity:.3g}; every level must stay below 1: use method.sparsity"
+                                 f" < {1 / max(self.block_in_scale, self.block_out_scale):.4g}")
 
 
 class BlockInputGram:

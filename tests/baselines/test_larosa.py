@@ -88,9 +88,13 @@ def test_config_and_scheme_refusals():
     with pytest.raises(ValueError, match="average to 1"):
         LaRoSAConfig(block_in_scale=0.8, block_out_scale=1.0)
     with pytest.raises(ValueError, match="below 1"):
-        LaRoSAConfig(sparsity=0.9)
-    with pytest.raises(ValueError, match=">= 0"):
-        LaRoSAConfig(sparsity=-0.1)
+        LaRoSAConfig(sparsity=0.9)  # 1.2 x 0.9 on o/down
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
+            LaRoSAConfig(sparsity=bad)
+    with pytest.raises(ValueError, match="> 0"):
+        LaRoSAConfig(block_in_scale=0.0, block_out_scale=2.0)
+    LaRoSAConfig(sparsity=0.8, block_in_scale=1.0, block_out_scale=1.0)  # uniform levels
     with pytest.raises(MethodConfigError, match="dynamic"):
         LaRoSA(LaRoSAConfig()).check(QuantScheme("s", 8, 8, a_dynamic=False, a_granularity="tensor"), ("text",))
     LaRoSA(LaRoSAConfig()).check(FP16, ("text",))  # sparsity alone
@@ -218,6 +222,10 @@ def test_cli_refuses_bad_options_before_loading(compose_cfg, tiny_overrides):
 
     with pytest.raises(ConfigError, match="average to 1"):
         pipeline.resolve(compose_cfg(*tiny_overrides, "method=larosa", "method.block_out_scale=1.5"))
+    with pytest.raises(ConfigError, match=r"method=larosa: method.sparsity=1.5: must be in \[0, 1\)"):
+        pipeline.resolve(compose_cfg(*tiny_overrides, "method=larosa", "method.sparsity=1.5"))
+    with pytest.raises(ConfigError, match="position level of 1.02"):
+        pipeline.resolve(compose_cfg(*tiny_overrides, "method=larosa", "method.sparsity=0.85"))
     with pytest.raises(ConfigError, match="dynamic"):
         pipeline.resolve(compose_cfg(*tiny_overrides, "method=larosa", "quant=w8a8", "quant.a_dynamic=false",
                                      "quant.a_granularity=tensor"))
