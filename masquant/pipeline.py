@@ -34,6 +34,7 @@ from masquant.quant.scheme import QuantScheme
 from masquant.registry import build_method, get_method_class
 from masquant.reporting.store import (
     RESULT_FILE,
+    RESULTS_FORMAT,
     clean_stale,
     failed_dir,
     is_finished,
@@ -45,13 +46,14 @@ from masquant.reporting.store import (
     run_lock,
     write_json_atomic,
 )
+from masquant.provenance import provenance
 from masquant.resources import peak_memory_mb, reset_peak_memory
 from masquant.validation import ConfigError
 
 log = logging.getLogger(__name__)
 
 # Keys that do not change results and are left out of the config hash.
-_NON_SEMANTIC = ("logger", "paths", "force", "threads", "device", "reference")
+_NON_SEMANTIC = ("logger", "paths", "force", "threads", "device", "reference", "sweep")
 
 
 @dataclass
@@ -76,6 +78,7 @@ def config_hash(cfg: DictConfig) -> str:
     for key in _NON_SEMANTIC:
         plain.pop(key, None)
     plain.pop("hydra", None)
+    plain["_results_format"] = RESULTS_FORMAT  # a new format is a new configuration: stale results are re-run
     return stable_hash(plain, 10)
 
 
@@ -234,7 +237,9 @@ def _run_locked(spec: RunSpec) -> dict:
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(file_log)
     try:
+        started = time.perf_counter()
         metrics = _execute(spec, tmp_dir)
+        metrics.update(provenance(spec.device), **{"provenance/wall_s": time.perf_counter() - started})
         (tmp_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         write_json_atomic(metrics, tmp_dir / RESULT_FILE)
         logging.getLogger().removeHandler(file_log)
