@@ -6,8 +6,8 @@
 
 1. ``python -m masquant -m experiment=<name>`` in this process (Hydra's multirun with the masquant sweeper:
    every job validated first, jobs in sequence, finished ones skipped, so re-running resumes), with
-   ``hydra.sweeper.drop_unregistered=true``: the paper's methods not registered in this checkout (AWQ, MBQ,
-   QuaRot, MQuant land from other branches) are dropped and named under the table, the rest runs;
+   ``hydra.sweeper.drop_unregistered=true``: the paper's methods not registered in a checkout (a
+   method under development on another branch) are dropped and named under the table, the rest runs;
 2. the sweep writes ``<output_root>/tables/<name>/table.{md,tex,csv}``, ``runs.{md,csv}`` and ``plots/*.png``
    and prints the table (the paper's layout, with its numbers and the deltas);
 3. for a sweep with MASQuant jobs, the MASQuant figures (per-modality activation ranges, CMC rank/energy
