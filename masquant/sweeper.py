@@ -7,8 +7,8 @@
    single run (``pipeline.resolve``: keys, values, paths, files, the objective). A bad value in job 7 of 40
    fails the sweep in seconds, listing every bad job, instead of after the first six jobs ran. A method id that
    is not registered in this checkout is named as such, with the registered ones.
-   ``drop_unregistered=true`` drops the jobs of the paper's methods that are not registered here (AWQ, MBQ,
-   QuaRot, MQuant land from other branches) and ``drop_inapplicable=true`` the jobs whose method cannot run the
+   ``drop_unregistered=true`` drops the jobs of the paper's methods that are not registered here (a method
+   under development on another branch) and ``drop_inapplicable=true`` the jobs whose method cannot run the
    scheme; both are named in the log and in ``sweep.json``. Any other problem still fails the sweep.
 3. A job that fails while running does not stop the sweep: the other jobs run, and the sweep ends with the
    list of failed jobs and their errors (exit status 1). Re-running the command runs only what is missing
