@@ -43,6 +43,42 @@ class FoldPair:
     producer_is_norm: bool
 
 
+@dataclass(frozen=True)
+class VisionEncoderSpec:
+    """A vision encoder's residual stream, declared as the decoder's is: what reads it, what writes it.
+
+    The encoder is a stack of pre-norm blocks over one residual stream of width ``hidden_size``: in each block
+    a norm feeds the attention's input linears, the attention's output linear adds into the stream, a norm
+    feeds the MLP's input linears, the MLP's output linear adds into the stream. ``entry`` modules write the
+    stream's first value (the patch embedding; a convolution or a linear, each output channel a stream
+    channel); ``exit_norm`` reads the last block's output and ``exit_linear`` reads the exit norm's output
+    (the merger/projector's first linear; it may read several tokens concatenated, in_features = k · width).
+    Paths of ``entry``, ``exit_norm`` and ``exit_linear`` are inside the encoder module (``path``); the others
+    inside a block. Nothing else may write into the stream (no additive position embedding, no class token).
+    """
+
+    path: str  # the encoder module, e.g. "model.visual"
+    blocks: str  # its ModuleList of blocks, inside path
+    norm_kind: NormKind  # rms or layer (LayerNorm: converted to RMSNorm before a rotation)
+    linears: tuple[tuple[str, str], ...]  # (role, linear path inside a block), every linear of a block
+    norm_feeds: tuple[tuple[str, tuple[str, ...]], ...]  # (norm path inside a block, roles reading its output)
+    writers: tuple[str, ...]  # roles whose outputs are added to the stream (attention output, MLP output)
+    mlp_output: tuple[str, ...]  # roles reading the MLP's hidden activation (MQuant's online Hadamard: fc2/down)
+    entry: tuple[str, ...]  # writers of the stream's first value (patch embedding), inside path
+    exit_norm: str  # inside path
+    exit_linear: str  # inside path
+
+    def roles(self) -> dict[str, str]:
+        return dict(self.linears)
+
+    def input_groups(self) -> dict[str, tuple[str, ...]]:
+        """{group: roles sharing one input}: the readers of each norm together, every other linear alone."""
+        groups = {"_".join(roles): tuple(roles) for _, roles in self.norm_feeds}
+        fed = {r for roles in groups.values() for r in roles}
+        groups.update({role: (role,) for role, _ in self.linears if role not in fed})
+        return groups
+
+
 class ModelAdapter:
     """Decoder-only MLLM adapter; subclasses set the paths, token ids, norm kind and tiny model."""
 
@@ -72,6 +108,8 @@ class ModelAdapter:
     # Linears outside the decoder whose outputs the model writes into the residual stream (the encoders' projector
     # outputs, merged into inputs_embeds); None = not declared (a residual rotation then refuses the model).
     encoder_output_paths: ClassVar[tuple[str, ...] | None] = None
+    # The vision encoder's blocks and residual stream (MQuant's encoder quantization); None = not declared.
+    vision_encoder: ClassVar[VisionEncoderSpec | None] = None
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -118,6 +156,42 @@ class ModelAdapter:
 
     def lm_head(self) -> nn.Module:
         return self.model.get_submodule(self.lm_head_path)
+
+    # --- the vision encoder's blocks (see VisionEncoderSpec) -------------------------------
+    @classmethod
+    def vision_encoder_missing(cls) -> str | None:
+        """Why the vision encoder cannot be transformed block by block, or None when it is declared."""
+        if cls.vision_encoder is None:
+            return (f"{cls.__name__} does not declare its vision encoder's blocks and residual stream "
+                    "(vision_encoder: a VisionEncoderSpec)")
+        return None
+
+    def _vision_spec(self) -> VisionEncoderSpec:
+        reason = self.vision_encoder_missing()
+        if reason:
+            raise NotImplementedError(reason)
+        return self.vision_encoder
+
+    def vision_module(self, path: str | None = None) -> nn.Module:
+        """The vision encoder, or a module inside it (``path`` relative to the encoder)."""
+        encoder = self.model.get_submodule(self._vision_spec().path)
+        return encoder if not path else encoder.get_submodule(path)
+
+    def replace_vision_module_(self, path: str, new: nn.Module) -> None:
+        _set_submodule(self.vision_module(), path, new)
+
+    def vision_blocks(self) -> nn.ModuleList:
+        return self.vision_module(self._vision_spec().blocks)
+
+    def vision_linears(self, block: nn.Module) -> dict[str, nn.Module]:
+        return {role: block.get_submodule(path) for role, path in self._vision_spec().linears}
+
+    def vision_input_group_linears(self, block: nn.Module) -> dict[str, nn.Module]:
+        lin = self.vision_linears(block)
+        return {group: lin[roles[0]] for group, roles in self._vision_spec().input_groups().items()}
+
+    def set_vision_linear(self, block: nn.Module, role: str, new: nn.Module) -> None:
+        _set_submodule(block, self._vision_spec().roles()[role], new)
 
     def encoders(self) -> dict[str, nn.Module]:
         return {name: self.model.get_submodule(path) for name, path in self.encoder_paths.items()}

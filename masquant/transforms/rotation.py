@@ -160,19 +160,37 @@ def _set(param: torch.Tensor, value: torch.Tensor) -> None:
     param.data = value.to(device=param.device, dtype=param.dtype).contiguous()
 
 
+def _tiled(v: torch.Tensor, width: int) -> torch.Tensor:
+    """v [n] repeated to [width] (a linear reading k = width / n tokens concatenated, e.g. a patch merger)."""
+    n = v.shape[-1]
+    if width % n:
+        raise ValueError(f"a reader of width {width} cannot read tokens of width {n}")
+    return v.repeat(width // n)
+
+
 @torch.no_grad()
 def rotate_input_(linear: nn.Module, Q: torch.Tensor) -> None:
-    """A reader of the rotated stream: W [out, n] -> W Q [out, n] (its input x Q gives x Wᵀ)."""
+    """A reader of the rotated stream: W [out, n] -> W Q [out, n] (its input x Q gives x Wᵀ).
+
+    A reader of k tokens concatenated (W [out, k·n]) takes Q on each token's columns: W -> W blockdiag(Q, ..., Q).
+    """
     W = linear.weight.data
-    _set(linear.weight, W.double() @ Q.to(W.device, torch.float64))
+    n = Q.shape[0]
+    if W.shape[1] % n:
+        raise ValueError(f"a reader of width {W.shape[1]} cannot read a stream of width {n}")
+    Wd = W.double().reshape(W.shape[0], W.shape[1] // n, n)
+    _set(linear.weight, (Wd @ Q.to(W.device, torch.float64)).reshape(W.shape))
 
 
 @torch.no_grad()
 def rotate_output_(linear: nn.Module, Q: torch.Tensor) -> None:
-    """A writer into the rotated stream: W [n, in] -> Qᵀ W, b [n] -> Qᵀ b (its output y becomes y Q)."""
+    """A writer into the rotated stream: W [n, in] -> Qᵀ W, b [n] -> Qᵀ b (its output y becomes y Q).
+
+    A convolution (a patch embedding, W [n, C, ...]) is the same map on its flattened input.
+    """
     W = linear.weight.data
     Qd = Q.to(W.device, torch.float64)
-    _set(linear.weight, Qd.T @ W.double())
+    _set(linear.weight, (Qd.T @ W.double().reshape(W.shape[0], -1)).reshape(W.shape))
     if linear.bias is not None:
         _set(linear.bias, linear.bias.data.double() @ Qd)
 
@@ -188,10 +206,10 @@ def rotate_embedding_(embedding: nn.Module, Q: torch.Tensor, rows_per_chunk: int
 
 @torch.no_grad()
 def fold_scale_into_inputs_(linears: Iterable[nn.Module], scale: torch.Tensor) -> None:
-    """W [out, n] -> W diag(scale) for each linear reading a norm's output."""
+    """W [out, n] -> W diag(scale) for each linear reading a norm's output (k tokens concatenated: scale tiled)."""
     for linear in linears:
         W = linear.weight.data
-        _set(linear.weight, W.double() * scale.to(W.device, torch.float64)[None, :])
+        _set(linear.weight, W.double() * _tiled(scale.to(W.device, torch.float64), W.shape[1])[None, :])
 
 
 # --- 1. norm fusion -------------------------------------------------------------------------------------
@@ -312,12 +330,19 @@ def rotate_down_input_(adapter, layer: nn.Module, mode: str = "pad") -> Rotation
     down = adapter.linears(layer)["down"]
     if getattr(down, "input_transform", None) is not None:
         raise RotationUnsupported("down_proj already has an online rotation")
-    plan = rotation_for_width(down.in_features, mode)
-    M = plan.matrix().to(down.weight.device)  # [n, p]
-    W = (down.weight.data.double() @ M).to(down.weight.dtype)
-    adapter.set_linear(layer, "down", OnlineRotatedLinear(W, None if down.bias is None else down.bias.data,
-                                                          OnlineHadamard(plan)))
+    rotated, plan = online_rotated_(down, mode)
+    adapter.set_linear(layer, "down", rotated)
     return plan
+
+
+@torch.no_grad()
+def online_rotated_(linear: nn.Module, mode: str = "pad") -> tuple[OnlineRotatedLinear, RotationPlan]:
+    """The :class:`OnlineRotatedLinear` computing ``linear`` with a Hadamard M of its input width (W M offline,
+    x M online), and M's plan."""
+    plan = rotation_for_width(linear.in_features, mode)
+    M = plan.matrix().to(linear.weight.device)  # [n, p]
+    W = (linear.weight.data.double() @ M).to(linear.weight.dtype)
+    return OnlineRotatedLinear(W, None if linear.bias is None else linear.bias.data, OnlineHadamard(plan)), plan
 
 
 # --- all steps ------------------------------------------------------------------------------------------
@@ -345,6 +370,101 @@ def rotate_model_(adapter, *, seed: int = 0, mode: str = "pad", online_down: boo
     return ident
 
 
+# --- the vision encoder's own rotation (MQuant) -------------------------------------------------------------
+def check_vision_encoder(adapter) -> None:
+    """Raise :class:`RotationUnsupported` (naming the adapter) when its vision encoder is not declared."""
+    reason = adapter.vision_encoder_missing()
+    if reason:
+        raise RotationUnsupported(reason)
+
+
+def _vision_norm_sites(adapter) -> list[tuple[nn.Module, str, list[nn.Module]]]:
+    """(parent module, norm path in it, the linears reading the norm) for every norm on the encoder's stream."""
+    spec = adapter.vision_encoder
+    sites = []
+    for block in adapter.vision_blocks():
+        lin = adapter.vision_linears(block)
+        sites += [(block, path, [lin[r] for r in roles]) for path, roles in spec.norm_feeds]
+    sites.append((adapter.vision_module(), spec.exit_norm, [adapter.vision_module(spec.exit_linear)]))
+    return sites
+
+
+@torch.no_grad()
+def fuse_vision_norms_(adapter) -> int:
+    """Every norm on the vision encoder's stream becomes a :class:`WeightlessRMSNorm`, its scale (and bias) folded
+    into the linears it feeds. LayerNorm encoders are converted first (SliceGPT / MQuant): every writer into the
+    stream is centred (:func:`center_output_channels_`: patch embedding, attention and MLP outputs), so the stream
+    is zero-mean per token and each LayerNorm is an RMSNorm with a scale and a bias (:func:`fold_layernorm_`).
+    Returns the norms fused."""
+    check_vision_encoder(adapter)
+    spec = adapter.vision_encoder
+    sites = [site for site in _vision_norm_sites(adapter)
+             if not isinstance(site[0].get_submodule(site[1]), WeightlessRMSNorm)]
+    if not sites:
+        return 0
+    if spec.norm_kind == NormKind.layer:
+        for path in spec.entry:
+            center_output_channels_(adapter.vision_module(path))
+        for block in adapter.vision_blocks():
+            lin = adapter.vision_linears(block)
+            for role in spec.writers:
+                center_output_channels_(lin[role])
+    for parent, path, consumers in sites:
+        norm = parent.get_submodule(path)
+        if spec.norm_kind == NormKind.layer:
+            new = fold_layernorm_(norm, consumers)
+        else:
+            fold_scale_into_inputs_(consumers, norm_scale(norm, spec.norm_kind))
+            new = WeightlessRMSNorm(_eps(norm))
+        adapter.replace_norm_(parent, path, new)
+    return len(sites)
+
+
+@torch.no_grad()
+def rotate_vision_residual_(adapter, Q: torch.Tensor) -> None:
+    """Rotate the vision encoder's stream by Q [n, n]: the patch embedding and the blocks' output linears write
+    Qᵀ W (biases too), the blocks' input linears and the merger's first linear (each merged token) read W Q."""
+    check_vision_encoder(adapter)
+    if not all(isinstance(parent.get_submodule(path), WeightlessRMSNorm) for parent, path, _ in _vision_norm_sites(adapter)):
+        raise RotationUnsupported("rotate_vision_residual_ needs fuse_vision_norms_ first")
+    spec = adapter.vision_encoder
+    for path in spec.entry:
+        rotate_output_(adapter.vision_module(path), Q)
+    for block in adapter.vision_blocks():
+        lin = adapter.vision_linears(block)
+        for _, roles in spec.norm_feeds:
+            for role in roles:
+                rotate_input_(lin[role], Q)
+        for role in spec.writers:
+            rotate_output_(lin[role], Q)
+    rotate_input_(adapter.vision_module(spec.exit_linear), Q)
+
+
+@torch.no_grad()
+def rotate_vision_encoder_(adapter, *, seed: int = 0, mode: str = "pad", online_mlp: bool = True) -> dict:
+    """MQuant's encoder transform: LayerNorm → RMSNorm where needed, norm fusion, the encoder's own residual
+    rotation (random Hadamard of its width), an online Hadamard on the MLP's output linear (fc2 / down_proj).
+    The encoder's output (and so the model's) is unchanged in exact arithmetic. Returns the transform's identity."""
+    mode = str(getattr(mode, "value", mode))
+    check_vision_encoder(adapter)
+    fused = fuse_vision_norms_(adapter)
+    blocks = adapter.vision_blocks()
+    n = adapter.vision_module(adapter.vision_encoder.entry[0]).weight.shape[0]
+    rotate_vision_residual_(adapter, residual_rotation(n, seed))
+    plans = []
+    if online_mlp:
+        for block in blocks:
+            for role in adapter.vision_encoder.mlp_output:
+                rotated, plan = online_rotated_(adapter.vision_linears(block)[role], mode)
+                adapter.set_vision_linear(block, role, rotated)
+                plans.append(plan)
+    ident = {"rotation": "vision", "version": ROTATION_VERSION, "seed": seed, "mode": mode, "online_mlp": online_mlp,
+             "width": n, "norms_fused": fused, "layernorm": adapter.vision_encoder.norm_kind == NormKind.layer}
+    if plans:
+        ident["mlp_width"] = [plans[0].width, plans[0].size]
+    return ident
+
+
 # --- LayerNorm -> RMSNorm (SliceGPT / MQuant's conversion) ----------------------------------------------
 @torch.no_grad()
 def center_output_channels_(module: nn.Module) -> None:
@@ -367,19 +487,20 @@ def center_output_channels_(module: nn.Module) -> None:
 @torch.no_grad()
 def fold_layernorm_(norm: nn.LayerNorm, consumers: Iterable[nn.Linear]) -> WeightlessRMSNorm:
     """On a zero-mean stream LayerNorm(x) = x / rms(x) · w + b: W -> W diag(w), bias -> bias + W b for each
-    consumer; returns the weightless RMSNorm to put in the norm's place (same eps)."""
+    consumer (k tokens concatenated: w and b tiled); returns the weightless RMSNorm to put in the norm's place
+    (same eps)."""
     w = norm.weight.data.double() if norm.weight is not None else None
     b = norm.bias.data.double() if norm.bias is not None else None
     for linear in consumers:
         W = linear.weight.data.double()
         if b is not None:
-            extra = W @ b.to(W.device)
+            extra = W @ _tiled(b.to(W.device), W.shape[1])
             if linear.bias is None:
                 linear.bias = nn.Parameter(extra.to(linear.weight.dtype), requires_grad=False)
             else:
                 _set(linear.bias, linear.bias.data.double() + extra)
         if w is not None:
-            _set(linear.weight, W * w.to(W.device)[None, :])
+            _set(linear.weight, W * _tiled(w.to(W.device), W.shape[1])[None, :])
     return WeightlessRMSNorm(norm.eps)
 
 
@@ -387,5 +508,6 @@ __all__ = [
     "ROTATION_VERSION", "RotationMode", "RotationUnsupported", "ResidualBasis", "WeightlessRMSNorm", "OnlineHadamard", "OnlineRotatedLinear",
     "rotate_input_", "rotate_output_", "rotate_embedding_", "fold_scale_into_inputs_", "fuse_norms_", "norms_fused",
     "check_residual_rotation", "residual_rotation", "rotate_residual_", "head_rotation", "rotate_ov_",
-    "rotate_down_input_", "rotate_model_", "center_output_channels_", "fold_layernorm_",
+    "rotate_down_input_", "online_rotated_", "rotate_model_", "center_output_channels_", "fold_layernorm_",
+    "check_vision_encoder", "fuse_vision_norms_", "rotate_vision_residual_", "rotate_vision_encoder_",
 ]
