@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from baselines.mquant.method import MQuant, MQuantConfig
 from masquant.adapters import adapter_class_for, get_adapter
-from masquant.adapters.norms import NormKind
+from masquant.adapters.norms import NormKind, probe_norm_kind
 from masquant.calibration.data import CalibrationSet
 from masquant.evaluation.fidelity import record_reference, sqnr_report
 from masquant.methods.base import MethodConfigError, QuantContext
@@ -32,6 +32,28 @@ UNDECLARED = [t for t in MODEL_TYPES if adapter_class_for(t).vision_encoder is N
 def _static(w_bits: int, a_bits: int, w_quantizer: str = "rtn") -> QuantScheme:
     return QuantScheme(f"w{w_bits}a{a_bits}s", w_bits, a_bits, a_dynamic=False, a_granularity="tensor",
                        w_quantizer=w_quantizer)
+
+
+@pytest.mark.parametrize("model_type", DECLARED)
+def test_the_encoder_declaration_matches_the_model(model_type):
+    """Every path resolves; the norms compute what norm_kind says; widths agree along the stream."""
+    model, _, _ = tiny(model_type)
+    adapter = get_adapter(model)
+    spec = adapter.vision_encoder
+    n = adapter.vision_module(spec.entry[0]).weight.shape[0]
+    exit_norm = adapter.vision_module(spec.exit_norm)
+    assert probe_norm_kind(exit_norm) == spec.norm_kind and exit_norm.weight.numel() == n
+    assert adapter.vision_module(spec.exit_linear).in_features % n == 0
+    groups = spec.input_groups()
+    assert sorted(r for roles in groups.values() for r in roles) == sorted(spec.roles())
+    for block in adapter.vision_blocks():
+        lin = adapter.vision_linears(block)
+        for path, roles in spec.norm_feeds:
+            norm = block.get_submodule(path)
+            assert probe_norm_kind(norm) == spec.norm_kind and norm.weight.numel() == n
+            assert all(lin[r].in_features == n for r in roles)
+        assert all(lin[r].out_features == n for r in spec.writers)
+        assert set(spec.mlp_output) <= set(spec.writers)
 
 
 def _randomize_encoder_norms_(adapter, seed: int = 0) -> None:
