@@ -4,6 +4,8 @@ An adapter says where things are (decoder layers, linears by role, norms, encode
 the norm's formula and the folds that are exact for it, the fold pairs of a layer (norm→q/k/v, v→o,
 norm→gate/up, up→down), the attention and MLP blocks, what the model adds between decoder layers, how to
 load a checkpoint folder and its processor, and its own tiny model. Methods never test ``model_type``.
+Where declared (``vision_encoder``: a :class:`VisionEncoderSpec`), the vision encoder's blocks, norms, the
+linears they feed and its residual stream's entry and exit, for transforms of the encoder itself.
 """
 
 from __future__ import annotations

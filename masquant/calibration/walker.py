@@ -14,6 +14,11 @@ layer's activations are ever on the compute device; statistics are running, neve
 
 Every method, the statistics and the analysis walk through here: :func:`call_layer` is the only place
 that runs one decoder layer.
+
+Stacks of blocks outside the decoder (a vision encoder, for MQuant's encoder quantization) are walked the same
+way: :func:`capture_block_inputs` records block 0's input and each block's own keyword arguments (Qwen2.5-VL's
+windowed and full-attention blocks get different ``cu_seqlens``) from the model's own forward, stopped at the
+encoder's exit; :class:`BlockWalker` steps the blocks with an FP and an optional quantized stream.
 """
 
 from __future__ import annotations

@@ -17,6 +17,14 @@ that supports rotation); all folds are computed in float64 and cast back to each
    (W M), the other applied to the activations at run time (``input_transform`` of
    :class:`OnlineRotatedLinear`, kept by the deploy path as the QuantLinear's input transform).
 
+5. :func:`rotate_vision_encoder_` (MQuant's encoder quantization): the vision encoder's own stream, declared by
+   the adapter (``vision_encoder``), gets the same treatment with its own Q of its width: LayerNorm → RMSNorm
+   where the encoder has LayerNorm (below), norm fusion (:func:`fuse_vision_norms_`), the residual rotation
+   (:func:`rotate_vision_residual_`: patch embedding and block outputs write Qᵀ W, block inputs and the merger's
+   first linear read W Q, each merged token's columns), and an online Hadamard on the MLP's output linear.
+   After the LayerNorm conversion the stream has no component along the Hadamard's constant column, so the
+   rotated writers' row 0 is zero (harmless for quantization: a per-channel grid of one zero row).
+
 Widths with no Hadamard matrix (n ≠ K·2^m, e.g. Qwen2.5-VL-7B's MLP 18944 = 74·256, or 148 = 74·2):
 the online down_proj rotation uses ``mode`` of :func:`masquant.transforms.hadamard.rotation_for_width`,
 **pad by default**: the input is zero-padded to the next valid size p (148 → 156, 18944 → 19968) and
