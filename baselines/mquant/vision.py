@@ -53,7 +53,7 @@ def quantize_vision_encoder_(ctx: QuantContext) -> dict:
         raise MethodConfigError("method.quantize_vision=true calibrates the encoder on calibration images "
                                 "(calib.n_samples > 0)")
     blocks = adapter.vision_blocks()
-    records = capture_block_inputs(ctx.model, blocks, adapter.vision_module(spec.exit_norm), ctx.calib.batches,
+    records = capture_block_inputs(ctx.model, blocks, adapter.vision_part(spec.exit_norm), ctx.calib.batches,
                                    ctx.device, ctx.offload, desc="capture vision-encoder inputs")
     if not records:
         raise MethodConfigError("method.quantize_vision=true: no calibration prompt reached the vision encoder "

@@ -52,11 +52,13 @@ class VisionEncoderSpec:
     The encoder is a stack of pre-norm blocks over one residual stream of width ``hidden_size``: in each block
     a norm feeds the attention's input linears, the attention's output linear adds into the stream, a norm
     feeds the MLP's input linears, the MLP's output linear adds into the stream. ``entry`` modules write the
-    stream's first value (the patch embedding; a convolution or a linear, each output channel a stream
-    channel); ``exit_norm`` reads the last block's output and ``exit_linear`` reads the exit norm's output
-    (the merger/projector's first linear; it may read several tokens concatenated, in_features = k · width).
-    Paths of ``entry``, ``exit_norm`` and ``exit_linear`` are inside the encoder module (``path``); the others
-    inside a block. Nothing else may write into the stream (no additive position embedding, no class token).
+    stream's first value (the patch embedding, a convolution or a linear with one output channel per stream
+    channel, and a learned position embedding added to it, an Embedding whose rows are stream vectors);
+    ``exit_norm`` reads the last block's output and ``exit_linear`` reads the exit norm's output (the
+    merger/projector's first linear; it may read several tokens concatenated, in_features = k · width, each
+    token's channels contiguous). ``entry``, ``exit_norm`` and ``exit_linear`` are paths from the model's root,
+    ``blocks`` from the encoder (``path``), the others from a block. Nothing else may touch the stream (no
+    class token, no norm applied to the stream itself).
     """
 
     path: str  # the encoder module, e.g. "model.visual"
@@ -66,9 +68,9 @@ class VisionEncoderSpec:
     norm_feeds: tuple[tuple[str, tuple[str, ...]], ...]  # (norm path inside a block, roles reading its output)
     writers: tuple[str, ...]  # roles whose outputs are added to the stream (attention output, MLP output)
     mlp_output: tuple[str, ...]  # roles reading the MLP's hidden activation (MQuant's online Hadamard: fc2/down)
-    entry: tuple[str, ...]  # writers of the stream's first value (patch embedding), inside path
-    exit_norm: str  # inside path
-    exit_linear: str  # inside path
+    entry: tuple[str, ...]  # writers of the stream's first value (patch embedding, position embedding)
+    exit_norm: str
+    exit_linear: str
 
     def roles(self) -> dict[str, str]:
         return dict(self.linears)
@@ -174,16 +176,20 @@ class ModelAdapter:
             raise NotImplementedError(reason)
         return self.vision_encoder
 
-    def vision_module(self, path: str | None = None) -> nn.Module:
-        """The vision encoder, or a module inside it (``path`` relative to the encoder)."""
-        encoder = self.model.get_submodule(self._vision_spec().path)
-        return encoder if not path else encoder.get_submodule(path)
+    def vision_module(self) -> nn.Module:
+        """The vision encoder (``vision_encoder.path``)."""
+        return self.model.get_submodule(self._vision_spec().path)
 
-    def replace_vision_module_(self, path: str, new: nn.Module) -> None:
-        _set_submodule(self.vision_module(), path, new)
+    def vision_part(self, path: str) -> nn.Module:
+        """A module on the encoder's stream outside its blocks (entry, exit norm, exit linear): path from the root."""
+        self._vision_spec()
+        return self.model.get_submodule(path)
+
+    def replace_vision_part_(self, path: str, new: nn.Module) -> None:
+        _set_submodule(self.model, path, new)
 
     def vision_blocks(self) -> nn.ModuleList:
-        return self.vision_module(self._vision_spec().blocks)
+        return self.vision_module().get_submodule(self._vision_spec().blocks)
 
     def vision_linears(self, block: nn.Module) -> dict[str, nn.Module]:
         return {role: block.get_submodule(path) for role, path in self._vision_spec().linears}

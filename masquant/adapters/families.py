@@ -65,7 +65,8 @@ _QWEN25_VISION_BLOCKS = VisionEncoderSpec(
     linears=(("qkv", "attn.qkv"), ("o", "attn.proj"), ("gate", "mlp.gate_proj"), ("up", "mlp.up_proj"),
              ("down", "mlp.down_proj")),
     norm_feeds=(("norm1", ("qkv",)), ("norm2", ("gate", "up"))), writers=("o", "down"), mlp_output=("down",),
-    entry=("patch_embed.proj",), exit_norm="merger.ln_q", exit_linear="merger.mlp.0")
+    entry=("model.visual.patch_embed.proj",), exit_norm="model.visual.merger.ln_q",
+        exit_linear="model.visual.merger.mlp.0")
 
 _QWEN25_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                       fullatt_block_indexes=[0], window_size=56)
@@ -107,7 +108,8 @@ class Qwen2VLAdapter(Qwen25VLAdapter):
         path="model.visual", blocks="blocks", norm_kind=NormKind.layer,
         linears=(("qkv", "attn.qkv"), ("o", "attn.proj"), ("up", "mlp.fc1"), ("down", "mlp.fc2")),
         norm_feeds=(("norm1", ("qkv",)), ("norm2", ("up",))), writers=("o", "down"), mlp_output=("down",),
-        entry=("patch_embed.proj",), exit_norm="merger.ln_q", exit_linear="merger.mlp.0")
+        entry=("model.visual.patch_embed.proj",), exit_norm="model.visual.merger.ln_q",
+        exit_linear="model.visual.merger.mlp.0")
 
     @classmethod
     def tiny_config(cls, tok):
@@ -183,7 +185,8 @@ class Qwen25OmniThinkerAdapter(ModelAdapter):
         linears=(("q", "attn.q"), ("k", "attn.k"), ("v", "attn.v"), ("o", "attn.proj"), ("gate", "mlp.gate_proj"),
                  ("up", "mlp.up_proj"), ("down", "mlp.down_proj")),
         norm_feeds=(("norm1", ("q", "k", "v")), ("norm2", ("gate", "up"))), writers=("o", "down"),
-        mlp_output=("down",), entry=("patch_embed.proj",), exit_norm="merger.ln_q", exit_linear="merger.mlp.0")
+        mlp_output=("down",), entry=("model.visual.patch_embed.proj",), exit_norm="model.visual.merger.ln_q",
+        exit_linear="model.visual.merger.mlp.0")
     token_id_attrs = {
         "vision": ("image_token_id", "image_token_index"),
         "video": ("video_token_id", "video_token_index"),
@@ -275,6 +278,16 @@ class Idefics3Adapter(ModelAdapter):
     language_model_path = "model.text_model"
     encoder_paths = {"vision": "model.vision_model", "projector": "model.connector"}
     encoder_output_paths = ("model.connector.modality_projection.proj",)
+    # SigLIP: LayerNorm blocks, a learned position embedding added to the patch embedding, the post-LayerNorm
+    # read by the connector's projection over pixel-shuffled tokens (each token's channels stay contiguous)
+    vision_encoder = VisionEncoderSpec(
+        path="model.vision_model", blocks="encoder.layers", norm_kind=NormKind.layer,
+        linears=(("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj"),
+                 ("o", "self_attn.out_proj"), ("up", "mlp.fc1"), ("down", "mlp.fc2")),
+        norm_feeds=(("layer_norm1", ("q", "k", "v")), ("layer_norm2", ("up",))), writers=("o", "down"),
+        mlp_output=("down",),
+        entry=("model.vision_model.embeddings.patch_embedding", "model.vision_model.embeddings.position_embedding"),
+        exit_norm="model.vision_model.post_layernorm", exit_linear="model.connector.modality_projection.proj")
     token_id_attrs = {"vision": ("image_token_id",)}
     _SPECIALS = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
                  "<global-img>"]

@@ -370,7 +370,7 @@ class BlockRecord:
     """One calibration sample at the input of a stack of blocks: block 0's input and each block's own kwargs."""
 
     hidden: torch.Tensor
-    block_kwargs: list[dict]
+    block_calls: list[BlockCall]  # per block: its arguments as the encoder passes them
 
 
 @torch.no_grad()
@@ -389,9 +389,8 @@ def capture_block_inputs(model: nn.Module, blocks: Sequence[nn.Module], stop: nn
             hidden = args[0] if args else kwargs["hidden_states"]
             if idx == 0:
                 record["hidden"] = hidden
-            record["kwargs"][idx] = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS}
-            if args[1:]:
-                raise RuntimeError("capture_block_inputs: blocks must take their extra arguments by keyword")
+            # the blocks are pass-throughs: every block gets the same hidden state (stored once, by the memo below)
+            record["kwargs"][idx] = BlockCall(tuple(args), {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS})
         return hook
 
     def stop_hook(module, args):
@@ -435,7 +434,7 @@ class BlockStep:
         current = {"masks": {}}
         with torch.no_grad(), observing_linears(group_linears or {}, observers, current):
             for rec, h in zip(w.records, w.stream(stream)):
-                y = call_layer(self.block, h.to(w.device), to_device(rec.block_kwargs[self.index], w.device, {}))
+                y = rec.block_calls[self.index].run(self.block, w.device, h)
                 if keep:
                     outputs.append(y.to(w.offload))
         return outputs

@@ -87,7 +87,8 @@ class WeightlessRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
-        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        # contiguous as a LayerNorm's output is (SigLIP's stream is a transposed view; its connector views it)
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype).contiguous()
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"
@@ -393,7 +394,7 @@ def _vision_norm_sites(adapter) -> list[tuple[nn.Module, str, list[nn.Module]]]:
     for block in adapter.vision_blocks():
         lin = adapter.vision_linears(block)
         sites += [(block, path, [lin[r] for r in roles]) for path, roles in spec.norm_feeds]
-    sites.append((adapter.vision_module(), spec.exit_norm, [adapter.vision_module(spec.exit_linear)]))
+    sites.append((adapter.model, spec.exit_norm, [adapter.vision_part(spec.exit_linear)]))
     return sites
 
 
@@ -412,7 +413,7 @@ def fuse_vision_norms_(adapter) -> int:
         return 0
     if spec.norm_kind == NormKind.layer:
         for path in spec.entry:
-            center_output_channels_(adapter.vision_module(path))
+            center_output_channels_(adapter.vision_part(path))
         for block in adapter.vision_blocks():
             lin = adapter.vision_linears(block)
             for role in spec.writers:
@@ -431,13 +432,18 @@ def fuse_vision_norms_(adapter) -> int:
 @torch.no_grad()
 def rotate_vision_residual_(adapter, Q: torch.Tensor) -> None:
     """Rotate the vision encoder's stream by Q [n, n]: the patch embedding and the blocks' output linears write
-    Qᵀ W (biases too), the blocks' input linears and the merger's first linear (each merged token) read W Q."""
+    Qᵀ W (biases too), a position embedding E Q, the blocks' input linears and the merger's first linear (each
+    merged token) read W Q."""
     check_vision_encoder(adapter)
     if not all(isinstance(parent.get_submodule(path), WeightlessRMSNorm) for parent, path, _ in _vision_norm_sites(adapter)):
         raise RotationUnsupported("rotate_vision_residual_ needs fuse_vision_norms_ first")
     spec = adapter.vision_encoder
     for path in spec.entry:
-        rotate_output_(adapter.vision_module(path), Q)
+        module = adapter.vision_part(path)
+        if isinstance(module, nn.Embedding):  # its rows are stream vectors: E Q
+            rotate_embedding_(module, Q)
+        else:
+            rotate_output_(module, Q)
     for block in adapter.vision_blocks():
         lin = adapter.vision_linears(block)
         for _, roles in spec.norm_feeds:
@@ -445,7 +451,7 @@ def rotate_vision_residual_(adapter, Q: torch.Tensor) -> None:
                 rotate_input_(lin[role], Q)
         for role in spec.writers:
             rotate_output_(lin[role], Q)
-    rotate_input_(adapter.vision_module(spec.exit_linear), Q)
+    rotate_input_(adapter.vision_part(spec.exit_linear), Q)
 
 
 @torch.no_grad()
@@ -457,7 +463,8 @@ def rotate_vision_encoder_(adapter, *, seed: int = 0, mode: str = "pad", online_
     check_vision_encoder(adapter)
     fused = fuse_vision_norms_(adapter)
     blocks = adapter.vision_blocks()
-    n = adapter.vision_module(adapter.vision_encoder.entry[0]).weight.shape[0]
+    first = adapter.vision_part(adapter.vision_encoder.entry[0])
+    n = first.embedding_dim if isinstance(first, nn.Embedding) else first.weight.shape[0]
     rotate_vision_residual_(adapter, residual_rotation(n, seed))
     plans = []
     if online_mlp:
