@@ -71,6 +71,12 @@ class VisionEncoderSpec:
     entry: tuple[str, ...]  # writers of the stream's first value (patch embedding, position embedding)
     exit_norm: str
     exit_linear: str
+    # V for the per-head Hadamard between V and the attention's output linear: (role, chunk, chunks), V being
+    # chunk ``chunk`` of ``chunks`` equal parts of that linear's output (a fused qkv: ("qkv", 2, 3)); None: no
+    # per-head rotation. ``values_reader`` reads the heads; ``num_heads_attr`` names the encoder config's heads.
+    values: tuple[str, int, int] | None = None
+    values_reader: str = "o"
+    num_heads_attr: str = "num_heads"
 
     def roles(self) -> dict[str, str]:
         return dict(self.linears)

@@ -66,7 +66,7 @@ _QWEN25_VISION_BLOCKS = VisionEncoderSpec(
              ("down", "mlp.down_proj")),
     norm_feeds=(("norm1", ("qkv",)), ("norm2", ("gate", "up"))), writers=("o", "down"), mlp_output=("down",),
     entry=("model.visual.patch_embed.proj",), exit_norm="model.visual.merger.ln_q",
-        exit_linear="model.visual.merger.mlp.0")
+    exit_linear="model.visual.merger.mlp.0", values=("qkv", 2, 3))
 
 _QWEN25_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                       fullatt_block_indexes=[0], window_size=56)
@@ -109,7 +109,7 @@ class Qwen2VLAdapter(Qwen25VLAdapter):
         linears=(("qkv", "attn.qkv"), ("o", "attn.proj"), ("up", "mlp.fc1"), ("down", "mlp.fc2")),
         norm_feeds=(("norm1", ("qkv",)), ("norm2", ("up",))), writers=("o", "down"), mlp_output=("down",),
         entry=("model.visual.patch_embed.proj",), exit_norm="model.visual.merger.ln_q",
-        exit_linear="model.visual.merger.mlp.0")
+        exit_linear="model.visual.merger.mlp.0", values=("qkv", 2, 3))
 
     @classmethod
     def tiny_config(cls, tok):
@@ -186,7 +186,7 @@ class Qwen25OmniThinkerAdapter(ModelAdapter):
                  ("up", "mlp.up_proj"), ("down", "mlp.down_proj")),
         norm_feeds=(("norm1", ("q", "k", "v")), ("norm2", ("gate", "up"))), writers=("o", "down"),
         mlp_output=("down",), entry=("model.visual.patch_embed.proj",), exit_norm="model.visual.merger.ln_q",
-        exit_linear="model.visual.merger.mlp.0")
+        exit_linear="model.visual.merger.mlp.0", values=("v", 0, 1))
     token_id_attrs = {
         "vision": ("image_token_id", "image_token_index"),
         "video": ("video_token_id", "video_token_index"),
@@ -287,7 +287,8 @@ class Idefics3Adapter(ModelAdapter):
         norm_feeds=(("layer_norm1", ("q", "k", "v")), ("layer_norm2", ("up",))), writers=("o", "down"),
         mlp_output=("down",),
         entry=("model.vision_model.embeddings.patch_embedding", "model.vision_model.embeddings.position_embedding"),
-        exit_norm="model.vision_model.post_layernorm", exit_linear="model.connector.modality_projection.proj")
+        exit_norm="model.vision_model.post_layernorm", exit_linear="model.connector.modality_projection.proj",
+        values=("v", 0, 1), num_heads_attr="num_attention_heads")
     token_id_attrs = {"vision": ("image_token_id",)}
     _SPECIALS = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
                  "<global-img>"]

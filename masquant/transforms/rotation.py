@@ -21,7 +21,9 @@ that supports rotation); all folds are computed in float64 and cast back to each
    the adapter (``vision_encoder``), gets the same treatment with its own Q of its width: LayerNorm → RMSNorm
    where the encoder has LayerNorm (below), norm fusion (:func:`fuse_vision_norms_`), the residual rotation
    (:func:`rotate_vision_residual_`: patch embedding and block outputs write Qᵀ W, block inputs and the merger's
-   first linear read W Q, each merged token's columns), and an online Hadamard on the MLP's output linear.
+   first linear read W Q, each merged token's columns), a Hadamard per head between V (a fused qkv's third
+   chunk) and the attention's output linear (:func:`rotate_heads_`), and an online Hadamard on the MLP's
+   output linear (MQuant's released code does these steps on Qwen2-VL's tower).
    After the LayerNorm conversion the stream has no component along the Hadamard's constant column, so the
    rotated writers' row 0 is zero (harmless for quantization: a per-channel grid of one zero row).
 
@@ -320,14 +322,25 @@ def head_rotation(head_dim: int) -> torch.Tensor:
 def rotate_ov_(adapter, layer: nn.Module, H: torch.Tensor | None = None) -> None:
     """v's output per head v_h -> v_h H (rows and bias), o's input columns per head W_o[:, h] -> W_o[:, h] H."""
     hd = adapter.head_dim()
-    H = head_rotation(hd) if H is None else H
     lin = adapter.linears(layer)
-    v, o = lin["v"], lin["o"]
+    rotate_heads_(lin["v"], lin["o"], hd, head_rotation(hd) if H is None else H)
+
+
+@torch.no_grad()
+def rotate_heads_(v: nn.Module, o: nn.Module, hd: int, H: torch.Tensor, chunk: int = 0, chunks: int = 1) -> None:
+    """V's rows per head v_h -> v_h H (and bias), o's input columns per head W_o[:, h] -> W_o[:, h] H [hd, hd].
+
+    V is chunk ``chunk`` of ``chunks`` equal parts of v's output (a fused qkv linear: chunk 2 of 3)."""
+    n = v.out_features // chunks
+    rows = slice(chunk * n, (chunk + 1) * n)
     Hd = H.to(v.weight.device, torch.float64)
-    Wv = v.weight.data.double().reshape(-1, hd, v.in_features)  # [kv_heads, hd, D]
-    _set(v.weight, torch.einsum("ji,hjd->hid", Hd, Wv).reshape(v.out_features, v.in_features))
+    Wv = v.weight.data.double()
+    Wv[rows] = torch.einsum("ji,hjd->hid", Hd, Wv[rows].reshape(-1, hd, v.in_features)).reshape(n, v.in_features)
+    _set(v.weight, Wv)  # [kv_heads, hd, D] per head above
     if v.bias is not None:
-        _set(v.bias, (v.bias.data.double().reshape(-1, hd) @ Hd).reshape(-1))
+        b = v.bias.data.double()
+        b[rows] = (b[rows].reshape(-1, hd) @ Hd).reshape(-1)
+        _set(v.bias, b)
     Wo = o.weight.data.double().reshape(o.out_features, -1, hd)  # [D, heads, hd]
     _set(o.weight, (Wo @ H.to(o.weight.device, torch.float64)).reshape(o.out_features, o.in_features))
 
@@ -457,7 +470,8 @@ def rotate_vision_residual_(adapter, Q: torch.Tensor) -> None:
 @torch.no_grad()
 def rotate_vision_encoder_(adapter, *, seed: int = 0, mode: str = "pad", online_mlp: bool = True) -> dict:
     """MQuant's encoder transform: LayerNorm → RMSNorm where needed, norm fusion, the encoder's own residual
-    rotation (random Hadamard of its width), an online Hadamard on the MLP's output linear (fc2 / down_proj).
+    rotation (random Hadamard of its width), a Hadamard per head between V and the attention's output linear
+    (where the adapter declares ``values``), an online Hadamard on the MLP's output linear (fc2 / down_proj).
     The encoder's output (and so the model's) is unchanged in exact arithmetic. Returns the transform's identity."""
     mode = str(getattr(mode, "value", mode))
     check_vision_encoder(adapter)
@@ -466,6 +480,15 @@ def rotate_vision_encoder_(adapter, *, seed: int = 0, mode: str = "pad", online_
     first = adapter.vision_part(adapter.vision_encoder.entry[0])
     n = first.embedding_dim if isinstance(first, nn.Embedding) else first.weight.shape[0]
     rotate_vision_residual_(adapter, residual_rotation(n, seed))
+    spec = adapter.vision_encoder
+    hd = None
+    if spec.values is not None:  # MQuant's per-head Hadamard between V and the attention's output linear
+        role, chunk, chunks = spec.values
+        hd = n // int(getattr(adapter.vision_module().config, spec.num_heads_attr))
+        H = head_rotation(hd)
+        for block in blocks:
+            lin = adapter.vision_linears(block)
+            rotate_heads_(lin[role], lin[spec.values_reader], hd, H, chunk, chunks)
     plans = []
     if online_mlp:
         for block in blocks:
@@ -474,7 +497,7 @@ def rotate_vision_encoder_(adapter, *, seed: int = 0, mode: str = "pad", online_
                 adapter.set_vision_linear(block, role, rotated)
                 plans.append(plan)
     ident = {"rotation": "vision", "version": ROTATION_VERSION, "seed": seed, "mode": mode, "online_mlp": online_mlp,
-             "width": n, "norms_fused": fused, "layernorm": adapter.vision_encoder.norm_kind == NormKind.layer}
+             "width": n, "ov_head_dim": hd, "norms_fused": fused, "layernorm": adapter.vision_encoder.norm_kind == NormKind.layer}
     if plans:
         ident["mlp_width"] = [plans[0].width, plans[0].size]
     return ident
@@ -521,7 +544,7 @@ def fold_layernorm_(norm: nn.LayerNorm, consumers: Iterable[nn.Linear]) -> Weigh
 
 __all__ = [
     "ROTATION_VERSION", "RotationMode", "RotationUnsupported", "ResidualBasis", "WeightlessRMSNorm", "OnlineHadamard", "OnlineRotatedLinear",
-    "rotate_input_", "rotate_output_", "rotate_embedding_", "fold_scale_into_inputs_", "fuse_norms_", "norms_fused",
+    "rotate_input_", "rotate_output_", "rotate_heads_", "rotate_embedding_", "fold_scale_into_inputs_", "fuse_norms_", "norms_fused",
     "check_residual_rotation", "residual_rotation", "rotate_residual_", "head_rotation", "rotate_ov_",
     "rotate_down_input_", "online_rotated_", "rotate_model_", "center_output_channels_", "fold_layernorm_",
     "check_vision_encoder", "fuse_vision_norms_", "rotate_vision_residual_", "rotate_vision_encoder_",

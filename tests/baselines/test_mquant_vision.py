@@ -54,6 +54,10 @@ def test_the_encoder_declaration_matches_the_model(model_type):
             assert all(lin[r].in_features == n for r in roles)
         assert all(lin[r].out_features == n for r in spec.writers)
         assert set(spec.mlp_output) <= set(spec.writers)
+        if spec.values is not None:
+            role, chunk, chunks = spec.values
+            assert lin[role].out_features == chunks * n and chunk < chunks and lin[spec.values_reader].in_features == n
+            assert n % int(getattr(adapter.vision_module().config, spec.num_heads_attr)) == 0
 
 
 def _randomize_encoder_norms_(adapter, seed: int = 0) -> None:
@@ -114,7 +118,7 @@ def test_encoder_rotation_leaves_the_fp_model_unchanged(model_type, mode, width)
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()) + 1e-6)
     # the stream really is rotated (and centred for LayerNorm), every norm on it is weightless
     assert (block0_in[1] - block0_in[0]).abs().max() > 0.1 * block0_in[0].abs().max()
-    assert ident["layernorm"] == (spec.norm_kind == NormKind.layer)
+    assert ident["layernorm"] == (spec.norm_kind == NormKind.layer) and ident["ov_head_dim"] == 16  # 32 / 2 heads
     assert all(isinstance(b.get_submodule(p), WeightlessRMSNorm) for b in adapter.vision_blocks()
                for p, _ in spec.norm_feeds) and isinstance(adapter.vision_part(spec.exit_norm), WeightlessRMSNorm)
     if width is not None:
