@@ -22,7 +22,8 @@ for all tokens) and calibration uses the run's calibration set, never an evaluat
 ``quantize_vision`` (off by default: MASQuant's setting, the language model only): MQuant's own setting also
 quantizes the vision encoder. ``transform_model_`` then gives the encoder its own rotation
 (:func:`masquant.transforms.rotation.rotate_vision_encoder_`: LayerNorm → RMSNorm where the encoder has
-LayerNorm, norm fusion, a random Hadamard of its width, an online Hadamard on the MLP's output linear), and
+LayerNorm, norm fusion, a random Hadamard of its width, a Hadamard per head between V and the attention's
+output linear, an online Hadamard on the MLP's output linear: the steps of MQuant's released code), and
 ``apply`` quantizes the encoder's linears first (:mod:`baselines.mquant.vision`: the same weight rounding,
 static per-tensor activations from the calibration images), so the language model's statistics and GPTQ see
 the visual tokens the deployed encoder gives. Adapters that do not declare their encoder

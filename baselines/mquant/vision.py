@@ -1,7 +1,8 @@
 """MQuant's vision-encoder quantization (``method.quantize_vision=true``), after the encoder's own rotation.
 
 The encoder was transformed by :func:`masquant.transforms.rotation.rotate_vision_encoder_` (LayerNorm → RMSNorm
-where needed, norm fusion, a random Hadamard of its width, an online Hadamard on the MLP's output linear). Its
+where needed, norm fusion, a random Hadamard of its width, a Hadamard per head between V and the attention's
+output linear, an online Hadamard on the MLP's output linear). Its
 blocks are then walked one at a time on the calibration images (:class:`masquant.calibration.walker.BlockWalker`,
 fed by the model's own forward up to the encoder's exit norm); every linear of a block becomes a
 :class:`QuantLinear` with
