@@ -46,6 +46,12 @@ class CalibSource(str, Enum):
     text = "text"  # text-only sequences of the built-in corpus (masquant.evaluation.text_corpus)
 
 
+class Placement(str, Enum):
+    device = "device"  # the whole model on `device`
+    offload = "offload"  # decoder layers in CPU memory, one at a time on `device` (masquant.placement)
+    auto = "auto"  # accelerate's device map over the visible GPUs
+
+
 class DType(str, Enum):
     float32 = "float32"
     float16 = "float16"
@@ -59,6 +65,8 @@ class ModelConfig:
     path: Optional[str] = None  # local folder for source=local
     tiny_type: Optional[str] = None  # model_type for source=tiny
     dtype: DType = DType.float32
+    placement: Placement = Placement.device  # where the weights live (masquant/placement.py); not in the config hash
+    max_memory_gib: Optional[float] = None  # placement=auto: memory per GPU for the device map (default: all free)
 
 
 @dataclass

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 # Keys that do not change results and are left out of the config hash.
 _NON_SEMANTIC = ("logger", "paths", "force", "threads", "device", "reference", "sweep")
+_NON_SEMANTIC_MODEL = ("placement", "max_memory_gib")  # where the weights live, not what they compute
 
 
 @dataclass
@@ -78,6 +79,8 @@ def config_hash(cfg: DictConfig) -> str:
     for key in _NON_SEMANTIC:
         plain.pop(key, None)
     plain.pop("hydra", None)
+    for key in _NON_SEMANTIC_MODEL:
+        plain.get("model", {}).pop(key, None)
     plain["_results_format"] = RESULTS_FORMAT  # a new format is a new configuration: stale results are re-run
     return stable_hash(plain, 10)
 
@@ -168,6 +171,9 @@ def resolve(cfg: DictConfig) -> RunSpec:
         if bad:
             raise ConfigError(f"eval.tasks: unknown task(s) {bad}; valid tasks: {list(EVAL_TASKS)}")
     device = resolve_device(str(cfg.device))
+    problems = v.check_placement(cfg.model, device, method)
+    if problems:
+        raise ConfigError("; ".join(problems))
     v.check_output_root(cfg.paths.output_root)
     h = config_hash(cfg)
     run_dir = run_dir_for(cfg.paths.output_root, cfg.model.name, cfg.method.id, cfg.quant.name, h)
