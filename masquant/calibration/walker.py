@@ -427,8 +427,9 @@ def capture_block_inputs(model: nn.Module, blocks: Sequence[nn.Module], stop: nn
 class BlockStep:
     """One block of a :class:`BlockWalker`; ``fp_outputs`` are its outputs as it was when the step began."""
 
-    def __init__(self, walker: "BlockWalker", index: int, block: nn.Module):
+    def __init__(self, walker: "BlockWalker", index: int, block: nn.Module, device=None):
         self.walker, self.index, self.block = walker, index, block
+        self.device = walker.device if device is None else torch.device(device)  # where the block runs (resident)
         self.fp_outputs: list[torch.Tensor] | None = None
         self._quant_outputs: list[torch.Tensor] | None = None
 
@@ -440,7 +441,7 @@ class BlockStep:
         current = {"masks": {}}
         with torch.no_grad(), observing_linears(group_linears or {}, observers, current):
             for rec, h in zip(w.records, w.stream(stream)):
-                y = rec.block_calls[self.index].run(self.block, w.device, h)
+                y = rec.block_calls[self.index].run(self.block, self.device, h)
                 if keep:
                     outputs.append(y.to(w.offload))
         return outputs
@@ -475,13 +476,14 @@ class BlockWalker:
 
     def __iter__(self) -> Iterator[BlockStep]:
         for i in tqdm(range(len(self.blocks)), desc=self.desc, leave=False):
-            step = BlockStep(self, i, self.blocks[i])
-            if self._fp is not None:
-                linears, observers = self.fp_observers(step) if self.fp_observers is not None else ({}, ())
-                step.fp_outputs = step.run("fp", linears, observers)
-            yield step
-            if self._q is not None:
-                self._q = step.quant_outputs()
-            if self._fp is not None:
-                self._fp = step.fp_outputs
-            step.fp_outputs = step._quant_outputs = None
+            with resident(self.blocks[i], self.device) as device:  # as LayerWalker: a block runs where it lives
+                step = BlockStep(self, i, self.blocks[i], device)
+                if self._fp is not None:
+                    linears, observers = self.fp_observers(step) if self.fp_observers is not None else ({}, ())
+                    step.fp_outputs = step.run("fp", linears, observers)
+                yield step
+                if self._q is not None:
+                    self._q = step.quant_outputs()
+                if self._fp is not None:
+                    self._fp = step.fp_outputs
+                step.fp_outputs = step._quant_outputs = None
