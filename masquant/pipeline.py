@@ -143,7 +143,12 @@ def resolve(cfg: DictConfig) -> RunSpec:
             raise ConfigError(f"model.tiny_type: {err.args[0]}") from None
         supported = ("text",) + adapter_cls.tiny_modalities()
     else:  # the testbed: Qwen2.5-VL, text and vision
+        adapter_cls = adapter_class_for("qwen2_5_vl")
         supported = ("text", "vision")
+    try:
+        method.check_adapter(adapter_cls)
+    except MethodConfigError as err:
+        raise ConfigError(f"method={cfg.method.id} model={cfg.model.name}: {err}") from err
     missing = [m for m in modalities if m not in supported]
     if missing:
         raise ConfigError(f"modality.modalities={list(modalities)}: model {cfg.model.name} has no {missing} input; "
