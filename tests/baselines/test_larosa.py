@@ -21,23 +21,16 @@ from baselines.larosa.core import (
 )
 from baselines.larosa.method import LaRoSA, LaRoSAConfig, layer_sparsifiers
 from masquant.adapters import get_adapter
-from masquant.calibration.data import CalibrationSet
-from masquant.methods.base import MethodConfigError, QuantContext
-from masquant.quant import ModalityRouter, QuantLinear, QuantScheme, attach_router
+from masquant.methods.base import MethodConfigError
+from masquant.quant import QuantLinear, QuantScheme
 from masquant.quant.quantizer import quantize_activation, quantize_weight, sqnr_db
-from masquant.registry import build_method
-from support.tiny import MODEL_TYPES, final_hidden, prompts, tiny
+from support.tiny import MODEL_TYPES, final_hidden, prompts, run_method, tiny
 
 FP16 = QuantScheme("fp16")
 
 
 def _run(model, cls, processor, cfg, scheme=FP16, n_calib=4):
-    adapter = get_adapter(model)
-    router = ModalityRouter(adapter.modality_masks)
-    attach_router(model, router)
-    ctx = QuantContext(model, adapter, scheme, router, torch.device("cpu"), ("text",) + cls.tiny_modalities(),
-                       CalibrationSet(prompts(processor, cls, n_calib, seed=0)))
-    return build_method(cfg).run(ctx), ctx
+    return run_method(model, cls, processor, cfg, scheme, n_calib)
 
 
 # --- core ------------------------------------------------------------------------------------------

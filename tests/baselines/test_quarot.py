@@ -10,24 +10,17 @@ import torch
 from baselines.quarot.core import KVQuantizer, kv_fake_quant, qk_hadamard
 from baselines.quarot.method import QuaRot, QuaRotConfig
 from masquant.adapters import adapter_class_for, get_adapter
-from masquant.calibration.data import CalibrationSet
-from masquant.methods.base import MethodConfigError, QuantContext
-from masquant.quant import ModalityRouter, QuantLinear, QuantScheme, attach_router
+from masquant.methods.base import MethodConfigError
+from masquant.quant import QuantLinear, QuantScheme
 from masquant.quant.quantizer import sqnr_db
-from masquant.registry import build_method
-from support.tiny import MODEL_TYPES, final_hidden, prompts, tiny
+from support.tiny import MODEL_TYPES, final_hidden, prompts, run_method, tiny
 
 ROTATABLE = [t for t in MODEL_TYPES if adapter_class_for(t).supports_residual_rotation]
 W8A8 = QuantScheme("w8a8", 8, 8)
 
 
 def _run(model, cls, processor, cfg, scheme, n_calib=4):
-    adapter = get_adapter(model)
-    router = ModalityRouter(adapter.modality_masks)
-    attach_router(model, router)
-    ctx = QuantContext(model, adapter, scheme, router, torch.device("cpu"), ("text",) + cls.tiny_modalities(),
-                       CalibrationSet(prompts(processor, cls, n_calib, seed=0)))
-    return build_method(cfg).run(ctx), ctx
+    return run_method(model, cls, processor, cfg, scheme, n_calib)
 
 
 

@@ -42,3 +42,18 @@ def final_hidden(model, batches: list[dict]) -> torch.Tensor:
     """The last hidden states of ``batches`` (tokens of every batch concatenated): what SQNR checks compare."""
     with torch.no_grad():
         return torch.cat([model(**b, output_hidden_states=True).hidden_states[-1][0] for b in batches])
+
+
+def run_method(model, cls, processor, cfg, scheme, n_calib: int = 4):
+    """(the method's report, its QuantContext) after running ``cfg``'s method on a tiny model with routing attached."""
+    from masquant.adapters import get_adapter
+    from masquant.methods.base import QuantContext
+    from masquant.quant import ModalityRouter, attach_router
+    from masquant.registry import build_method
+
+    adapter = get_adapter(model)
+    router = ModalityRouter(adapter.modality_masks)
+    attach_router(model, router)
+    ctx = QuantContext(model, adapter, scheme, router, torch.device("cpu"), ("text",) + cls.tiny_modalities(),
+                       CalibrationSet(prompts(processor, cls, n_calib, seed=0)))
+    return build_method(cfg).run(ctx), ctx
