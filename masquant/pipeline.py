@@ -136,6 +136,8 @@ def resolve(cfg: DictConfig) -> RunSpec:
         except KeyError as err:
             raise ConfigError(f"model.tiny_type: {err.args[0]}") from None
         supported = ("text",) + adapter_cls.tiny_modalities()
+    elif source == "testbed_omni":  # the tri-modal testbed: Qwen2.5-Omni thinker
+        supported = ("text", "vision", "audio")
     else:  # the testbed: Qwen2.5-VL, text and vision
         supported = ("text", "vision")
     missing = [m for m in modalities if m not in supported]
@@ -154,11 +156,11 @@ def resolve(cfg: DictConfig) -> RunSpec:
     if cfg.eval.data_root is not None and not Path(str(cfg.eval.data_root)).expanduser().exists():
         raise ConfigError(f"eval.data_root={cfg.eval.data_root!r} does not exist")
     if cfg.eval.tasks:
-        from masquant.evaluation import EVAL_TASKS
+        from masquant.evaluation import ALL_TASKS
 
-        bad = [t for t in cfg.eval.tasks if t not in EVAL_TASKS]
+        bad = [t for t in cfg.eval.tasks if t not in ALL_TASKS]
         if bad:
-            raise ConfigError(f"eval.tasks: unknown task(s) {bad}; valid tasks: {list(EVAL_TASKS)}")
+            raise ConfigError(f"eval.tasks: unknown task(s) {bad}; valid tasks: {list(ALL_TASKS)}")
     device = resolve_device(str(cfg.device))
     v.check_output_root(cfg.paths.output_root)
     h = config_hash(cfg)
@@ -356,7 +358,7 @@ def _execute(spec: RunSpec, out_dir: Path) -> dict:
         "run/method_label": run_method_label(spec),
         "run/w_quantizer": spec.scheme.w_quantizer.value, "run/w_mse_clip": spec.scheme.w_mse_clip,
         "run/bits": spec.scheme.tag, "run/int_range": spec.scheme.int_range.value, "run/modalities": list(spec.modalities), "run/config_hash": spec.config_hash,
-        "run/eval_limit": cfg.eval.limit, "run/calib_samples": int(cfg.calib.n_samples),
+        "run/eval_limit": cfg.eval.limit, "run/eval_max_new_tokens_cap": cfg.eval.get("max_new_tokens_cap"), "run/calib_samples": int(cfg.calib.n_samples),
         "run/device": str(spec.device), "run/seed": int(cfg.seed),
     })
     return metrics

@@ -42,4 +42,16 @@ else
   "$V" -m pip install -q --no-deps --no-build-isolation -e .
 fi
 "$V" -m masquant.environment
+# espeak-ng (a Debian package) speaks the testbed-omni audio tasks; nothing else needs it.
+if ! command -v espeak-ng >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup.sh: installing espeak-ng (testbed-omni speech) with apt-get" >&2
+    { apt-get install -y -q espeak-ng >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q espeak-ng >/dev/null; }; } || {
+      echo "setup.sh: apt-get could not install espeak-ng; the testbed-omni tasks and tests need it" >&2; exit 1; }
+  else
+    echo "setup.sh: espeak-ng is missing and cannot be installed here (needs root and apt-get); install it with" >&2
+    echo "  sudo apt-get install espeak-ng      (only testbed-omni's synthetic speech needs it)" >&2
+    exit 1
+  fi
+fi
 echo "$want" > "$stamp"
