@@ -3,9 +3,9 @@
     .venv/bin/python experiments/masquant_analysis.py                       # testbed, W4A8
     .venv/bin/python experiments/masquant_analysis.py quant=w4a6 --layer 12 --out outputs/analysis
 
-1. Per-layer SQNR per modality vs FP for dense, RTN, uniform smoothing (SmoothQuant-style, one scale
-   for all modalities), MAS (per-modality weights) and MAS+CMC: ``sqnr_<modality>.csv`` + a table.
-   Each variant is an ordinary run (cached by config hash, so re-running is cheap).
+1. Per-layer SQNR per modality vs FP for dense and the jobs of ``conf/experiment/variants_testbed.yaml`` but
+   SmoothQuant (RTN, uniform smoothing, MAS with per-modality weights, MAS+CMC): ``sqnr_<modality>.csv`` + a
+   table. Each variant is an ordinary run (cached by config hash, so re-running is cheap).
 2. Per-channel activation max |x| per modality at one layer's q/k/v input (paper Fig. 2 kind):
    ``channel_absmax_layer<L>.png``.
 3. Effective rank of ΔW_vision for that layer's q_proj, plain vs whitened, and the relative output
@@ -34,22 +34,28 @@ from masquant.methods.masquant.analysis import (  # noqa: E402
     channel_absmax,
     delta_w_rank_report,
     layer_input_rows,
-    plot_channel_absmax,
 )
 from masquant.models import calibration_sets  # noqa: E402
+from masquant.reporting.plots import plot_channel_absmax  # noqa: E402
 from masquant.quant.smoothing import smooth_factors, weight_input_absmax  # noqa: E402
+from masquant.reporting.plots import run_label  # noqa: E402
 from masquant.reporting.table import format_markdown  # noqa: E402
-from experiments.testbed_table import VARIANTS as TABLE_VARIANTS  # noqa: E402
 from masquant.run import CONF_DIR, run_with_reference  # noqa: E402
+from masquant.sweeper import configured_jobs  # noqa: E402
 
-VARIANTS = {k: v for k, v in TABLE_VARIANTS.items() if k != "smoothquant"}
+EXPERIMENT = "experiment=variants_testbed"
 
 
 def variant_metrics(overrides: list[str]) -> dict[str, dict]:
+    """Each variant's result (run or reused), keyed by its method label and bits; "dense" the reference."""
     results = {}
-    for name, extra in VARIANTS.items():
-        cfg = compose(config_name="config", overrides=[*overrides, *extra, "eval=fidelity"])
-        *ref, results[name] = run_with_reference(cfg)
+    base = compose(config_name="config", overrides=[EXPERIMENT, *overrides], return_hydra_config=True)
+    for job in configured_jobs(base, overrides):
+        if "method=smoothquant" in job:
+            continue
+        cfg = compose(config_name="config", overrides=[EXPERIMENT, *job, "eval=fidelity"])
+        *ref, metrics = run_with_reference(cfg)
+        results[run_label(metrics)] = metrics
         if ref:
             results.setdefault("dense", ref[0])
     return results
@@ -112,7 +118,8 @@ def main() -> None:
             df.to_csv(out / f"sqnr_{modality}.csv", index_label="layer")
             print(f"\nSQNR (dB) vs FP, {modality} tokens, {base.model.name} {base.quant.name}\n")
             print(format_markdown(df.reset_index(names="layer")))
-        n_layers = sum(1 for k in results["rtn"] if k.startswith("fidelity/sqnr/all/layer_")) + 1
+        rtn = next(m for name, m in results.items() if name.startswith("rtn"))
+        n_layers = sum(1 for k in rtn if k.startswith("fidelity/sqnr/all/layer_")) + 1
         layer = args.layer if args.layer is not None else n_layers // 2
         fig = activation_figures(args.overrides, layer, out)
     print(f"\nΔW_vision rank report (layer {layer} q_proj): " + json.dumps({k: v for k, v in fig.items() if k != 'png'}))

@@ -17,6 +17,9 @@ from omegaconf import MISSING
 from masquant.quant.scheme import config_schema
 
 QuantConfig = config_schema()  # the quant group's schema: QuantScheme's fields, one definition
+# a name pickle can find: a pickled config (a SLURM job's, through submitit) then refers to this very class instead of
+# a copy, which OmegaConf would refuse to assign ("QuantSchemeConfig is not a subclass of QuantSchemeConfig")
+QuantConfig.__module__, QuantConfig.__qualname__ = __name__, "QuantConfig"
 
 
 class ModelSource(str, Enum):
@@ -44,6 +47,12 @@ class CalibSource(str, Enum):
     text = "text"  # text-only sequences of the built-in corpus (masquant.evaluation.text_corpus)
 
 
+class Placement(str, Enum):
+    device = "device"  # the whole model on `device`
+    offload = "offload"  # decoder layers in CPU memory, one at a time on `device` (masquant.placement)
+    auto = "auto"  # accelerate's device map over the visible GPUs
+
+
 class DType(str, Enum):
     float32 = "float32"
     float16 = "float16"
@@ -57,6 +66,8 @@ class ModelConfig:
     path: Optional[str] = None  # local folder for source=local
     tiny_type: Optional[str] = None  # model_type for source=tiny
     dtype: DType = DType.float32
+    placement: Placement = Placement.device  # where the weights live (masquant/placement.py); not in the config hash
+    max_memory_gib: Optional[float] = None  # placement=auto: memory per GPU for the device map (default: all free)
 
 
 @dataclass
@@ -110,7 +121,20 @@ class LoggerConfig:
 class PathsConfig:
     name: str = "default"
     output_root: str = "outputs"
+    models_root: str = "${oc.env:MASQUANT_MODELS,/models}"  # paper experiments read <models_root>/<model.name>
     cache_dir: str = "${oc.env:MASQUANT_CACHE,${oc.env:HOME}/.cache/masquant}"
+
+
+@dataclass
+class SweepConfig:
+    """What a run returns to a sweeper and how a sweep's table is laid out (not part of the config hash)."""
+
+    objective: Optional[str] = None  # the metric main() returns, e.g. fidelity/sqnr/all/e2e (Optuna optimises it);
+    # checked before the run (masquant.objective); None: main() returns None
+    table: Optional[str] = None  # the sweep's table: table1 | table2 | ablation (paper layout); None: one row per run
+    pivot: list[str] = field(default_factory=list)  # ablation: method-label options whose values are the rows
+    reference_model: Optional[str] = None  # show this paper model's published numbers beside a model the paper lacks
+    reference_ignores: list[str] = field(default_factory=list)  # label options that do not block that comparison
 
 
 @dataclass
@@ -129,6 +153,7 @@ class Config:
     force: bool = False  # re-run even if a finished result exists for this config hash
     threads: Optional[int] = None  # torch CPU threads
     reference: bool = True  # also run (or reuse) the dense FP reference of the same model/calib/eval
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 _GROUPS = {
@@ -190,6 +215,10 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("masquant_testbed_tasks", testbed_tasks)
     if not OmegaConf.has_resolver("masquant_testbed_generation_cap"):
         OmegaConf.register_new_resolver("masquant_testbed_generation_cap", testbed_generation_cap)
+    if not OmegaConf.has_resolver("masquant_direction"):  # hydra/sweeper=optuna: direction of sweep.objective
+        from masquant.objective import direction
+
+        OmegaConf.register_new_resolver("masquant_direction", direction)
 
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)

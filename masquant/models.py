@@ -38,7 +38,12 @@ def load_model_and_processor(mcfg, cache_dir: str, device: torch.device):
         model, processor = load_local(Path(str(mcfg.path)).expanduser(), dtype)
     else:  # guarded by the config schema
         raise ValueError(f"model.source={source!r}")
-    return model.to(device).eval(), processor
+    from masquant.adapters.registry import get_adapter
+    from masquant.placement import place_model_
+
+    placement = _src(getattr(mcfg, "placement", "device"))
+    max_memory = getattr(mcfg, "max_memory_gib", None)
+    return place_model_(model, get_adapter(model), placement, device, max_memory), processor
 
 
 def load_local(path: Path, dtype):

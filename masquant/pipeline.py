@@ -34,6 +34,7 @@ from masquant.quant.scheme import QuantScheme
 from masquant.registry import build_method, get_method_class
 from masquant.reporting.store import (
     RESULT_FILE,
+    RESULTS_FORMAT,
     clean_stale,
     failed_dir,
     is_finished,
@@ -45,13 +46,15 @@ from masquant.reporting.store import (
     run_lock,
     write_json_atomic,
 )
+from masquant.provenance import provenance
 from masquant.resources import peak_memory_mb, reset_peak_memory
 from masquant.validation import ConfigError
 
 log = logging.getLogger(__name__)
 
 # Keys that do not change results and are left out of the config hash.
-_NON_SEMANTIC = ("logger", "paths", "force", "threads", "device", "reference")
+_NON_SEMANTIC = ("logger", "paths", "force", "threads", "device", "reference", "sweep")
+_NON_SEMANTIC_MODEL = ("placement", "max_memory_gib")  # where the weights live, not what they compute
 
 
 @dataclass
@@ -76,6 +79,9 @@ def config_hash(cfg: DictConfig) -> str:
     for key in _NON_SEMANTIC:
         plain.pop(key, None)
     plain.pop("hydra", None)
+    for key in _NON_SEMANTIC_MODEL:
+        plain.get("model", {}).pop(key, None)
+    plain["_results_format"] = RESULTS_FORMAT  # a new format is a new configuration: stale results are re-run
     return stable_hash(plain, 10)
 
 
@@ -162,6 +168,9 @@ def resolve(cfg: DictConfig) -> RunSpec:
         if bad:
             raise ConfigError(f"eval.tasks: unknown task(s) {bad}; valid tasks: {list(ALL_TASKS)}")
     device = resolve_device(str(cfg.device))
+    problems = v.check_placement(cfg.model, device, method)
+    if problems:
+        raise ConfigError("; ".join(problems))
     v.check_output_root(cfg.paths.output_root)
     h = config_hash(cfg)
     run_dir = run_dir_for(cfg.paths.output_root, cfg.model.name, cfg.method.id, cfg.quant.name, h)
@@ -236,7 +245,9 @@ def _run_locked(spec: RunSpec) -> dict:
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(file_log)
     try:
+        started = time.perf_counter()
         metrics = _execute(spec, tmp_dir)
+        metrics.update(provenance(spec.device), **{"provenance/wall_s": time.perf_counter() - started})
         (tmp_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         write_json_atomic(metrics, tmp_dir / RESULT_FILE)
         logging.getLogger().removeHandler(file_log)

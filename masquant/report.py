@@ -3,6 +3,9 @@
     python -m masquant.report [outputs/runs] [--format md|csv|latex]            one row per run
     python -m masquant.report outputs/runs --paper table1                      the paper's layout, its numbers, deltas
     python -m masquant.report outputs/runs --paper ablation --pivot epochs     rows = the values of a label option
+    python -m masquant.report outputs/runs --paper table1 --reference-model Qwen2.5-VL-3B --reference-ignore lr
+                                                  the testbed's rows beside a paper model's numbers (a stand-in)
+    python -m masquant.report --stale [outputs/runs]        results made by another commit or results format
     ... --out tables/table1.md                                                 written atomically instead of printed
 """
 
@@ -15,9 +18,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from masquant.reporting.paper import (LAYOUTS, PaperTable, ablated_methods, ablation_table, format_paper_csv,
-                                      format_paper_latex, format_paper_markdown, option_values, paper_table)
-from masquant.reporting.table import collect_results, format_markdown, results_frame
+from masquant.reporting.paper import (LAYOUTS, PaperTable, StandIn, ablated_methods, ablation_table,
+                                      format_paper_csv, format_paper_latex, format_paper_markdown, option_values,
+                                      paper_table)
+from masquant.reporting.table import collect_result_files, collect_results, format_markdown, results_frame
 
 FORMATS = ("md", "csv", "latex")
 log = logging.getLogger(__name__)
@@ -63,6 +67,24 @@ def format_paper(table: PaperTable, fmt: str) -> str:
     return formatter(table).rstrip("\n") + "\n"
 
 
+def stale_report(root: Path) -> int:
+    """Print the results under ``root`` that this checkout would not make (another commit or results format, or
+    no provenance), one per line with why; 0 whether or not there are any."""
+    from masquant.provenance import git_state, stale_reasons
+    from masquant.reporting.store import RESULTS_FORMAT
+
+    git = git_state()
+    results = collect_result_files(root)
+    stale = [(folder, reasons) for folder, result in results
+             if (reasons := stale_reasons(result, str(git["commit"])))]
+    dirty = " (dirty)" if git["dirty"] is True else ""
+    print(f"{len(stale)} of {len(results)} results under {root} are stale (this checkout: commit "
+          f"{str(git['commit'])[:12]}{dirty}, results format {RESULTS_FORMAT})")
+    for folder, reasons in stale:
+        print(f"  {folder}: {'; '.join(reasons)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", nargs="?", default="outputs/runs", help="folder searched for metrics.json")
@@ -74,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pivot", help="ablation: option(s) of the method label whose values are the rows, comma-"
                                         "separated, e.g. cmc.rank_ratio or uniform,learn (implies --paper ablation)")
     parser.add_argument("--out", type=Path, help="write the table to this file (atomically) instead of printing it")
+    parser.add_argument("--reference-model", help="show this paper model's published numbers (e.g. Qwen2.5-VL-3B) "
+                                                  "beside runs of a model the paper lacks (the testbed)")
+    parser.add_argument("--reference-ignore", default="", help="with --reference-model: label options, comma-"
+                                                                "separated, that do not block the comparison (lr)")
+    parser.add_argument("--stale", action="store_true", help="list the results made by another commit or another "
+                                                             "results format (or with no provenance) and exit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     pivot = [p.strip() for p in args.pivot.split(",") if p.strip()] if args.pivot else []
@@ -89,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
               f"e.g. outputs/runs)", file=sys.stderr)
         return 2
     skipped: list[str] = []
+    if args.stale:
+        return stale_report(root)
     results = collect_results(root, skipped)
     if skipped:
         print(f"warning: skipped {len(skipped)} unreadable result file(s):\n  " + "\n  ".join(skipped), file=sys.stderr)
@@ -100,18 +130,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no finished runs (metrics.json) under {args.root}" + (" matching the filters" if args.model or args.method
               else ""), file=sys.stderr)
         return 1
+    models = {str(r.get("run/model")): args.reference_model for r in results} if args.reference_model else {}
+    stand_in = StandIn(models, tuple(o.strip() for o in args.reference_ignore.split(",") if o.strip()))
     if paper is None:
         text = format_run_table(results, args.format)
     elif paper == "ablation":
         try:
             methods = {args.method} if args.method else ablated_methods(results, pivot)
-            table = ablation_table(results, pivot, method_defaults(methods), method=args.method)
+            table = ablation_table(results, pivot, method_defaults(methods), method=args.method, stand_in=stand_in)
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
         text = format_paper(table, args.format)
     else:
-        text = format_paper(paper_table(results, LAYOUTS[paper]), args.format)
+        text = format_paper(paper_table(results, LAYOUTS[paper], stand_in=stand_in), args.format)
     if args.out:
         write_text_atomic(args.out, text)
         print(f"wrote {args.out}", file=sys.stderr)

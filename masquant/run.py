@@ -38,14 +38,25 @@ def invocation_configs(cfg: DictConfig) -> list[DictConfig]:
     return configs + [cfg]
 
 
+def invocation_problems(cfg: DictConfig) -> None:
+    """Every check of an invocation that needs no model: each configuration's (``pipeline.resolve``) and the
+    sweep objective's; raises ConfigError."""
+    from masquant import pipeline
+    from masquant.objective import objective_problems
+
+    for c in invocation_configs(cfg):
+        pipeline.resolve(c)  # every bad key, value or path fails here, before any model is loaded
+    problems = objective_problems(cfg)
+    if problems:
+        raise pipeline.ConfigError("; ".join(problems))
+
+
 def run_with_reference(cfg: DictConfig) -> list[dict]:
     """The dense reference (reused when finished) then the run; both are validated before either starts."""
     from masquant import pipeline
 
-    configs = invocation_configs(cfg)
-    for c in configs:
-        pipeline.resolve(c)  # every bad key, value or path fails here, before any model is loaded
-    return [pipeline.run(c) for c in configs]
+    invocation_problems(cfg)
+    return [pipeline.run(c) for c in invocation_configs(cfg)]
 
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -53,6 +64,14 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    """One job; returns ``sweep.objective`` of its result (what a sweeper such as Optuna optimises), or None."""
+    from masquant.jobs import job_scope
+
+    with job_scope():  # a sweep's jobs run in this process one after another
+        return _job(cfg)
+
+
+def _job(cfg: DictConfig) -> float | None:
     from masquant.calibration.data import CalibrationDataError
     from masquant.environment import check_environment, drift_message, lock_path
     from masquant.pipeline import ConfigError
@@ -72,10 +91,15 @@ def main(cfg: DictConfig) -> float | None:
     table = format_markdown(results_frame(results))
     print("\n" + table + "\n")
     if cfg.logger.wandb:
+        from masquant.pipeline import config_hash
+        from masquant.reporting.store import run_dir_for
         from masquant.reporting.wandb_log import log_to_wandb
 
-        log_to_wandb(cfg, results[-1])
-    return results[-1].get("fidelity/sqnr/all/e2e")
+        log_to_wandb(cfg, results, run_dir_for(cfg.paths.output_root, cfg.model.name, cfg.method.id, cfg.quant.name,
+                                               config_hash(cfg)))
+    from masquant.objective import objective_value
+
+    return objective_value(cfg.sweep.objective, results[-1])
 
 
 def _in_multirun() -> bool:

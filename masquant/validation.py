@@ -105,6 +105,25 @@ def check_values(cfg: DictConfig, needs_calibration: bool) -> list[str]:
     return problems
 
 
+def check_placement(m: DictConfig, device, method) -> list[str]:
+    """model.placement against the device and the method (masquant/placement.py)."""
+    placement = _value(m.placement)
+    problems = []
+    if m.max_memory_gib is not None and placement != "auto":
+        problems.append(f"model.max_memory_gib={m.max_memory_gib} is not read with model.placement={placement}; "
+                        "set model.placement=auto")
+    elif m.max_memory_gib is not None and float(m.max_memory_gib) <= 0:
+        problems.append(f"model.max_memory_gib={m.max_memory_gib}: must be > 0 (GiB per GPU), or null for all free")
+    if placement == "auto" and getattr(device, "type", str(device)) != "cuda":
+        problems.append(f"model.placement=auto spreads the model over GPUs, but the run's device is {device}; "
+                        "use device=cuda, or model.placement=device|offload")
+    if placement == "offload" and getattr(method, "needs_whole_model_backward", False):
+        problems.append(f"model.placement=offload streams layers through forward passes only, and "
+                        f"method={method.id} back-propagates through the whole model; use model.placement=device "
+                        "or auto")
+    return problems
+
+
 # --- paths -----------------------------------------------------------------------------------------
 def check_output_root(path: str | Path) -> None:
     """The results folder can be created and written (checked with a real file, then removed)."""

@@ -7,7 +7,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "offline")
+os.environ["WANDB_MODE"] = "disabled"  # runs log to wandb by default; tests/pipeline/test_wandb.py turns it on
 
 import sys  # noqa: E402
 
@@ -29,12 +29,13 @@ def compose_cfg(tmp_path):
     """compose_cfg(*overrides) -> DictConfig of conf/config.yaml with outputs and caches under tmp_path."""
     register_configs()
 
-    def _compose(*overrides: str):
+    def _compose(*overrides: str, return_hydra_config: bool = False):
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             return compose(
                 config_name="config",
                 overrides=[f"paths.output_root={tmp_path}/outputs", f"paths.cache_dir={tmp_path}/cache", *overrides],
+                return_hydra_config=return_hydra_config,
             )
 
     yield _compose

@@ -90,11 +90,11 @@ def search_layer_scales(ctx: QuantContext, step: LayerStep, grid, row_weights_fo
     """
     found: dict[str, ScaleSearch] = {}
     for pair in ctx.adapter.fold_pairs(step.layer):
-        calls, targets = pair_inputs(step, ctx.adapter, pair, ctx.device)
+        calls, targets = pair_inputs(step, ctx.adapter, pair, step.device)
         x_mean = step.stats[pair.input_group]["all"].mean_abs
         weights = None if row_weights_for is None else row_weights_for(pair)
         found[pair.name] = search_pair_scale(ctx.adapter, step.layer, pair, calls, targets, x_mean, ctx.scheme, grid,
-                                             ctx.device, weights, p)
+                                             step.device, weights, p)
         del calls, targets
         if bar is not None:
             bar.set_postfix({name: f"α={r.alpha:.2f}" for name, r in found.items()})
@@ -135,7 +135,7 @@ class AWQ(Method):
         shrinks = shrink_grid(cfg.n_grid, cfg.clip_max_shrink)
         out = {}
         for role in roles:
-            X = sampler.tokens(ROLE_TO_GROUP[role]).to(ctx.device)
+            X = sampler.tokens(ROLE_TO_GROUP[role]).to(step.device)
             out[role] = search_clip(linears[role].weight.data, X, ctx.scheme, shrinks, cfg.clip_oc_batch)
         return out
 

@@ -140,6 +140,7 @@ def modality_gradients(model, adapter, sft: list[dict], device, video_as: str = 
 @register_method("mbq", config=MBQConfig)
 class MBQ(Method):
     needs_answers = True  # the SFT loss of the calibration answers (checked before the model loads)
+    needs_whole_model_backward = True  # the gradients of that loss
 
     def __init__(self, cfg: MBQConfig | None = None):
         super().__init__(cfg if cfg is not None else MBQConfig())

@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from masquant.placement import resident
+
 _DROP_KWARGS = ("past_key_values", "past_key_value", "use_cache", "cache_position", "hidden_states")
 
 
@@ -221,10 +223,13 @@ def observing(adapter, layer: nn.Module, observers: Sequence[InputObserver], cur
 class LayerStep:
     """One decoder layer during a walk; ``fp_outputs`` are its outputs as it was when the step began."""
 
-    def __init__(self, walker: "LayerWalker", index: int, layer: nn.Module):
+    def __init__(self, walker: "LayerWalker", index: int, layer: nn.Module, device=None):
         self.walker = walker
         self.index = index
         self.layer = layer
+        # where the layer runs during this step (masquant.placement.resident): the walk's compute device, or the
+        # layer's own GPU under a device map; per-layer work (statistics, searches, learning) belongs there
+        self.device = walker.device if device is None else torch.device(device)
         self.fp_outputs: list[torch.Tensor] | None = None
         self.stats = None  # filled by QuantContext.walk when statistics were asked for
         self._quant_outputs: list[torch.Tensor] | None = None
@@ -237,9 +242,9 @@ class LayerStep:
         """Sample ``k`` at this layer's input on the compute device; stream 'fp' or 'quant'."""
         rec = self.walker.captured.samples[k]
         memo: dict = {}
-        return LayerSample(self.walker.stream(stream)[k].to(self.walker.device),
-                           to_device(rec.layer_kwargs[self.index], self.walker.device, memo),
-                           to_device(rec.masks, self.walker.device))
+        return LayerSample(self.walker.stream(stream)[k].to(self.device),
+                           to_device(rec.layer_kwargs[self.index], self.device, memo),
+                           to_device(rec.masks, self.device))
 
     def run(self, stream: str = "fp", layer: nn.Module | None = None, observers: Sequence[InputObserver] = (),
             keep: bool = True, samples: Sequence[int] | None = None) -> list[torch.Tensor] | None:
@@ -336,16 +341,17 @@ class LayerWalker:
         layers = self.adapter.decoder_layers()
         last = len(layers) - 1 if self.stop_after is None else self.stop_after
         for i in tqdm(range(last + 1), desc=self.desc, leave=False):
-            step = LayerStep(self, i, layers[i])
-            observers = self.fp_observers(step) if self.fp_observers is not None else ()
-            if self._fp is not None:
-                step.fp_outputs = step.run("fp", observers=observers)
-            yield step
-            if self._q is not None:
-                self._q = self._after(i, step.quant_outputs())
-            if self._fp is not None:
-                self._fp = self._after(i, step.fp_outputs)
-            step.fp_outputs = step._quant_outputs = None
+            with resident(layers[i], self.device) as device:  # one layer on the compute device at a time
+                step = LayerStep(self, i, layers[i], device)
+                observers = self.fp_observers(step) if self.fp_observers is not None else ()
+                if self._fp is not None:
+                    step.fp_outputs = step.run("fp", observers=observers)
+                yield step
+                if self._q is not None:
+                    self._q = self._after(i, step.quant_outputs())
+                if self._fp is not None:
+                    self._fp = self._after(i, step.fp_outputs)
+                step.fp_outputs = step._quant_outputs = None
 
     def final_hidden(self, stream: str = "fp") -> list[torch.Tensor]:
         """The streams after the last walked layer (before the final norm)."""

@@ -111,6 +111,8 @@ class Method(ABC):
     id: ClassVar[str]
     needs_calibration: ClassVar[bool] = True
     needs_answers: ClassVar[bool] = False  # True: calibration rows must carry answers (checked before loading)
+    # True: a backward pass through the whole model (not only layer by layer); model.placement=offload refuses it
+    needs_whole_model_backward: ClassVar[bool] = False
     # True when the method rounds its weights through masquant.methods.weights (quant.w_quantizer=gptq,
     # quant.w_mse_clip); the others round to nearest and refuse those options (check_weight_options).
     honours_weight_options: ClassVar[bool] = False

@@ -23,7 +23,7 @@ import logging
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields, is_dataclass, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from decimal import ROUND_HALF_UP, Decimal
 from importlib import resources
 
@@ -313,16 +313,37 @@ def settings_for_pivot(pivot: Sequence[str]) -> dict[tuple[str, str], dict[str, 
     return {key: fixed for key, fixed in ABLATION_SETTINGS.items() if key[0] in varying}
 
 
+@dataclass(frozen=True)
+class StandIn:
+    """Published numbers shown beside runs of a model the paper lacks (the testbed): ``models`` maps a run's model
+    to the paper model whose numbers are shown; ``ignore_options`` are label options that do not keep a run from
+    its paper row (the testbed's MASQuant learning rate). The legend says both: compare orderings, not values."""
+
+    models: Mapping[str, str] = field(default_factory=dict)
+    ignore_options: tuple[str, ...] = ()
+
+    def note(self) -> str:
+        if not self.models:
+            return ""
+        pairs = ", ".join(f"{ours} beside {paper}" for ours, paper in self.models.items())
+        ignored = f"; label options not compared: {', '.join(self.ignore_options)}" if self.ignore_options else ""
+        return f"; stand-in: {pairs} (another model: compare orderings, not values{ignored})"
+
+
 def published_value(references: Mapping[ReferenceKey, float], settings: Mapping[tuple[str, str], Mapping[str, str]],
-                    key: RowKey, defaults: Mapping[str, str], column: str) -> float | None:
+                    key: RowKey, defaults: Mapping[str, str], column: str, stand_in: StandIn = StandIn()
+                    ) -> float | None:
     """The paper's number for a row's cell, or None (unmapped model or bits, no matching setting, empty cell)."""
     model, bits, label = key[0], key[1], key[2]
-    if model not in REFERENCE_MODELS or bits not in REFERENCE_BITS:
+    paper_model = REFERENCE_MODELS.get(model) or stand_in.models.get(model)
+    paper_model = REFERENCE_MODELS.get(paper_model, paper_model)  # a stand-in named as run/model or as in the CSVs
+    if paper_model not in REFERENCE_MODELS.values() or bits not in REFERENCE_BITS:
         return None
     method_id, options = parse_method_label(label)
+    options = {k: v for k, v in options.items() if k not in stand_in.ignore_options}
     for setting, fixed in settings.items():
         if setting_matches(options, defaults, fixed):
-            value = references.get((setting, REFERENCE_MODELS[model], method_id, REFERENCE_BITS[bits], column))
+            value = references.get((setting, paper_model, method_id, REFERENCE_BITS[bits], column))
             if value is not None:
                 return value
     return None
@@ -380,7 +401,7 @@ def _frame(rows: list[dict], keys: Sequence[str], columns: Sequence[Column]) -> 
 
 
 def paper_table(results: Iterable[Mapping], layout: Layout = TABLE1,
-                references: Mapping[ReferenceKey, float] | None = None) -> PaperTable:
+                references: Mapping[ReferenceKey, float] | None = None, stand_in: StandIn = StandIn()) -> PaperTable:
     """Rows model × bits × method in the paper's order (FP16 first, then W4A16, W8A8, W4A8, W4A6, then other
     bits; methods dense, rtn, smoothquant, awq, mbq, quarot, mquant, masquant, then others), one per
     (model, bits, method label, calib samples, eval limit), columns the layout's; ``references`` defaults to
@@ -397,12 +418,12 @@ def paper_table(results: Iterable[Mapping], layout: Layout = TABLE1,
     keys = ("model", "bits", "method", "calib", "limit", "n")
     rows = []
     for key in sorted(groups, key=order):
-        published = {c.reference: published_value(references, {PAPER_SETTING: {}}, key, {}, c.reference)
+        published = {c.reference: published_value(references, {PAPER_SETTING: {}}, key, {}, c.reference, stand_in)
                      for c in layout.columns if c.reference is not None}
         rows.append({"model": key[0], "bits": key[1], "method": key[2], "calib": key[3], "limit": key[4],
                      "n": len(groups[key]), **_cells(groups[key], layout.columns, published)})
     return PaperTable(keys, layout.columns, _frame(rows, keys, layout.columns),
-                      f"{layout.title}, reference/{layout.reference_file}")
+                      f"{layout.title}, reference/{layout.reference_file}{stand_in.note()}")
 
 
 def _non_empty(frame: pd.DataFrame, column: Column) -> Column | None:
@@ -427,7 +448,8 @@ def ablated_methods(results: Sequence[Mapping], pivot: Sequence[str]) -> set[str
 
 
 def ablation_table(results: Iterable[Mapping], pivot: Sequence[str], defaults: Mapping[str, Mapping[str, str]],
-                   method: str | None = None, references: Mapping[ReferenceKey, float] | None = None) -> PaperTable:
+                   method: str | None = None, references: Mapping[ReferenceKey, float] | None = None,
+                   stand_in: StandIn = StandIn()) -> PaperTable:
     """Rows the values of the ``pivot`` options of the method label, within blocks of (model, bits, the rest of
     the label); columns the ablation layout's that hold a value in some row (paper and delta only where some row
     has a published number).
@@ -464,7 +486,8 @@ def ablation_table(results: Iterable[Mapping], pivot: Sequence[str], defaults: M
     rows = []
     for key in sorted(groups, key=order):
         method_defaults = defaults.get(parse_method_label(key[2])[0], {})
-        published = {c.reference: published_value(references, settings, key, method_defaults, c.reference)
+        published = {c.reference: published_value(references, settings, key, method_defaults, c.reference,
+                                                  stand_in)
                      for c in ABLATION.columns if c.reference is not None}
         rows.append({**described(key), "calib": key[3], "limit": key[4], "n": len(groups[key]),
                      **_cells(groups[key], ABLATION.columns, published)})
@@ -474,7 +497,7 @@ def ablation_table(results: Iterable[Mapping], pivot: Sequence[str], defaults: M
     tables = sorted({table for table, _ in settings})
     source = (f"MASQuant Table{'s' if len(tables) > 1 else ''} {', '.join(tables)}, reference/{ABLATION.reference_file}"
               if tables else f"none: the paper has no ablation over {', '.join(pivot)}")
-    return PaperTable(keys, columns, frame, source)
+    return PaperTable(keys, columns, frame, source + (stand_in.note() if tables else ""))
 
 
 # ---------------------------------------------------------------------------------------------- formats

@@ -21,6 +21,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 RESULT_FILE = "metrics.json"
+# Bump when a change alters results (a metric's definition, a default that changes numbers): it is part of the
+# config hash, so earlier results are not skipped as finished; `python -m masquant.report --stale` lists them.
+RESULTS_FORMAT = 1
 HOST = socket.gethostname().replace("-", "_")
 
 

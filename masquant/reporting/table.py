@@ -36,6 +36,11 @@ def collect_results(root: str | Path, skipped: list[str] | None = None) -> list[
     A metrics.json that is truncated, not UTF-8, or not a JSON object is skipped with a warning naming it
     (and appended to ``skipped``); the valid runs still make a table.
     """
+    return [result for _, result in collect_result_files(root, skipped)]
+
+
+def collect_result_files(root: str | Path, skipped: list[str] | None = None) -> list[tuple[Path, dict]]:
+    """:func:`collect_results` with the run folder of each result."""
     root = Path(root)
     results = []
     for p in sorted(root.rglob("metrics.json")):
@@ -53,7 +58,7 @@ def collect_results(root: str | Path, skipped: list[str] | None = None) -> list[
             if skipped is not None:
                 skipped.append(f"{p}: {reason}")
             continue
-        results.append(data)
+        results.append((p.parent, data))
     return results
 
 

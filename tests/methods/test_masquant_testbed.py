@@ -1,14 +1,14 @@
 """MASQuant on the real testbed (slow): end-to-end SQNR per modality against RTN and uniform smoothing.
 
-Same configurations as ``experiments/testbed_table.py`` (default testbed calibration: 16 samples,
+Same configurations as ``conf/experiment/variants_testbed.yaml`` (default testbed calibration: 16 samples,
 2 epochs, lr 5e-3 for the testbed's small scales, CMC rank ratio 0.2 on all seven linears). The
 measured figures are in the README (MASQuant section) and in the issue note.
 """
 
 import pytest
 
-from experiments.testbed_table import VARIANTS
 from masquant import pipeline
+from masquant.sweeper import configured_jobs
 
 BASE = ["eval=fidelity", "eval.ppl=false"]
 CASES = [pytest.param(q, v, id=f"{v}-{q}") for v in ("mas", "mas+cmc") for q in ("w4a8", "w4a6")]
@@ -17,7 +17,10 @@ CASES = [pytest.param(q, v, id=f"{v}-{q}") for v in ("mas", "mas+cmc") for q in 
 @pytest.mark.slow
 @pytest.mark.parametrize("quant,ours", CASES)
 def test_masquant_beats_rtn_and_uniform_smoothing_on_testbed(compose_cfg, quant, ours):
-    sqnr = {name: pipeline.run(compose_cfg(*BASE, f"quant={quant}", *VARIANTS[name]))
+    jobs = configured_jobs(compose_cfg("experiment=variants_testbed", return_hydra_config=True), [f"quant={quant}"])
+    variants = dict(zip(("rtn", "smoothquant", "uniform", "mas", "mas+cmc"), jobs))
+    assert "method.uniform=True" in variants["uniform"] and "method.deploy=per_modality_weights" in variants["mas"]
+    sqnr = {name: pipeline.run(compose_cfg(*BASE, "experiment=variants_testbed", *variants[name]))
             for name in ("rtn", "uniform", ours)}
     for modality in ("text", "vision"):
         key = f"fidelity/sqnr/{modality}/e2e"
@@ -32,7 +35,9 @@ OMNI = ["model=testbed_omni", "modality=text_vision_audio", "calib.n_samples=8",
 @pytest.mark.slow
 def test_masquant_beats_rtn_and_uniform_smoothing_on_testbed_omni(compose_cfg):
     """Tri-modal: MAS+CMC at W4A8 against RTN and uniform smoothing, per modality, audio included."""
-    sqnr = {name: pipeline.run(compose_cfg(*BASE, *OMNI, "quant=w4a8", *VARIANTS[name]))
+    jobs = configured_jobs(compose_cfg("experiment=variants_testbed", *OMNI, return_hydra_config=True), ["quant=w4a8"])
+    variants = dict(zip(("rtn", "smoothquant", "uniform", "mas", "mas+cmc"), jobs))
+    sqnr = {name: pipeline.run(compose_cfg(*BASE, "experiment=variants_testbed", *OMNI, *variants[name]))
             for name in ("rtn", "uniform", "mas+cmc")}
     for modality in ("text", "vision", "audio"):
         key = f"fidelity/sqnr/{modality}/e2e"

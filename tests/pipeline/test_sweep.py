@@ -1,5 +1,6 @@
 """Sweeps: Hydra multirun end to end (sequential jobs), resume by skipping finished jobs; GPU pool expansion."""
 
+import json
 import os
 import subprocess
 import sys
@@ -13,11 +14,11 @@ ROOT = Path(__file__).resolve().parents[2]
 def _sweep(tmp_path):
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "MASQUANT_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "masquant", "-m", "debug=default", "hydra.verbose=false", "method=rtn",
-           "quant=w8a8,w4a8", f"paths.output_root={tmp_path}/out", "eval.ppl=false"]
+           "quant=w8a8,w4a8", f"paths.output_root={tmp_path}/out", "eval.ppl=false", f"hydra.sweep.dir={tmp_path}/sw"]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_multirun_sweep_runs_each_job_once_and_resumes(tmp_path):
+def test_multirun_sweep_runs_each_job_once_writes_one_table_and_resumes(tmp_path):
     first = _sweep(tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     runs = sorted(p.parent.relative_to(tmp_path / "out" / "runs").as_posix()
@@ -26,6 +27,16 @@ def test_multirun_sweep_runs_each_job_once_and_resumes(tmp_path):
     assert [r.rsplit("-", 1)[0] for r in runs] == [
         "tiny-qwen2.5-vl/dense/fp16", "tiny-qwen2.5-vl/rtn/w4a8", "tiny-qwen2.5-vl/rtn/w8a8"]
     assert "| rtn | W8A8 |" in first.stdout and "| rtn | W4A8 |" in first.stdout
+    # one table of the whole sweep: the reference and both jobs, each once, with their values
+    table = (tmp_path / "sw" / "table.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| tiny-qwen2.5-vl |")]
+    assert [r.split(" | ")[1:3] for r in rows] == [["dense", "FP16"], ["rtn", "W4A8"], ["rtn", "W8A8"]]
+    w8a8 = json.loads(next((tmp_path / "out" / "runs").rglob("w8a8-*/metrics.json")).read_text())
+    assert f"| {w8a8['fidelity/sqnr/text/e2e']:.2f} |" in rows[2]
+    record = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert len(record["jobs"]) == 2 and len(record["run_dirs"]) == 3 and not record["failed"]
+    assert sorted(p.name for p in (tmp_path / "sw" / "plots").glob("layer_sqnr_*.png")) == [
+        "layer_sqnr_all.png", "layer_sqnr_text.png", "layer_sqnr_vision.png"]
     second = _sweep(tmp_path)
     assert second.returncode == 0
     assert second.stderr.count("skipping") + second.stdout.count("skipping") >= 3
@@ -35,6 +46,17 @@ def test_gpu_pool_expands_cartesian_product():
     jobs = expand(["method=rtn,masquant", "quant=w4a8,w4a6", "eval.tasks=[a,b]"])
     assert len(jobs) == 4
     assert ["method=masquant", "quant=w4a6", "eval.tasks=[a,b]"] in jobs
+
+
+def _glob(root, pattern):
+    """``root.rglob(pattern)`` while another process renames and removes folders under it (a scan that meets a folder
+    which has just gone is retried)."""
+    for _ in range(100):
+        try:
+            return list(root.rglob(pattern)) if root.exists() else []
+        except FileNotFoundError:
+            continue
+    return []
 
 
 def _kill_when(cmd, env, ready, timeout=120.0):
@@ -60,10 +82,10 @@ def test_sweep_killed_at_three_points_resumes_with_each_result_once(tmp_path):
            "quant=w8a8,w4a8,w4a4", f"paths.output_root={out}", f"hydra.sweep.dir={tmp_path}/sweep"]
 
     def results():
-        return list(out.rglob("metrics.json")) if out.exists() else []
+        return _glob(out, "metrics.json")
 
     def partials():
-        return [p for p in out.rglob(".*.partial-*")] if out.exists() else []
+        return _glob(out, ".*.partial-*")
 
     points = [
         lambda: bool(partials()),                            # inside the first run (the dense reference)

@@ -315,3 +315,38 @@ def test_cli_ablation_pivot(tmp_path, capsys):
         report_main([str(root), "--paper", "table1", "--pivot", "epochs"])
     with pytest.raises(SystemExit):
         report_main([str(root), "--paper", "ablation"])
+
+
+# ------------------------------------------------------------------------------------------ stand-in (testbed)
+
+TESTBED_RESULTS = [
+    vl_result("dense", "FP16", (0.40, 0.35, 0.75, 0.50, 0.45), model="testbed-vl"),
+    vl_result("rtn", "W8A8", (0.35, 0.30, 0.70, 0.50, 0.40), model="testbed-vl"),
+    vl_result("masquant", "W8A8", (0.40, 0.35, 0.75, 0.45, 0.45), label="masquant(lr=0.005)", model="testbed-vl"),
+    vl_result("masquant", "W4A8", (0.30, 0.10, 0.40, 0.50, 0.20), label="masquant(lr=0.005,epochs=1)",
+              model="testbed-vl"),
+]
+
+
+def test_stand_in_table_markdown_and_latex_golden(tmp_path, capsys):
+    """The testbed's rows beside Qwen2.5-VL-3B's numbers: ``lr`` ignored for the match, ``epochs`` not (no paper row)."""
+    root = tmp_path / "runs"
+    write_runs(root, TESTBED_RESULTS)
+    args = [str(root), "--paper", "table1", "--reference-model", "Qwen2.5-VL-3B", "--reference-ignore", "lr"]
+    assert report_main(args) == 0
+    check_golden("paper_table1_stand_in.md", capsys.readouterr().out)
+    assert report_main([*args, "--format", "latex"]) == 0
+    check_golden("paper_table1_stand_in.tex", capsys.readouterr().out)
+
+
+def test_stand_in_values():
+    from masquant.reporting.paper import StandIn
+
+    table = paper_table(TESTBED_RESULTS, TABLE1, stand_in=StandIn({"testbed-vl": "Qwen2.5-VL-3B"}, ("lr",)))
+    rows = {(r["bits"], r["method"]): r for r in table.frame.to_dict("records")}
+    assert rows[("W8A8", "masquant(lr=0.005)")]["MMMU paper"] == 46.6  # Table 1, 3B, MASQuant W8A8
+    assert rows[("W8A8", "masquant(lr=0.005)")]["MMMU delta"] == pytest.approx(40.0 - 46.6)
+    assert pd.isna(rows[("W4A8", "masquant(lr=0.005,epochs=1)")]["MMMU paper"])  # epochs is a setting: no match
+    assert "stand-in: testbed-vl beside Qwen2.5-VL-3B" in table.source
+    plain = paper_table(TESTBED_RESULTS, TABLE1)  # without a stand-in the testbed has no published numbers
+    assert plain.frame["MMMU paper"].isna().all()

@@ -1,15 +1,16 @@
 """Diagnostics a MASQuant researcher asks for (the runner wires them in; all are plain functions).
 
 - :func:`stream_sqnr`: per-layer SQNR per modality of a quantized layer stream against the FP stream.
-- :func:`channel_absmax` + :func:`plot_channel_absmax`: per-channel input ranges per modality (Fig. 2 style).
+- :func:`channel_absmax` (+ ``reporting.plots.plot_channel_absmax``): per-channel input ranges per modality (Fig. 2 style).
 - :func:`delta_w_rank_report`: effective rank of ΔW_m with and without whitening, and the output error
   of rank-r CMC (whitened vs plain SVD) on calibration activations.
+- :func:`delta_w_energy`: the cumulative singular-value energy of ΔW_m, plain and whitened (the rank/energy
+  curve behind CMC's rank choice).
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -21,6 +22,7 @@ from masquant.methods.masquant import core
 from masquant.quant.linear import ModalityRouter
 from masquant.quant.quantizer import quantize_weight
 from masquant.quant.scheme import QuantScheme
+from masquant.reporting.plots import plot_channel_absmax  # noqa: F401  (moved to reporting.plots; kept importable)
 
 
 def _db(signal: float, noise: float) -> float:
@@ -102,31 +104,6 @@ def layer_input_rows(adapter, layer_idx: int, captured: CapturedInputs, device, 
     return {m: torch.cat(parts) for m, parts in rows.items()}
 
 
-def plot_channel_absmax(absmax: dict[str, torch.Tensor], path: str | Path, title: str = "",
-                        modalities: Sequence[str] = ("text", "vision", "audio")) -> Path:
-    """Fig. 2 style: per-channel absmax of each modality on one axis, written to a PNG at ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(10, 3.2))
-    for m in modalities:
-        if m in absmax:
-            ax.plot(absmax[m].numpy(), lw=0.8, alpha=0.85, label=m)
-    ax.set_xlabel("input channel")
-    ax.set_ylabel("max |x|")
-    ax.set_yscale("log")
-    ax.set_title(title)
-    ax.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 @torch.no_grad()
 def delta_w_rank_report(W: torch.Tensor, s_text: torch.Tensor, s_m: torch.Tensor, X: torch.Tensor,
                         scheme: QuantScheme, ranks: Sequence[int] = (), damping: float = 1e-6,
@@ -149,3 +126,25 @@ def delta_w_rank_report(W: torch.Tensor, s_text: torch.Tensor, s_m: torch.Tensor
             L1, L2 = core.whitened_low_rank(dW, t, ti, r)
             report[f"rel_err/{name}/rank_{r}"] = core.output_error(Xs, dW - L1 @ L2) / base if base > 0 else 0.0
     return report
+
+
+def cumulative_energy(M: torch.Tensor) -> torch.Tensor:
+    """Fraction of ‖M‖_F² kept by the best rank-r approximation, r = 1 .. min(M.shape): cumsum(σ²) / Σσ²."""
+    energy = torch.linalg.svdvals(M.double()).pow(2)
+    total = energy.sum()
+    return energy.cumsum(0) / total if total > 0 else torch.ones_like(energy)
+
+
+@torch.no_grad()
+def delta_w_energy(W: torch.Tensor, s_text: torch.Tensor, s_m: torch.Tensor, X: torch.Tensor, scheme: QuantScheme,
+                   damping: float = 1e-2, quantized_target: bool = False) -> dict[str, torch.Tensor]:
+    """Cumulative singular-value energy of ΔW_m (plain) and of T ΔW_m (whitened by the modality's smoothed
+    activations X / s_m, Theorem 2): how much of the output error a rank-r CMC branch can remove.
+
+    W [out, in], s_text / s_m [in], X [N, in] the modality's FP activations (unsmoothed)."""
+    W = W.double()
+    W_q = quantize_weight(core.smooth_weight(W, s_text.double()), scheme)
+    dW = core.cmc_residual(W, s_m, W_q, scheme if quantized_target else None)  # [in, out]
+    Xs = X.double() / s_m.double()
+    T, _ = core.whitening(Xs.T @ Xs, damping)
+    return {"ΔW (plain SVD)": cumulative_energy(dW), "T ΔW (whitened)": cumulative_energy(T @ dW)}

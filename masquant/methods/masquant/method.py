@@ -120,7 +120,7 @@ class MASQuant(Method):
                 return []
             dims = {g: lin.in_features for g, lin in ctx.adapter.input_group_linears(step.layer).items()
                     if g in cov_groups}
-            grams[step.index] = ModalityGram(dims, nontext, ctx.device)
+            grams[step.index] = ModalityGram(dims, nontext, step.device)
             return [grams[step.index]]
 
         ranks: list[int] = []
@@ -192,7 +192,7 @@ class MASQuant(Method):
         Returns the mean loss of the first and of the last epoch's steps.
         """
         cfg = self.cfg
-        device = ctx.device
+        device = step.device
         layer = step.layer
         params = self._make_params(scales, active, device)
         router = ModalityRouter()
