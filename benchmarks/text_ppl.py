@@ -47,6 +47,11 @@ ROWS: dict[str, tuple[list[str], float | None, float | None]] = {
     "sq-w4a8-full-range": (["method=smoothquant", "quant=w4a8", "method.alpha=0.8", "quant.int_range=full",
                             "method.act_statistic=range"], 17.1, None),
     "masquant-text-w4a8": (["method=masquant", "quant=w4a8", "method.lr=0.005"], None, None),
+    # activation sparsity alone (quant=fp16): LaRoSA and its TEAL-style ablation (Top-K without rotation)
+    # (larosa-s0 checks the identity: its ΔPPL must be 0)
+    **{f"{name}-s{round(100 * s)}": (["method=larosa", "quant=fp16", f"method.sparsity={s}", *extra], None, None)
+       for name, extra, levels in (("larosa", [], (0, 0.25, 0.4, 0.5)), ("teal", ["method.rotate=false"], (0.25, 0.4, 0.5)))
+       for s in levels},
 }
 
 

@@ -145,7 +145,12 @@ def resolve(cfg: DictConfig) -> RunSpec:
     elif source == "testbed_omni":  # the tri-modal testbed: Qwen2.5-Omni thinker
         supported = ("text", "vision", "audio")
     else:  # the testbed: Qwen2.5-VL, text and vision
+        adapter_cls = adapter_class_for("qwen2_5_vl")
         supported = ("text", "vision")
+    try:
+        method.check_adapter(adapter_cls)
+    except MethodConfigError as err:
+        raise ConfigError(f"method={cfg.method.id} model={cfg.model.name}: {err}") from err
     missing = [m for m in modalities if m not in supported]
     if missing:
         raise ConfigError(f"modality.modalities={list(modalities)}: model {cfg.model.name} has no {missing} input; "

@@ -17,8 +17,17 @@ on down_proj). ``apply`` walks the layers with the FP statistics and the quantiz
 
 Static scales need ``quant.a_dynamic=false quant.a_granularity=tensor`` (the scheme says what is deployed).
 Where the released code differs, this follows the paper (spec): MSQ is implemented (the code keeps one scale
-for all tokens) and calibration uses the run's calibration set, never an evaluation benchmark. Quantizing
-the vision encoder (MQuant's own setting) is not implemented: ``quantize_vision=true`` is refused.
+for all tokens) and calibration uses the run's calibration set, never an evaluation benchmark.
+
+``quantize_vision`` (off by default: MASQuant's setting, the language model only): MQuant's own setting also
+quantizes the vision encoder. ``transform_model_`` then gives the encoder its own rotation
+(:func:`masquant.transforms.rotation.rotate_vision_encoder_`: LayerNorm → RMSNorm where the encoder has
+LayerNorm, norm fusion, a random Hadamard of its width, a Hadamard per head between V and the attention's
+output linear, an online Hadamard on the MLP's output linear: the steps of MQuant's released code), and
+``apply`` quantizes the encoder's linears first (:mod:`baselines.mquant.vision`: the same weight rounding,
+static per-tensor activations from the calibration images), so the language model's statistics and GPTQ see
+the visual tokens the deployed encoder gives. Adapters that do not declare their encoder
+(``ModelAdapter.vision_encoder``) are refused before anything is loaded.
 """
 
 from __future__ import annotations
@@ -28,12 +37,13 @@ from dataclasses import dataclass
 
 from baselines.mquant.aifs import AIFS
 from baselines.mquant.core import channel0_outlier, msq_scale, split_channel0
+from baselines.mquant.vision import quantize_vision_encoder_
 from baselines.quarot.method import rotate_or_refuse_
 from masquant.adapters.base import INPUT_GROUPS, ROLE_TO_GROUP
 from masquant.methods.base import Method, MethodConfigError, ModalityPath, QuantContext, quantize_layer_
 from masquant.methods.weights import layer_weight_fn, summarize
 from masquant.registry import register_method
-from masquant.transforms.rotation import RotationMode
+from masquant.transforms.rotation import RotationMode, rotate_vision_encoder_
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +57,7 @@ class MQuantConfig:
     seed: int = 0  # random signs of the residual rotation
     rotation_mode: RotationMode = RotationMode.pad  # widths without a Hadamard matrix
     online_down: bool = True  # online Hadamard on down_proj's input
-    quantize_vision: bool = False  # MQuant also quantizes the vision encoder: not implemented (refused)
+    quantize_vision: bool = False  # also quantize the vision encoder (MQuant's setting; off: MASQuant's)
 
 
 def group_scales(layer_stats, group: str, modalities, scheme, msq: bool, skip_channel0: bool) -> dict:
@@ -73,10 +83,9 @@ class MQuant(Method):
     honours_weight_options = True
 
     def check(self, scheme, modalities) -> None:
-        if self.cfg.quantize_vision:
-            raise MethodConfigError("method.quantize_vision=true (MQuant's vision-encoder quantization, with its "
-                                    "LayerNorm->RMSNorm conversion and own rotation) is not implemented; only "
-                                    "the language model is quantized (MASQuant's setting)")
+        if self.cfg.quantize_vision and "vision" not in modalities:
+            raise MethodConfigError(f"method.quantize_vision=true calibrates the vision encoder on images; "
+                                    f"modality.modalities={list(modalities)} has no vision")
         if not scheme.quantize_acts:
             raise MethodConfigError(f"method=mquant is full static activation quantization; quant={scheme.name} "
                                     "quantizes no activations (use quarot, gptq or awq for weight-only)")
@@ -84,11 +93,28 @@ class MQuant(Method):
             raise MethodConfigError("method=mquant deploys static symmetric per-tensor activation scales: add "
                                     "quant.a_dynamic=false quant.a_granularity=tensor (and quant.a_symmetric=true)")
 
+    def check_adapter(self, adapter_cls) -> None:
+        reason = adapter_cls.vision_encoder_missing() if self.cfg.quantize_vision else None
+        if reason:
+            raise MethodConfigError(f"method.quantize_vision=true needs the vision encoder's blocks: {reason}; "
+                                    "quantize the language model only (method.quantize_vision=false)")
+
     def transform_model_(self, ctx: QuantContext) -> dict:
-        return rotate_or_refuse_(ctx.adapter, self.cfg.seed, self.cfg.rotation_mode, self.cfg.online_down, self.id)
+        self.check_adapter(type(ctx.adapter))
+        ident = rotate_or_refuse_(ctx.adapter, self.cfg.seed, self.cfg.rotation_mode, self.cfg.online_down, self.id)
+        if self.cfg.quantize_vision:
+            ident["vision"] = rotate_vision_encoder_(ctx.adapter, seed=self.cfg.seed, mode=self.cfg.rotation_mode,
+                                                     online_mlp=self.cfg.online_down)
+        return ident
 
     def apply(self, ctx: QuantContext, stats) -> dict:
         cfg, scheme = self.cfg, ctx.scheme
+        vision = {"run/quantize_vision": bool(cfg.quantize_vision)}
+        if cfg.quantize_vision:  # first: the decoder calibrates on what the deployed encoder gives
+            vision.update(quantize_vision_encoder_(ctx))
+            ctx.cache_key = {**ctx.cache_key, "vision_quantized": repr(scheme)}
+            if ctx.calib is not None:
+                ctx.calib.invalidate()
         n, per_layer, split, ratios = 0, [], [], {}
         for step in ctx.walk(stats=True, quantized_stream=True, desc="mquant"):
             groups = {}
@@ -119,7 +145,7 @@ class MQuant(Method):
             n += quantize_layer_(ctx, step.layer, weight_for=weights.weight_for, paths_for=paths_for)
         report = {"quant/linears": n, "mquant/rms_split_points": len(split), "mquant/rms_split": split,
                   "mquant/channel0_ratio_max": max(ratios.values()) if ratios else 0.0,
-                  **summarize(per_layer, "mquant")}
+                  **summarize(per_layer, "mquant"), **vision}
         if cfg.aifs and any(m != "text" for m in ctx.modalities):
             AIFS(ctx.adapter, ctx.router).attach()
             report["mquant/aifs"] = True

@@ -4,6 +4,8 @@ An adapter says where things are (decoder layers, linears by role, norms, encode
 the norm's formula and the folds that are exact for it, the fold pairs of a layer (norm→q/k/v, v→o,
 norm→gate/up, up→down), the attention and MLP blocks, what the model adds between decoder layers, how to
 load a checkpoint folder and its processor, and its own tiny model. Methods never test ``model_type``.
+Where declared (``vision_encoder``: a :class:`VisionEncoderSpec`), the vision encoder's blocks, norms, the
+linears they feed and its residual stream's entry and exit, for transforms of the encoder itself.
 """
 
 from __future__ import annotations
@@ -43,6 +45,50 @@ class FoldPair:
     producer_is_norm: bool
 
 
+@dataclass(frozen=True)
+class VisionEncoderSpec:
+    """A vision encoder's residual stream, declared as the decoder's is: what reads it, what writes it.
+
+    The encoder is a stack of pre-norm blocks over one residual stream of width ``hidden_size``: in each block
+    a norm feeds the attention's input linears, the attention's output linear adds into the stream, a norm
+    feeds the MLP's input linears, the MLP's output linear adds into the stream. ``entry`` modules write the
+    stream's first value (the patch embedding, a convolution or a linear with one output channel per stream
+    channel, and a learned position embedding added to it, an Embedding whose rows are stream vectors);
+    ``exit_norm`` reads the last block's output and ``exit_linear`` reads the exit norm's output (the
+    merger/projector's first linear; it may read several tokens concatenated, in_features = k · width, each
+    token's channels contiguous). ``entry``, ``exit_norm`` and ``exit_linear`` are paths from the model's root,
+    ``blocks`` from the encoder (``path``), the others from a block. Nothing else may touch the stream (no
+    class token, no norm applied to the stream itself).
+    """
+
+    path: str  # the encoder module, e.g. "model.visual"
+    blocks: str  # its ModuleList of blocks, inside path
+    norm_kind: NormKind  # rms or layer (LayerNorm: converted to RMSNorm before a rotation)
+    linears: tuple[tuple[str, str], ...]  # (role, linear path inside a block), every linear of a block
+    norm_feeds: tuple[tuple[str, tuple[str, ...]], ...]  # (norm path inside a block, roles reading its output)
+    writers: tuple[str, ...]  # roles whose outputs are added to the stream (attention output, MLP output)
+    mlp_output: tuple[str, ...]  # roles reading the MLP's hidden activation (MQuant's online Hadamard: fc2/down)
+    entry: tuple[str, ...]  # writers of the stream's first value (patch embedding, position embedding)
+    exit_norm: str
+    exit_linear: str
+    # V for the per-head Hadamard between V and the attention's output linear: (role, chunk, chunks), V being
+    # chunk ``chunk`` of ``chunks`` equal parts of that linear's output (a fused qkv: ("qkv", 2, 3)); None: no
+    # per-head rotation. ``values_reader`` reads the heads; ``num_heads_attr`` names the encoder config's heads.
+    values: tuple[str, int, int] | None = None
+    values_reader: str = "o"
+    num_heads_attr: str = "num_heads"
+
+    def roles(self) -> dict[str, str]:
+        return dict(self.linears)
+
+    def input_groups(self) -> dict[str, tuple[str, ...]]:
+        """{group: roles sharing one input}: the readers of each norm together, every other linear alone."""
+        groups = {"_".join(roles): tuple(roles) for _, roles in self.norm_feeds}
+        fed = {r for roles in groups.values() for r in roles}
+        groups.update({role: (role,) for role, _ in self.linears if role not in fed})
+        return groups
+
+
 class ModelAdapter:
     """Decoder-only MLLM adapter; subclasses set the paths, token ids, norm kind and tiny model."""
 
@@ -72,6 +118,8 @@ class ModelAdapter:
     # Linears outside the decoder whose outputs the model writes into the residual stream (the encoders' projector
     # outputs, merged into inputs_embeds); None = not declared (a residual rotation then refuses the model).
     encoder_output_paths: ClassVar[tuple[str, ...] | None] = None
+    # The vision encoder's blocks and residual stream (MQuant's encoder quantization); None = not declared.
+    vision_encoder: ClassVar[VisionEncoderSpec | None] = None
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -118,6 +166,46 @@ class ModelAdapter:
 
     def lm_head(self) -> nn.Module:
         return self.model.get_submodule(self.lm_head_path)
+
+    # --- the vision encoder's blocks (see VisionEncoderSpec) -------------------------------
+    @classmethod
+    def vision_encoder_missing(cls) -> str | None:
+        """Why the vision encoder cannot be transformed block by block, or None when it is declared."""
+        if cls.vision_encoder is None:
+            return (f"{cls.__name__} does not declare its vision encoder's blocks and residual stream "
+                    "(vision_encoder: a VisionEncoderSpec)")
+        return None
+
+    def _vision_spec(self) -> VisionEncoderSpec:
+        reason = self.vision_encoder_missing()
+        if reason:
+            raise NotImplementedError(reason)
+        return self.vision_encoder
+
+    def vision_module(self) -> nn.Module:
+        """The vision encoder (``vision_encoder.path``)."""
+        return self.model.get_submodule(self._vision_spec().path)
+
+    def vision_part(self, path: str) -> nn.Module:
+        """A module on the encoder's stream outside its blocks (entry, exit norm, exit linear): path from the root."""
+        self._vision_spec()
+        return self.model.get_submodule(path)
+
+    def replace_vision_part_(self, path: str, new: nn.Module) -> None:
+        _set_submodule(self.model, path, new)
+
+    def vision_blocks(self) -> nn.ModuleList:
+        return self.vision_module().get_submodule(self._vision_spec().blocks)
+
+    def vision_linears(self, block: nn.Module) -> dict[str, nn.Module]:
+        return {role: block.get_submodule(path) for role, path in self._vision_spec().linears}
+
+    def vision_input_group_linears(self, block: nn.Module) -> dict[str, nn.Module]:
+        lin = self.vision_linears(block)
+        return {group: lin[roles[0]] for group, roles in self._vision_spec().input_groups().items()}
+
+    def set_vision_linear(self, block: nn.Module, role: str, new: nn.Module) -> None:
+        _set_submodule(block, self._vision_spec().roles()[role], new)
 
     def encoders(self) -> dict[str, nn.Module]:
         return {name: self.model.get_submodule(path) for name, path in self.encoder_paths.items()}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from masquant.adapters.base import ModelAdapter
+from masquant.adapters.base import ModelAdapter, VisionEncoderSpec
 from masquant.adapters.norms import NormKind
 from masquant.adapters.registry import register_adapter
 from masquant.adapters.tiny import TINY_TEXT, tiny_tokenizer, token_ids
@@ -58,6 +58,16 @@ def _tolerant(name: str):
     return tolerant_processor_class(getattr(transformers, name))
 
 
+# Qwen2.5-VL's vision tower (and Qwen2.5-Omni's): RMSNorm blocks, gated MLP, the merger's RMSNorm then a linear
+# over 2x2 merged patches (in_features = 4 · width).
+_QWEN25_VISION_BLOCKS = VisionEncoderSpec(
+    path="model.visual", blocks="blocks", norm_kind=NormKind.rms,
+    linears=(("qkv", "attn.qkv"), ("o", "attn.proj"), ("gate", "mlp.gate_proj"), ("up", "mlp.up_proj"),
+             ("down", "mlp.down_proj")),
+    norm_feeds=(("norm1", ("qkv",)), ("norm2", ("gate", "up"))), writers=("o", "down"), mlp_output=("down",),
+    entry=("model.visual.patch_embed.proj",), exit_norm="model.visual.merger.ln_q",
+    exit_linear="model.visual.merger.mlp.0", values=("qkv", 2, 3))
+
 _QWEN25_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                       fullatt_block_indexes=[0], window_size=56)
 
@@ -71,6 +81,7 @@ class Qwen25VLAdapter(ModelAdapter):
     processor_class = "Qwen2_5_VLProcessor"
     encoder_paths = {"vision": "model.visual"}
     encoder_output_paths = ("model.visual.merger.mlp.2",)
+    vision_encoder = _QWEN25_VISION_BLOCKS
     token_id_attrs = {"vision": ("image_token_id",), "video": ("video_token_id",)}
 
     @classmethod
@@ -92,6 +103,13 @@ class Qwen2VLAdapter(Qwen25VLAdapter):
     model_types = ("qwen2_vl",)
     model_class = "Qwen2VLForConditionalGeneration"
     processor_class = "Qwen2VLProcessor"
+    # LayerNorm blocks with a plain MLP (fc1 -> QuickGELU -> fc2); the merger's norm is a LayerNorm too
+    vision_encoder = VisionEncoderSpec(
+        path="model.visual", blocks="blocks", norm_kind=NormKind.layer,
+        linears=(("qkv", "attn.qkv"), ("o", "attn.proj"), ("up", "mlp.fc1"), ("down", "mlp.fc2")),
+        norm_feeds=(("norm1", ("qkv",)), ("norm2", ("up",))), writers=("o", "down"), mlp_output=("down",),
+        entry=("model.visual.patch_embed.proj",), exit_norm="model.visual.merger.ln_q",
+        exit_linear="model.visual.merger.mlp.0", values=("qkv", 2, 3))
 
     @classmethod
     def tiny_config(cls, tok):
@@ -111,6 +129,9 @@ class Qwen3VLAdapter(Qwen25VLAdapter):
     model_class = "Qwen3VLForConditionalGeneration"
     processor_class = "Qwen3VLProcessor"
     encoder_output_paths = ("model.visual.merger.linear_fc2",)
+    # not declared: a learned position embedding (interpolated) is added to the stream after the patch embedding,
+    # and DeepStack's mergers read intermediate blocks' outputs through their own norms
+    vision_encoder = None
 
     def encoder_output_linears(self):
         # DeepStack's mergers write into the residual stream too (added after the first decoder layers)
@@ -159,6 +180,13 @@ class Qwen25OmniThinkerAdapter(ModelAdapter):
     processor_class = "Qwen2_5OmniProcessor"
     encoder_paths = {"vision": "model.visual", "audio": "model.audio_tower"}
     encoder_output_paths = ("model.visual.merger.mlp.2", "model.audio_tower.proj")
+    vision_encoder = VisionEncoderSpec(
+        path="model.visual", blocks="blocks", norm_kind=NormKind.rms,
+        linears=(("q", "attn.q"), ("k", "attn.k"), ("v", "attn.v"), ("o", "attn.proj"), ("gate", "mlp.gate_proj"),
+                 ("up", "mlp.up_proj"), ("down", "mlp.down_proj")),
+        norm_feeds=(("norm1", ("q", "k", "v")), ("norm2", ("gate", "up"))), writers=("o", "down"),
+        mlp_output=("down",), entry=("model.visual.patch_embed.proj",), exit_norm="model.visual.merger.ln_q",
+        exit_linear="model.visual.merger.mlp.0", values=("v", 0, 1))
     token_id_attrs = {
         "vision": ("image_token_id", "image_token_index"),
         "video": ("video_token_id", "video_token_index"),
@@ -250,6 +278,17 @@ class Idefics3Adapter(ModelAdapter):
     language_model_path = "model.text_model"
     encoder_paths = {"vision": "model.vision_model", "projector": "model.connector"}
     encoder_output_paths = ("model.connector.modality_projection.proj",)
+    # SigLIP: LayerNorm blocks, a learned position embedding added to the patch embedding, the post-LayerNorm
+    # read by the connector's projection over pixel-shuffled tokens (each token's channels stay contiguous)
+    vision_encoder = VisionEncoderSpec(
+        path="model.vision_model", blocks="encoder.layers", norm_kind=NormKind.layer,
+        linears=(("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj"),
+                 ("o", "self_attn.out_proj"), ("up", "mlp.fc1"), ("down", "mlp.fc2")),
+        norm_feeds=(("layer_norm1", ("q", "k", "v")), ("layer_norm2", ("up",))), writers=("o", "down"),
+        mlp_output=("down",),
+        entry=("model.vision_model.embeddings.patch_embedding", "model.vision_model.embeddings.position_embedding"),
+        exit_norm="model.vision_model.post_layernorm", exit_linear="model.connector.modality_projection.proj",
+        values=("v", 0, 1), num_heads_attr="num_attention_heads")
     token_id_attrs = {"vision": ("image_token_id",)}
     _SPECIALS = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
                  "<global-img>"]

@@ -14,6 +14,11 @@ layer's activations are ever on the compute device; statistics are running, neve
 
 Every method, the statistics and the analysis walk through here: :func:`call_layer` is the only place
 that runs one decoder layer.
+
+Stacks of blocks outside the decoder (a vision encoder, for MQuant's encoder quantization) are walked the same
+way: :func:`capture_block_inputs` records block 0's input and each block's own keyword arguments (Qwen2.5-VL's
+windowed and full-attention blocks get different ``cu_seqlens``) from the model's own forward, stopped at the
+encoder's exit; :class:`BlockWalker` steps the blocks with an FP and an optional quantized stream.
 """
 
 from __future__ import annotations
@@ -201,8 +206,15 @@ def observing(adapter, layer: nn.Module, observers: Sequence[InputObserver], cur
     A linear with an ``input_transform`` (an online Hadamard) is observed after it: observers see the rows its
     weight multiplies.
     """
+    with observing_linears(adapter.input_group_linears(layer), observers, current):
+        yield
+
+
+@contextmanager
+def observing_linears(group_linears: dict[str, nn.Module], observers: Sequence[InputObserver], current: dict):
+    """:func:`observing` on given linears {input group: linear}; ``current["masks"]`` holds the rows' masks."""
     handles = []
-    for group, linear in adapter.input_group_linears(layer).items():
+    for group, linear in group_linears.items():
         def hook(module, args, group=group):
             x = args[0]
             transform = getattr(module, "input_transform", None)
@@ -356,3 +368,122 @@ class LayerWalker:
     def final_hidden(self, stream: str = "fp") -> list[torch.Tensor]:
         """The streams after the last walked layer (before the final norm)."""
         return self.stream(stream)
+
+
+# --- stacks of blocks outside the decoder (a vision encoder) ------------------------------------------------
+@dataclass
+class BlockRecord:
+    """One calibration sample at the input of a stack of blocks: block 0's input and each block's own kwargs."""
+
+    hidden: torch.Tensor
+    block_calls: list[BlockCall]  # per block: its arguments as the encoder passes them
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, blocks: Sequence[nn.Module], stop: nn.Module, batches: list[dict], device,
+                         offload: str = "cpu", desc: str = "capture encoder inputs") -> list[BlockRecord]:
+    """Per batch, what each block of ``blocks`` receives when the model runs its own forward, up to ``stop``
+    (the first module after the blocks, e.g. the encoder's exit norm); the blocks' compute is skipped.
+    Batches whose forward never reaches the blocks (no image) give no record; a batch that calls the blocks
+    more than once per block (several encoder calls) is refused."""
+    record: dict = {}
+
+    def block_hook(idx):
+        def hook(module, args, kwargs):
+            if record["kwargs"][idx] is not None:
+                raise RuntimeError(f"block {idx} was called twice in one forward; capture one encoder call per batch")
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if idx == 0:
+                record["hidden"] = hidden
+            # the blocks are pass-throughs: every block gets the same hidden state (stored once, by the memo below)
+            record["kwargs"][idx] = BlockCall(tuple(args), {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS})
+        return hook
+
+    def stop_hook(module, args):
+        raise _StopForward
+
+    handles = [b.register_forward_pre_hook(block_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    handles.append(stop.register_forward_pre_hook(stop_hook))
+    records: list[BlockRecord] = []
+    try:
+        with _layers_passthrough(blocks):
+            for batch in tqdm(batches, desc=desc, leave=False):
+                record.update(kwargs=[None] * len(blocks), hidden=None)
+                try:
+                    model(**to_device(batch, device), use_cache=False)
+                except _StopForward:
+                    pass
+                if record["hidden"] is None:
+                    continue
+                memo: dict = {}
+                records.append(BlockRecord(to_device(record["hidden"], offload, memo),
+                                           to_device(record["kwargs"], offload, memo)))
+    finally:
+        for h in handles:
+            h.remove()
+    return records
+
+
+class BlockStep:
+    """One block of a :class:`BlockWalker`; ``fp_outputs`` are its outputs as it was when the step began."""
+
+    def __init__(self, walker: "BlockWalker", index: int, block: nn.Module, device=None):
+        self.walker, self.index, self.block = walker, index, block
+        self.device = walker.device if device is None else torch.device(device)  # where the block runs (resident)
+        self.fp_outputs: list[torch.Tensor] | None = None
+        self._quant_outputs: list[torch.Tensor] | None = None
+
+    def run(self, stream: str = "fp", group_linears: dict[str, nn.Module] | None = None,
+            observers: Sequence[InputObserver] = (), keep: bool = True) -> list[torch.Tensor] | None:
+        """Outputs of the block as it is now on ``stream``; observers see the inputs of ``group_linears``."""
+        w = self.walker
+        outputs = [] if keep else None
+        current = {"masks": {}}
+        with torch.no_grad(), observing_linears(group_linears or {}, observers, current):
+            for rec, h in zip(w.records, w.stream(stream)):
+                y = rec.block_calls[self.index].run(self.block, self.device, h)
+                if keep:
+                    outputs.append(y.to(w.offload))
+        return outputs
+
+    def quant_outputs(self) -> list[torch.Tensor]:
+        if self._quant_outputs is None:
+            self._quant_outputs = self.run("quant")
+        return self._quant_outputs
+
+
+class BlockWalker:
+    """:class:`LayerWalker` for a stack of blocks outside the decoder (a vision encoder's), from
+    :func:`capture_block_inputs`: an FP stream and an optional quantized stream, one block at a time."""
+
+    def __init__(self, blocks: Sequence[nn.Module], records: list[BlockRecord], device, *,
+                 quantized_stream: bool = False, fp_stream: bool = True,
+                 fp_observers: Callable[[BlockStep], tuple[dict, Sequence[InputObserver]]] | None = None,
+                 offload: str = "cpu", desc: str = "blocks"):
+        if not (fp_stream or quantized_stream):
+            raise ValueError("a walk needs at least one stream (fp_stream or quantized_stream)")
+        self.blocks, self.records, self.device, self.offload = blocks, records, torch.device(device), offload
+        self.fp_observers, self.desc = fp_observers, desc
+        start = [r.hidden for r in records]
+        self._fp = start if fp_stream else None
+        self._q = list(start) if quantized_stream else None
+
+    def stream(self, name: str) -> list[torch.Tensor]:
+        out = {"fp": self._fp, "quant": self._q}.get(name)
+        if out is None:
+            raise ValueError(f"this walk has no stream {name!r}")
+        return out
+
+    def __iter__(self) -> Iterator[BlockStep]:
+        for i in tqdm(range(len(self.blocks)), desc=self.desc, leave=False):
+            with resident(self.blocks[i], self.device) as device:  # as LayerWalker: a block runs where it lives
+                step = BlockStep(self, i, self.blocks[i], device)
+                if self._fp is not None:
+                    linears, observers = self.fp_observers(step) if self.fp_observers is not None else ({}, ())
+                    step.fp_outputs = step.run("fp", linears, observers)
+                yield step
+                if self._q is not None:
+                    self._q = step.quant_outputs()
+                if self._fp is not None:
+                    self._fp = step.fp_outputs
+                step.fp_outputs = step._quant_outputs = None

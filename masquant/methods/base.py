@@ -2,7 +2,8 @@
 
 - ``<Name>Config``: typed dataclass; ``@register_method("<id>", config=<Name>Config)`` on the class
   registers both (the config becomes the Hydra schema ``method/<id>_schema``).
-- ``check(scheme, modalities)``: refuse what the method cannot do, before any expensive work.
+- ``check(scheme, modalities)``: refuse what the method cannot do, before any expensive work;
+  ``check_adapter(adapter_cls)``: the same for a model family, before the model is loaded.
 - ``transform_model_(ctx)``: whole-model, function-preserving transforms before calibration capture
   (rotations, norm fusion); returns a dict that identifies the transform (part of the statistics cache
   key), or None for no transform.
@@ -137,6 +138,10 @@ class Method(ABC):
 
     def check(self, scheme: QuantScheme, modalities: tuple[str, ...]) -> None:
         """Raise MethodConfigError for an unsupported scheme/modality set. Default: accept all."""
+
+    def check_adapter(self, adapter_cls: type) -> None:
+        """Raise MethodConfigError for a model family (adapter class) the method cannot handle, before the model
+        is loaded (what only the loaded model shows is refused in ``transform_model_``). Default: accept all."""
 
     def transform_model_(self, ctx: QuantContext) -> dict | None:
         """Whole-model transform before calibration capture; returns its identity (cache key) or None."""

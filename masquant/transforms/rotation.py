@@ -17,6 +17,16 @@ that supports rotation); all folds are computed in float64 and cast back to each
    (W M), the other applied to the activations at run time (``input_transform`` of
    :class:`OnlineRotatedLinear`, kept by the deploy path as the QuantLinear's input transform).
 
+5. :func:`rotate_vision_encoder_` (MQuant's encoder quantization): the vision encoder's own stream, declared by
+   the adapter (``vision_encoder``), gets the same treatment with its own Q of its width: LayerNorm → RMSNorm
+   where the encoder has LayerNorm (below), norm fusion (:func:`fuse_vision_norms_`), the residual rotation
+   (:func:`rotate_vision_residual_`: patch embedding and block outputs write Qᵀ W, block inputs and the merger's
+   first linear read W Q, each merged token's columns), a Hadamard per head between V (a fused qkv's third
+   chunk) and the attention's output linear (:func:`rotate_heads_`), and an online Hadamard on the MLP's
+   output linear (MQuant's released code does these steps on Qwen2-VL's tower).
+   After the LayerNorm conversion the stream has no component along the Hadamard's constant column, so the
+   rotated writers' row 0 is zero (harmless for quantization: a per-channel grid of one zero row).
+
 Widths with no Hadamard matrix (n ≠ K·2^m, e.g. Qwen2.5-VL-7B's MLP 18944 = 74·256, or 148 = 74·2):
 the online down_proj rotation uses ``mode`` of :func:`masquant.transforms.hadamard.rotation_for_width`,
 **pad by default**: the input is zero-padded to the next valid size p (148 → 156, 18944 → 19968) and
@@ -79,7 +89,8 @@ class WeightlessRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
-        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        # contiguous as a LayerNorm's output is (SigLIP's stream is a transposed view; its connector views it)
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype).contiguous()
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"
@@ -160,19 +171,37 @@ def _set(param: torch.Tensor, value: torch.Tensor) -> None:
     param.data = value.to(device=param.device, dtype=param.dtype).contiguous()
 
 
+def _tiled(v: torch.Tensor, width: int) -> torch.Tensor:
+    """v [n] repeated to [width] (a linear reading k = width / n tokens concatenated, e.g. a patch merger)."""
+    n = v.shape[-1]
+    if width % n:
+        raise ValueError(f"a reader of width {width} cannot read tokens of width {n}")
+    return v.repeat(width // n)
+
+
 @torch.no_grad()
 def rotate_input_(linear: nn.Module, Q: torch.Tensor) -> None:
-    """A reader of the rotated stream: W [out, n] -> W Q [out, n] (its input x Q gives x Wᵀ)."""
+    """A reader of the rotated stream: W [out, n] -> W Q [out, n] (its input x Q gives x Wᵀ).
+
+    A reader of k tokens concatenated (W [out, k·n]) takes Q on each token's columns: W -> W blockdiag(Q, ..., Q).
+    """
     W = linear.weight.data
-    _set(linear.weight, W.double() @ Q.to(W.device, torch.float64))
+    n = Q.shape[0]
+    if W.shape[1] % n:
+        raise ValueError(f"a reader of width {W.shape[1]} cannot read a stream of width {n}")
+    Wd = W.double().reshape(W.shape[0], W.shape[1] // n, n)
+    _set(linear.weight, (Wd @ Q.to(W.device, torch.float64)).reshape(W.shape))
 
 
 @torch.no_grad()
 def rotate_output_(linear: nn.Module, Q: torch.Tensor) -> None:
-    """A writer into the rotated stream: W [n, in] -> Qᵀ W, b [n] -> Qᵀ b (its output y becomes y Q)."""
+    """A writer into the rotated stream: W [n, in] -> Qᵀ W, b [n] -> Qᵀ b (its output y becomes y Q).
+
+    A convolution (a patch embedding, W [n, C, ...]) is the same map on its flattened input.
+    """
     W = linear.weight.data
     Qd = Q.to(W.device, torch.float64)
-    _set(linear.weight, Qd.T @ W.double())
+    _set(linear.weight, (Qd.T @ W.double().reshape(W.shape[0], -1)).reshape(W.shape))
     if linear.bias is not None:
         _set(linear.bias, linear.bias.data.double() @ Qd)
 
@@ -188,10 +217,10 @@ def rotate_embedding_(embedding: nn.Module, Q: torch.Tensor, rows_per_chunk: int
 
 @torch.no_grad()
 def fold_scale_into_inputs_(linears: Iterable[nn.Module], scale: torch.Tensor) -> None:
-    """W [out, n] -> W diag(scale) for each linear reading a norm's output."""
+    """W [out, n] -> W diag(scale) for each linear reading a norm's output (k tokens concatenated: scale tiled)."""
     for linear in linears:
         W = linear.weight.data
-        _set(linear.weight, W.double() * scale.to(W.device, torch.float64)[None, :])
+        _set(linear.weight, W.double() * _tiled(scale.to(W.device, torch.float64), W.shape[1])[None, :])
 
 
 # --- 1. norm fusion -------------------------------------------------------------------------------------
@@ -293,14 +322,25 @@ def head_rotation(head_dim: int) -> torch.Tensor:
 def rotate_ov_(adapter, layer: nn.Module, H: torch.Tensor | None = None) -> None:
     """v's output per head v_h -> v_h H (rows and bias), o's input columns per head W_o[:, h] -> W_o[:, h] H."""
     hd = adapter.head_dim()
-    H = head_rotation(hd) if H is None else H
     lin = adapter.linears(layer)
-    v, o = lin["v"], lin["o"]
+    rotate_heads_(lin["v"], lin["o"], hd, head_rotation(hd) if H is None else H)
+
+
+@torch.no_grad()
+def rotate_heads_(v: nn.Module, o: nn.Module, hd: int, H: torch.Tensor, chunk: int = 0, chunks: int = 1) -> None:
+    """V's rows per head v_h -> v_h H (and bias), o's input columns per head W_o[:, h] -> W_o[:, h] H [hd, hd].
+
+    V is chunk ``chunk`` of ``chunks`` equal parts of v's output (a fused qkv linear: chunk 2 of 3)."""
+    n = v.out_features // chunks
+    rows = slice(chunk * n, (chunk + 1) * n)
     Hd = H.to(v.weight.device, torch.float64)
-    Wv = v.weight.data.double().reshape(-1, hd, v.in_features)  # [kv_heads, hd, D]
-    _set(v.weight, torch.einsum("ji,hjd->hid", Hd, Wv).reshape(v.out_features, v.in_features))
+    Wv = v.weight.data.double()
+    Wv[rows] = torch.einsum("ji,hjd->hid", Hd, Wv[rows].reshape(-1, hd, v.in_features)).reshape(n, v.in_features)
+    _set(v.weight, Wv)  # [kv_heads, hd, D] per head above
     if v.bias is not None:
-        _set(v.bias, (v.bias.data.double().reshape(-1, hd) @ Hd).reshape(-1))
+        b = v.bias.data.double()
+        b[rows] = (b[rows].reshape(-1, hd) @ Hd).reshape(-1)
+        _set(v.bias, b)
     Wo = o.weight.data.double().reshape(o.out_features, -1, hd)  # [D, heads, hd]
     _set(o.weight, (Wo @ H.to(o.weight.device, torch.float64)).reshape(o.out_features, o.in_features))
 
@@ -312,12 +352,19 @@ def rotate_down_input_(adapter, layer: nn.Module, mode: str = "pad") -> Rotation
     down = adapter.linears(layer)["down"]
     if getattr(down, "input_transform", None) is not None:
         raise RotationUnsupported("down_proj already has an online rotation")
-    plan = rotation_for_width(down.in_features, mode)
-    M = plan.matrix().to(down.weight.device)  # [n, p]
-    W = (down.weight.data.double() @ M).to(down.weight.dtype)
-    adapter.set_linear(layer, "down", OnlineRotatedLinear(W, None if down.bias is None else down.bias.data,
-                                                          OnlineHadamard(plan)))
+    rotated, plan = online_rotated_(down, mode)
+    adapter.set_linear(layer, "down", rotated)
     return plan
+
+
+@torch.no_grad()
+def online_rotated_(linear: nn.Module, mode: str = "pad") -> tuple[OnlineRotatedLinear, RotationPlan]:
+    """The :class:`OnlineRotatedLinear` computing ``linear`` with a Hadamard M of its input width (W M offline,
+    x M online), and M's plan."""
+    plan = rotation_for_width(linear.in_features, mode)
+    M = plan.matrix().to(linear.weight.device)  # [n, p]
+    W = (linear.weight.data.double() @ M).to(linear.weight.dtype)
+    return OnlineRotatedLinear(W, None if linear.bias is None else linear.bias.data, OnlineHadamard(plan)), plan
 
 
 # --- all steps ------------------------------------------------------------------------------------------
@@ -345,6 +392,117 @@ def rotate_model_(adapter, *, seed: int = 0, mode: str = "pad", online_down: boo
     return ident
 
 
+# --- the vision encoder's own rotation (MQuant) -------------------------------------------------------------
+def check_vision_encoder(adapter) -> None:
+    """Raise :class:`RotationUnsupported` (naming the adapter) when its vision encoder is not declared."""
+    reason = adapter.vision_encoder_missing()
+    if reason:
+        raise RotationUnsupported(reason)
+
+
+def _vision_norm_sites(adapter) -> list[tuple[nn.Module, str, list[nn.Module]]]:
+    """(parent module, norm path in it, the linears reading the norm) for every norm on the encoder's stream."""
+    spec = adapter.vision_encoder
+    sites = []
+    for block in adapter.vision_blocks():
+        lin = adapter.vision_linears(block)
+        sites += [(block, path, [lin[r] for r in roles]) for path, roles in spec.norm_feeds]
+    sites.append((adapter.model, spec.exit_norm, [adapter.vision_part(spec.exit_linear)]))
+    return sites
+
+
+@torch.no_grad()
+def fuse_vision_norms_(adapter) -> int:
+    """Every norm on the vision encoder's stream becomes a :class:`WeightlessRMSNorm`, its scale (and bias) folded
+    into the linears it feeds. LayerNorm encoders are converted first (SliceGPT / MQuant): every writer into the
+    stream is centred (:func:`center_output_channels_`: patch embedding, attention and MLP outputs), so the stream
+    is zero-mean per token and each LayerNorm is an RMSNorm with a scale and a bias (:func:`fold_layernorm_`).
+    Returns the norms fused."""
+    check_vision_encoder(adapter)
+    spec = adapter.vision_encoder
+    sites = [site for site in _vision_norm_sites(adapter)
+             if not isinstance(site[0].get_submodule(site[1]), WeightlessRMSNorm)]
+    if not sites:
+        return 0
+    if spec.norm_kind == NormKind.layer:
+        for path in spec.entry:
+            center_output_channels_(adapter.vision_part(path))
+        for block in adapter.vision_blocks():
+            lin = adapter.vision_linears(block)
+            for role in spec.writers:
+                center_output_channels_(lin[role])
+    for parent, path, consumers in sites:
+        norm = parent.get_submodule(path)
+        if spec.norm_kind == NormKind.layer:
+            new = fold_layernorm_(norm, consumers)
+        else:
+            fold_scale_into_inputs_(consumers, norm_scale(norm, spec.norm_kind))
+            new = WeightlessRMSNorm(_eps(norm))
+        adapter.replace_norm_(parent, path, new)
+    return len(sites)
+
+
+@torch.no_grad()
+def rotate_vision_residual_(adapter, Q: torch.Tensor) -> None:
+    """Rotate the vision encoder's stream by Q [n, n]: the patch embedding and the blocks' output linears write
+    Qᵀ W (biases too), a position embedding E Q, the blocks' input linears and the merger's first linear (each
+    merged token) read W Q."""
+    check_vision_encoder(adapter)
+    if not all(isinstance(parent.get_submodule(path), WeightlessRMSNorm) for parent, path, _ in _vision_norm_sites(adapter)):
+        raise RotationUnsupported("rotate_vision_residual_ needs fuse_vision_norms_ first")
+    spec = adapter.vision_encoder
+    for path in spec.entry:
+        module = adapter.vision_part(path)
+        if isinstance(module, nn.Embedding):  # its rows are stream vectors: E Q
+            rotate_embedding_(module, Q)
+        else:
+            rotate_output_(module, Q)
+    for block in adapter.vision_blocks():
+        lin = adapter.vision_linears(block)
+        for _, roles in spec.norm_feeds:
+            for role in roles:
+                rotate_input_(lin[role], Q)
+        for role in spec.writers:
+            rotate_output_(lin[role], Q)
+    rotate_input_(adapter.vision_part(spec.exit_linear), Q)
+
+
+@torch.no_grad()
+def rotate_vision_encoder_(adapter, *, seed: int = 0, mode: str = "pad", online_mlp: bool = True) -> dict:
+    """MQuant's encoder transform: LayerNorm → RMSNorm where needed, norm fusion, the encoder's own residual
+    rotation (random Hadamard of its width), a Hadamard per head between V and the attention's output linear
+    (where the adapter declares ``values``), an online Hadamard on the MLP's output linear (fc2 / down_proj).
+    The encoder's output (and so the model's) is unchanged in exact arithmetic. Returns the transform's identity."""
+    mode = str(getattr(mode, "value", mode))
+    check_vision_encoder(adapter)
+    fused = fuse_vision_norms_(adapter)
+    blocks = adapter.vision_blocks()
+    first = adapter.vision_part(adapter.vision_encoder.entry[0])
+    n = first.embedding_dim if isinstance(first, nn.Embedding) else first.weight.shape[0]
+    rotate_vision_residual_(adapter, residual_rotation(n, seed))
+    spec = adapter.vision_encoder
+    hd = None
+    if spec.values is not None:  # MQuant's per-head Hadamard between V and the attention's output linear
+        role, chunk, chunks = spec.values
+        hd = n // int(getattr(adapter.vision_module().config, spec.num_heads_attr))
+        H = head_rotation(hd)
+        for block in blocks:
+            lin = adapter.vision_linears(block)
+            rotate_heads_(lin[role], lin[spec.values_reader], hd, H, chunk, chunks)
+    plans = []
+    if online_mlp:
+        for block in blocks:
+            for role in adapter.vision_encoder.mlp_output:
+                rotated, plan = online_rotated_(adapter.vision_linears(block)[role], mode)
+                adapter.set_vision_linear(block, role, rotated)
+                plans.append(plan)
+    ident = {"rotation": "vision", "version": ROTATION_VERSION, "seed": seed, "mode": mode, "online_mlp": online_mlp,
+             "width": n, "ov_head_dim": hd, "norms_fused": fused, "layernorm": adapter.vision_encoder.norm_kind == NormKind.layer}
+    if plans:
+        ident["mlp_width"] = [plans[0].width, plans[0].size]
+    return ident
+
+
 # --- LayerNorm -> RMSNorm (SliceGPT / MQuant's conversion) ----------------------------------------------
 @torch.no_grad()
 def center_output_channels_(module: nn.Module) -> None:
@@ -367,25 +525,27 @@ def center_output_channels_(module: nn.Module) -> None:
 @torch.no_grad()
 def fold_layernorm_(norm: nn.LayerNorm, consumers: Iterable[nn.Linear]) -> WeightlessRMSNorm:
     """On a zero-mean stream LayerNorm(x) = x / rms(x) · w + b: W -> W diag(w), bias -> bias + W b for each
-    consumer; returns the weightless RMSNorm to put in the norm's place (same eps)."""
+    consumer (k tokens concatenated: w and b tiled); returns the weightless RMSNorm to put in the norm's place
+    (same eps)."""
     w = norm.weight.data.double() if norm.weight is not None else None
     b = norm.bias.data.double() if norm.bias is not None else None
     for linear in consumers:
         W = linear.weight.data.double()
         if b is not None:
-            extra = W @ b.to(W.device)
+            extra = W @ _tiled(b.to(W.device), W.shape[1])
             if linear.bias is None:
                 linear.bias = nn.Parameter(extra.to(linear.weight.dtype), requires_grad=False)
             else:
                 _set(linear.bias, linear.bias.data.double() + extra)
         if w is not None:
-            _set(linear.weight, W * w.to(W.device)[None, :])
+            _set(linear.weight, W * _tiled(w.to(W.device), W.shape[1])[None, :])
     return WeightlessRMSNorm(norm.eps)
 
 
 __all__ = [
     "ROTATION_VERSION", "RotationMode", "RotationUnsupported", "ResidualBasis", "WeightlessRMSNorm", "OnlineHadamard", "OnlineRotatedLinear",
-    "rotate_input_", "rotate_output_", "rotate_embedding_", "fold_scale_into_inputs_", "fuse_norms_", "norms_fused",
+    "rotate_input_", "rotate_output_", "rotate_heads_", "rotate_embedding_", "fold_scale_into_inputs_", "fuse_norms_", "norms_fused",
     "check_residual_rotation", "residual_rotation", "rotate_residual_", "head_rotation", "rotate_ov_",
-    "rotate_down_input_", "rotate_model_", "center_output_channels_", "fold_layernorm_",
+    "rotate_down_input_", "online_rotated_", "rotate_model_", "center_output_channels_", "fold_layernorm_",
+    "check_vision_encoder", "fuse_vision_norms_", "rotate_vision_residual_", "rotate_vision_encoder_",
 ]

@@ -213,8 +213,9 @@ def test_check_refusals():
         method.check(QuantScheme("w4a8", 4, 8), ("text", "vision"))
     with pytest.raises(MethodConfigError, match="weight-only"):
         method.check(QuantScheme("w4", 4, 16), ("text",))
-    with pytest.raises(MethodConfigError, match="not implemented"):
-        MQuant(MQuantConfig(quantize_vision=True)).check(STATIC_W4A8, ("text", "vision"))
+    with pytest.raises(MethodConfigError, match="quantize_vision=true .* has no vision"):
+        MQuant(MQuantConfig(quantize_vision=True)).check(STATIC_W4A8, ("text",))
+    MQuant(MQuantConfig(quantize_vision=True)).check(STATIC_W4A8, ("text", "vision"))
     method.check(STATIC_W4A8, ("text", "vision"))
 
 
