@@ -143,6 +143,7 @@ def resolve(cfg: DictConfig) -> RunSpec:
             raise ConfigError(f"model.tiny_type: {err.args[0]}") from None
         supported = ("text",) + adapter_cls.tiny_modalities()
     elif source == "testbed_omni":  # the tri-modal testbed: Qwen2.5-Omni thinker
+        adapter_cls = adapter_class_for("qwen2_5_omni_thinker")
         supported = ("text", "vision", "audio")
     else:  # the testbed: Qwen2.5-VL, text and vision
         adapter_cls = adapter_class_for("qwen2_5_vl")
