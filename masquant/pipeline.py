@@ -173,6 +173,9 @@ def resolve(cfg: DictConfig) -> RunSpec:
         bad = [t for t in cfg.eval.tasks if t not in ALL_TASKS]
         if bad:
             raise ConfigError(f"eval.tasks: unknown task(s) {bad}; valid tasks: {list(ALL_TASKS)}")
+    problems = v.check_speech_synthesis(cfg, source)
+    if problems:
+        raise ConfigError("; ".join(problems))
     device = resolve_device(str(cfg.device))
     problems = v.check_placement(cfg.model, device, method)
     if problems:
