@@ -46,9 +46,9 @@ from masquant.reporting.store import (
     run_lock,
     write_json_atomic,
 )
-from masquant.provenance import provenance
+from masquant.provenance import provenance, speech_provenance
 from masquant.resources import peak_memory_mb, reset_peak_memory
-from masquant.validation import ConfigError
+from masquant.validation import ConfigError, speech_users
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def resolve(cfg: DictConfig) -> RunSpec:
         bad = [t for t in cfg.eval.tasks if t not in ALL_TASKS]
         if bad:
             raise ConfigError(f"eval.tasks: unknown task(s) {bad}; valid tasks: {list(ALL_TASKS)}")
-    problems = v.check_speech_synthesis(cfg, source)
+    problems = v.check_speech_synthesis(cfg)
     if problems:
         raise ConfigError("; ".join(problems))
     device = resolve_device(str(cfg.device))
@@ -257,6 +257,8 @@ def _run_locked(spec: RunSpec) -> dict:
         started = time.perf_counter()
         metrics = _execute(spec, tmp_dir)
         metrics.update(provenance(spec.device), **{"provenance/wall_s": time.perf_counter() - started})
+        if speech_users(cfg):  # the clips depend on the system espeak-ng's version
+            metrics.update(speech_provenance())
         (tmp_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         write_json_atomic(metrics, tmp_dir / RESULT_FILE)
         logging.getLogger().removeHandler(file_log)

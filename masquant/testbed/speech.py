@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import io
+import re
 import shutil
 import subprocess
 import wave
@@ -27,6 +28,16 @@ class SpeechSynthesisError(RuntimeError):
 
 def espeak_available() -> bool:
     return shutil.which(ESPEAK) is not None
+
+
+@functools.lru_cache(maxsize=1)
+def espeak_version() -> str | None:
+    """e.g. "1.51" (the clips, and so testbed-omni's numbers, depend on it); None where it is not installed."""
+    if not espeak_available():
+        return None
+    out = subprocess.run([ESPEAK, "--version"], capture_output=True, text=True, check=False).stdout
+    m = re.search(r"text-to-speech:\s*(\S+)", out)
+    return m.group(1) if m else out.strip()[:40] or None
 
 
 def resample(x: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:

@@ -74,3 +74,15 @@ def test_missing_espeak_fails_before_the_model_loads(compose_cfg, tmp_path, monk
     resolve(compose_cfg("model=tiny_qwen25omni", "modality=text_vision_audio", "eval=testbed",
                         "eval.tasks=[librispeech_test_other]", f"eval.data_root={tmp_path}", root))
     resolve(compose_cfg(root))  # the default (testbed-vl) needs no speech
+
+
+def test_speech_version_is_recorded_only_where_speech_is_used(compose_cfg, tmp_path):
+    from masquant.provenance import speech_provenance
+    from masquant.testbed.speech import espeak_available
+    from masquant.validation import speech_users
+
+    root = f"paths.output_root={tmp_path}"
+    assert speech_users(compose_cfg(root)) == []
+    assert speech_users(compose_cfg("model=testbed_omni", "modality=text_vision_audio", root))[0].startswith("model=")
+    version = speech_provenance()["provenance/version/espeak-ng"]
+    assert (version[0].isdigit() and "." in version) if espeak_available() else version == "unknown"
