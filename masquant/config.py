@@ -24,6 +24,7 @@ QuantConfig.__module__, QuantConfig.__qualname__ = __name__, "QuantConfig"
 
 class ModelSource(str, Enum):
     testbed = "testbed"
+    testbed_omni = "testbed_omni"  # the tri-modal testbed (Qwen2.5-Omni thinker; masquant.testbed.omni)
     tiny = "tiny"  # a tiny random model of a real architecture (tests, debugging)
     local = "local"  # a local HF folder given by model.path
 
@@ -98,6 +99,8 @@ class EvalConfig:
     testbed_docs: int = 0  # > 0: generate this many synthetic docs per task into the run's data root
     batch_size: int = 1
     max_new_tokens: int = 128
+    # a cap on every task's own max_new_tokens (LibriSpeech asks for 256); None = the tasks' values
+    max_new_tokens_cap: Optional[int] = None
     min_pixels: Optional[int] = None  # image budget of the processor; None = the processor's own
     max_pixels: Optional[int] = None
     fidelity: bool = True  # SQNR vs FP per layer and per modality on held-out samples
@@ -182,6 +185,24 @@ def hydra_dir(output_root: str) -> str:
     return str(Path(tempfile.gettempdir()) / "masquant-hydra")
 
 
+TESTBED_TASKS_BY_SOURCE = {
+    "testbed_omni": ["librispeech_test_other", "omni_bench", "mmmu_val"],  # the paper's Omni rows (no Mandarin)
+}
+DEFAULT_TESTBED_TASKS = ["textvqa_val", "vizwiz_vqa_val", "scienceqa_img", "ocrbench", "mmmu_val"]
+# testbed-omni's answers are at most three words or a letter; LibriSpeech's 256 new tokens would let a broken
+# quantized model ramble for a minute per document on a CPU
+TESTBED_GENERATION_CAP = {"testbed_omni": 24}
+
+
+def testbed_generation_cap(model_source: str) -> int | None:
+    return TESTBED_GENERATION_CAP.get(str(getattr(model_source, "value", model_source)))
+
+
+def testbed_tasks(model_source: str) -> list[str]:
+    """eval=testbed's tasks for a model: the five image tasks, or the Omni tasks for testbed-omni."""
+    return list(TESTBED_TASKS_BY_SOURCE.get(str(getattr(model_source, "value", model_source)), DEFAULT_TESTBED_TASKS))
+
+
 def register_configs() -> None:
     from masquant.registry import get_config_class, method_ids
 
@@ -190,6 +211,10 @@ def register_configs() -> None:
 
     if not OmegaConf.has_resolver("masquant_hydra_dir"):
         OmegaConf.register_new_resolver("masquant_hydra_dir", hydra_dir)
+    if not OmegaConf.has_resolver("masquant_testbed_tasks"):
+        OmegaConf.register_new_resolver("masquant_testbed_tasks", testbed_tasks)
+    if not OmegaConf.has_resolver("masquant_testbed_generation_cap"):
+        OmegaConf.register_new_resolver("masquant_testbed_generation_cap", testbed_generation_cap)
     if not OmegaConf.has_resolver("masquant_direction"):  # hydra/sweeper=optuna: direction of sweep.objective
         from masquant.objective import direction
 

@@ -27,6 +27,10 @@ def load_model_and_processor(mcfg, cache_dir: str, device: torch.device):
 
         folder = Path(cache_dir).expanduser() / "testbed" / f"testbed-vl-{TESTBED_VERSION}"
         model, processor = load_testbed_vl(folder, dtype=dtype)
+    elif source == "testbed_omni":
+        from masquant.testbed.omni import load_testbed_omni
+
+        model, processor = load_testbed_omni(cache_dir, dtype=dtype)
     elif source == "tiny":
         model, processor = adapter_class_for(str(mcfg.tiny_type)).tiny(seed=0)
         model = model.to(dtype)
@@ -54,6 +58,11 @@ def load_local(path: Path, dtype):
 def calibration_rows(ccfg, adapter_cls, n: int, held_out: int) -> tuple[list[dict], list[dict], dict]:
     """(calibration rows, held-out rows, a description recorded with the results), disjoint by construction."""
     source = _src(ccfg.source)
+    if source == "testbed" and "audio" in adapter_cls.token_id_attrs:  # testbed-omni: image + audio + question
+        from masquant.testbed.audio_tasks import make_omni_calibration_samples
+
+        rows = make_omni_calibration_samples(n + held_out)
+        return rows[:n], rows[n:], {"source": "testbed", "split": "calib", "rows": "omni"}
     if source == "testbed":
         from masquant.testbed import make_calibration_samples
 

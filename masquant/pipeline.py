@@ -46,9 +46,9 @@ from masquant.reporting.store import (
     run_lock,
     write_json_atomic,
 )
-from masquant.provenance import provenance
+from masquant.provenance import provenance, speech_provenance
 from masquant.resources import peak_memory_mb, reset_peak_memory
-from masquant.validation import ConfigError
+from masquant.validation import ConfigError, speech_users
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,9 @@ def resolve(cfg: DictConfig) -> RunSpec:
         except KeyError as err:
             raise ConfigError(f"model.tiny_type: {err.args[0]}") from None
         supported = ("text",) + adapter_cls.tiny_modalities()
+    elif source == "testbed_omni":  # the tri-modal testbed: Qwen2.5-Omni thinker
+        adapter_cls = adapter_class_for("qwen2_5_omni_thinker")
+        supported = ("text", "vision", "audio")
     else:  # the testbed: Qwen2.5-VL, text and vision
         adapter_cls = adapter_class_for("qwen2_5_vl")
         supported = ("text", "vision")
@@ -165,11 +168,14 @@ def resolve(cfg: DictConfig) -> RunSpec:
     if cfg.eval.data_root is not None and not Path(str(cfg.eval.data_root)).expanduser().exists():
         raise ConfigError(f"eval.data_root={cfg.eval.data_root!r} does not exist")
     if cfg.eval.tasks:
-        from masquant.evaluation import EVAL_TASKS
+        from masquant.evaluation import ALL_TASKS
 
-        bad = [t for t in cfg.eval.tasks if t not in EVAL_TASKS]
+        bad = [t for t in cfg.eval.tasks if t not in ALL_TASKS]
         if bad:
-            raise ConfigError(f"eval.tasks: unknown task(s) {bad}; valid tasks: {list(EVAL_TASKS)}")
+            raise ConfigError(f"eval.tasks: unknown task(s) {bad}; valid tasks: {list(ALL_TASKS)}")
+    problems = v.check_speech_synthesis(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
     device = resolve_device(str(cfg.device))
     problems = v.check_placement(cfg.model, device, method)
     if problems:
@@ -251,6 +257,8 @@ def _run_locked(spec: RunSpec) -> dict:
         started = time.perf_counter()
         metrics = _execute(spec, tmp_dir)
         metrics.update(provenance(spec.device), **{"provenance/wall_s": time.perf_counter() - started})
+        if speech_users(cfg):  # the clips depend on the system espeak-ng's version
+            metrics.update(speech_provenance())
         (tmp_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         write_json_atomic(metrics, tmp_dir / RESULT_FILE)
         logging.getLogger().removeHandler(file_log)
@@ -372,7 +380,7 @@ def _execute(spec: RunSpec, out_dir: Path) -> dict:
         "run/method_label": run_method_label(spec),
         "run/w_quantizer": spec.scheme.w_quantizer.value, "run/w_mse_clip": spec.scheme.w_mse_clip,
         "run/bits": spec.scheme.tag, "run/int_range": spec.scheme.int_range.value, "run/modalities": list(spec.modalities), "run/config_hash": spec.config_hash,
-        "run/eval_limit": cfg.eval.limit, "run/calib_samples": int(cfg.calib.n_samples),
+        "run/eval_limit": cfg.eval.limit, "run/eval_max_new_tokens_cap": cfg.eval.get("max_new_tokens_cap"), "run/calib_samples": int(cfg.calib.n_samples),
         "run/device": str(spec.device), "run/seed": int(cfg.seed),
     })
     return metrics

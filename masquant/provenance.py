@@ -80,6 +80,13 @@ def provenance(device) -> dict[str, object]:
     return record
 
 
+def speech_provenance() -> dict[str, object]:
+    """The system espeak-ng that spoke a testbed-omni run's clips (not a locked package: record its version)."""
+    from masquant.testbed.speech import espeak_version
+
+    return {"provenance/version/espeak-ng": espeak_version() or UNKNOWN}
+
+
 def stale_reasons(result: dict, commit: str, results_format: int = RESULTS_FORMAT) -> list[str]:
     """Why a result is not from this code: another commit, another results format, or no provenance at all.
 

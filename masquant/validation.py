@@ -124,6 +124,29 @@ def check_placement(m: DictConfig, device, method) -> list[str]:
     return problems
 
 
+def speech_users(cfg: DictConfig) -> list[str]:
+    """What in a run is spoken by espeak-ng: testbed-omni's calibration clips, the testbed's audio tasks."""
+    from masquant.testbed.audio_tasks import AUDIO_TASKS
+
+    users = [f"model={cfg.model.name}"] if _value(cfg.model.source) == "testbed_omni" else []
+    if not cfg.eval.data_root and int(cfg.eval.testbed_docs) > 0:
+        spoken = [t for t in (cfg.eval.tasks or []) if t in AUDIO_TASKS]
+        users += [f"eval.tasks (testbed documents of {spoken})"] if spoken else []
+    return users
+
+
+def check_speech_synthesis(cfg: DictConfig) -> list[str]:
+    """espeak-ng is a system program, not a Python package: say it is missing before the model loads rather
+    than in the middle of a run."""
+    from masquant.testbed.speech import ESPEAK, ESPEAK_INSTALL_HINT, espeak_available
+
+    users = speech_users(cfg)
+    if not users or espeak_available():
+        return []
+    return [f"{ESPEAK} is not installed, and {' and '.join(users)} need its synthetic speech: install it with "
+            f"{ESPEAK_INSTALL_HINT}, or (for real audio tasks) set eval.data_root to local task data"]
+
+
 # --- paths -----------------------------------------------------------------------------------------
 def check_output_root(path: str | Path) -> None:
     """The results folder can be created and written (checked with a real file, then removed)."""

@@ -42,4 +42,17 @@ else
   "$V" -m pip install -q --no-deps --no-build-isolation -e .
 fi
 "$V" -m masquant.environment
+# espeak-ng (a Debian package) speaks the testbed-omni audio tasks; nothing else needs it. Where it cannot be
+# installed, the set-up still succeeds (testbed-vl, real models and every method work without it) and the
+# testbed-omni paths stop with an error that names it.
+if ! command -v espeak-ng >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup.sh: installing espeak-ng (testbed-omni speech) with apt-get" >&2
+    { apt-get install -y -q espeak-ng >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q espeak-ng >/dev/null 2>&1; }; } ||
+      echo "setup.sh: WARNING: apt-get could not install espeak-ng; model=testbed_omni and its tests will fail until it is installed" >&2
+  else
+    echo "setup.sh: WARNING: espeak-ng is missing and cannot be installed here (needs root and apt-get)." >&2
+    echo "  model=testbed_omni and its tests need it: sudo apt-get install espeak-ng  (nothing else does)" >&2
+  fi
+fi
 echo "$want" > "$stamp"

@@ -14,6 +14,8 @@ _EXPORTS = {
     "default_task_manager": "masquant.evaluation.runner",
     "write_local_task_data": "masquant.evaluation.tasks",
     "EVAL_TASKS": "masquant.evaluation.tasks",
+    "AUDIO_EVAL_TASKS": "masquant.evaluation.tasks",
+    "ALL_TASKS": "masquant.evaluation.tasks",
     "EvaluationError": "masquant.evaluation.tasks",
     "MasquantHF": "masquant.evaluation.lmms_model",
 }

@@ -44,6 +44,19 @@ def register_lmms_model() -> None:
     MODEL_REGISTRY_V2.register_manifest(lmms_eval_manifest(), overwrite=True)
 
 
+class _Audio:
+    """An audio clip among a document's visuals (float32 samples at the processor's rate)."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array) -> None:
+        self.array = array
+
+
+def _is_audio(visual) -> bool:
+    return isinstance(visual, _Audio)
+
+
 class _StopOnStrings(StoppingCriteria):
     """Stops a row once its generated text contains one of the task's ``until`` strings."""
 
@@ -60,6 +73,7 @@ class MasquantHF(lmms):
 
     model, processor: the loaded objects (or ``pretrained``: a local folder to load them from, for use by name).
     max_new_tokens: used when the task's generation_kwargs give none (the paper: 128).
+    max_new_tokens_cap: an upper bound on any task's max_new_tokens (None: the task's own value).
     system_prompt: None keeps the chat template's default (Qwen2.5-VL: "You are a helpful assistant.").
     min_pixels, max_pixels: the image-token budget for processors with Qwen-style ``size``
         (lmms-eval's Qwen2.5-VL model uses 256*28*28 and 1605632); None keeps the processor's own.
@@ -72,7 +86,7 @@ class MasquantHF(lmms):
 
     def __init__(self, model=None, processor=None, *, pretrained: str | None = None, batch_size: int | str = 1,
                  max_new_tokens: int = 128, system_prompt: str | None = None, min_pixels: int | None = None,
-                 max_pixels: int | None = None, ignore_stop_strings: tuple[str, ...] = ("\n\n",),
+                 max_pixels: int | None = None, max_new_tokens_cap: int | None = None, ignore_stop_strings: tuple[str, ...] = ("\n\n",),
                  device: str | None = None, max_batch_size: int | None = None, dtype: str = "auto") -> None:
         super().__init__()
         if model is None or processor is None:
@@ -89,6 +103,7 @@ class MasquantHF(lmms):
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
+        self.max_new_tokens_cap = int(max_new_tokens_cap) if max_new_tokens_cap else None
         self.system_prompt = system_prompt
         self.ignore_stop_strings = tuple(ignore_stop_strings)
         self.accelerator = None  # keeps lmms-eval from creating one; this wrapper runs in one process
@@ -116,33 +131,61 @@ class MasquantHF(lmms):
         return {"size": size}
 
     # ---- prompts ---------------------------------------------------------------------------------
-    def _messages(self, context: str, n_images: int) -> list[dict]:
+    def _messages(self, context: str, visuals: list) -> list[dict]:
+        """The user turn: the document's images and audio clips in the task's order, then its text."""
         text = context.replace("<image>", "")
         messages = []
         if self.system_prompt:
             messages.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
-        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
+        content = [{"type": "audio" if _is_audio(v) else "image"} for v in visuals] + [{"type": "text", "text": text}]
         messages.append({"role": "user", "content": content})
         return messages
 
     def _visuals(self, doc_to_visual, doc_id: int, task: str, split: str) -> list:
+        """PIL images (RGB) and audio clips (float32 numpy at the feature extractor's rate), in the task's order."""
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) or []
-        unsupported = [type(v).__name__ for v in visuals if not hasattr(v, "convert")]
-        if unsupported:
-            raise NotImplementedError(f"task {task}: only image visuals are supported, got {unsupported}")
-        return [v.convert("RGB") for v in visuals]
+        out = []
+        for v in visuals:
+            if hasattr(v, "convert"):
+                out.append(v.convert("RGB"))
+            elif isinstance(v, dict) and "array" in v and "sampling_rate" in v:
+                out.append(self._audio(v, task))
+            else:
+                raise NotImplementedError(f"task {task}: visuals must be images or audio dicts "
+                                          f"({{'array', 'sampling_rate'}}), got {type(v).__name__}")
+        return out
 
-    def _inputs(self, texts: list[str], images: list) -> dict:
+    def _audio(self, clip: dict, task: str):
+        import numpy as np
+
+        extractor = getattr(self.processor, "feature_extractor", None)
+        if extractor is None:
+            raise NotImplementedError(f"task {task} gives audio, but this model's processor takes none")
+        audio = np.asarray(clip["array"], dtype=np.float32)
+        if audio.ndim > 1:  # channels first (torchcodec) or last: average them
+            audio = audio.mean(axis=0 if audio.shape[0] < audio.shape[-1] else -1)
+        rate, want = int(clip["sampling_rate"]), int(extractor.sampling_rate)
+        if rate != want:
+            from masquant.testbed.speech import resample
+
+            audio = resample(audio, rate, want)
+        return _Audio(audio)
+
+    def _inputs(self, texts: list[str], visuals: list) -> dict:
         kwargs = dict(text=texts, padding=True, padding_side="left", return_tensors="pt")
+        images = [v for v in visuals if not _is_audio(v)]
+        audio = [v.array for v in visuals if _is_audio(v)]
         if images:
             kwargs.update(images=images, **self._images_kwargs)
+        if audio:
+            kwargs["audio"] = audio
         inputs = self.processor(**kwargs)
         return inputs.to(self.device)
 
     def _prompt_texts(self, contexts: list[str], visuals: list[list]) -> list[str]:
-        return [self.processor.apply_chat_template(self._messages(context, len(images)), tokenize=False,
+        return [self.processor.apply_chat_template(self._messages(context, doc_visuals), tokenize=False,
                                                    add_generation_prompt=True)
-                for context, images in zip(contexts, visuals)]
+                for context, doc_visuals in zip(contexts, visuals)]
 
     # ---- generation ------------------------------------------------------------------------------
     def _eos_ids(self) -> list[int]:
@@ -188,14 +231,17 @@ class MasquantHF(lmms):
             if not self._warned_sampling:
                 log.warning("task asks for sampling or beams (%s); decoding greedily as in the paper", gen_kwargs)
                 self._warned_sampling = True
-        inputs = self._inputs(self._prompt_texts(contexts, visuals), [img for v in visuals for img in v])
+        inputs = self._inputs(self._prompt_texts(contexts, visuals), [x for v in visuals for x in v])
         prompt_len = inputs["input_ids"].shape[1]
         stops = self._stop_strings(gen_kwargs)
         criteria = StoppingCriteriaList([_StopOnStrings(self.tokenizer, stops, prompt_len)]) if stops else None
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self._eos_ids()[0]
+        max_new = int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens)
+        if self.max_new_tokens_cap:
+            max_new = min(max_new, self.max_new_tokens_cap)
         out = self.model.generate(
             **inputs,
-            max_new_tokens=int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens),
+            max_new_tokens=max_new,
             do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
             eos_token_id=self._eos_ids(), pad_token_id=pad_id, stopping_criteria=criteria, use_cache=True,
         )
@@ -224,7 +270,7 @@ class MasquantHF(lmms):
     def _loglikelihood(self, contexts: list[str], continuations: list[str],
                        visuals: list[list]) -> list[tuple[float, bool]]:
         prompts = self._prompt_texts(contexts, visuals)
-        inputs = self._inputs([p + c for p, c in zip(prompts, continuations)], [img for v in visuals for img in v])
+        inputs = self._inputs([p + c for p, c in zip(prompts, continuations)], [x for v in visuals for x in v])
         logits = self.model(**inputs).logits.float()
         out = []
         for row, continuation in enumerate(continuations):

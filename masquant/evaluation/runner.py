@@ -148,6 +148,7 @@ def evaluate_lmms(model, processor, tasks: list[str], *, limit: int | float | No
     cli_args = types.SimpleNamespace(output_path=str(output_dir), process_with_media=True)
 
     metrics: dict = {"eval/limit": limit}
+
     for task in tasks:
         started = time.perf_counter()
         try:

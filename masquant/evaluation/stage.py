@@ -14,6 +14,7 @@ def testbed_data_root(cfg, out_dir: Path) -> Path:
 
     from masquant.evaluation import write_local_task_data
     from masquant.testbed import make_benchmark_docs
+    from masquant.testbed.audio_tasks import AUDIO_TASKS, make_audio_benchmark_docs
 
     datasets.disable_progress_bars()
 
@@ -21,7 +22,9 @@ def testbed_data_root(cfg, out_dir: Path) -> Path:
     for task in cfg.eval.tasks:
         marker = root / task / ".complete"
         if not marker.exists():
-            write_local_task_data(task, make_benchmark_docs(task, int(cfg.eval.testbed_docs)), root)
+            n = int(cfg.eval.testbed_docs)
+            docs = make_audio_benchmark_docs(task, n) if task in AUDIO_TASKS else make_benchmark_docs(task, n)
+            write_local_task_data(task, docs, root)
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text("ok")
     return root
@@ -43,4 +46,5 @@ def run_benchmarks(cfg, model, processor, out_dir: Path) -> dict:
         model, processor, list(cfg.eval.tasks), limit=limit, data_root=data_root, output_dir=out_dir,
         batch_size=int(cfg.eval.batch_size), max_new_tokens=int(cfg.eval.max_new_tokens),
         min_pixels=cfg.eval.min_pixels, max_pixels=cfg.eval.max_pixels,
+        max_new_tokens_cap=cfg.eval.get("max_new_tokens_cap"),
     )

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 EVAL_TASKS: tuple[str, ...] = ("textvqa_val", "vizwiz_vqa_val", "scienceqa_img", "ocrbench", "mmmu_val")
+# The Omni rows of the paper: speech recognition (WER / MER) and OmniBench (image + audio + text).
+AUDIO_EVAL_TASKS: tuple[str, ...] = ("librispeech_test_other", "wenet_speech_test_net", "omni_bench")
+ALL_TASKS: tuple[str, ...] = EVAL_TASKS + AUDIO_EVAL_TASKS
 
 
 class EvaluationError(RuntimeError):
@@ -25,6 +28,7 @@ class TaskSource:
     split: str  # the split the task evaluates (its test_split)
     fields: tuple[str, ...]  # document fields the task code reads (besides images)
     image_columns: tuple[str, ...]  # datasets.Image() columns (None allowed)
+    audio_columns: tuple[str, ...] = ()  # {"array", "sampling_rate"} structs (what a decoded datasets.Audio gives)
 
 
 TASK_SOURCES: dict[str, TaskSource] = {
@@ -38,6 +42,12 @@ TASK_SOURCES: dict[str, TaskSource] = {
                            ("image",)),
     "mmmu_val": TaskSource("mmmu/mmmu_val.yaml", "validation", ("id", "question", "options", "answer", "question_type"),
                            tuple(f"image_{k}" for k in range(1, 8))),
+    "librispeech_test_other": TaskSource("librispeech/librispeech_test_other.yaml", "librispeech_test_other",
+                                         ("gt", "source", "task"), (), ("audio",)),
+    "wenet_speech_test_net": TaskSource("wenet_speech/wenet_speech_test_net.yaml", "test_net", ("text",), (),
+                                        ("audio",)),
+    "omni_bench": TaskSource("omni_bench/omni_bench.yaml", "train", ("question", "options", "answer", "task type"),
+                             ("image",), ("audio",)),
 }
 
 
@@ -71,7 +81,10 @@ def write_local_task_data(task: str, docs: list[dict], data_root: Path) -> Path:
 
     Layout: ``data_root/<task>/`` is a ``DatasetDict.save_to_disk`` folder holding the task's split,
     with image columns as ``datasets.Image()`` (they decode to PIL, as from the hub). Image columns a
-    document leaves out are written as None (MMMU's ``image_2`` ... ``image_7``). Returns the folder.
+    document leaves out are written as None (MMMU's ``image_2`` ... ``image_7``). Audio columns are written
+    as ``{"array": float32 list, "sampling_rate": int}`` structs, what a decoded ``datasets.Audio`` column gave
+    before datasets 4 (decoding ``datasets.Audio`` now needs torchcodec, which this set-up lacks); the
+    LibriSpeech and OmniBench task code passes them through to the model. Returns the folder.
     """
     import datasets
 
@@ -85,9 +98,15 @@ def write_local_task_data(task: str, docs: list[dict], data_root: Path) -> Path:
             raise ValueError(f"task {task}: document {i} lacks fields {missing} "
                              f"(the task code reads {list(source.fields)})")
         rows.append({**doc, **{col: doc.get(col) for col in source.image_columns}})
-    plain = datasets.Dataset.from_list([{k: v for k, v in row.items() if k not in source.image_columns}
-                                        for row in rows])
-    features = datasets.Features({**plain.features, **{col: datasets.Image() for col in source.image_columns}})
+    for row in rows:
+        for col in source.audio_columns:
+            audio = row[col]
+            row[col] = {"array": [float(x) for x in audio["array"]], "sampling_rate": int(audio["sampling_rate"])}
+    media = set(source.image_columns) | set(source.audio_columns)
+    plain = datasets.Dataset.from_list([{k: v for k, v in row.items() if k not in media} for row in rows])
+    audio_feature = {"array": datasets.Sequence(datasets.Value("float32")), "sampling_rate": datasets.Value("int64")}
+    features = datasets.Features({**plain.features, **{col: datasets.Image() for col in source.image_columns},
+                                  **{col: audio_feature for col in source.audio_columns}})
     dataset = datasets.Dataset.from_list(rows, features=features)
 
     out = local_task_dir(task, data_root)

@@ -22,6 +22,11 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "mmmu_val": ("mmmu_acc",),
 }
 SHORT = {"textvqa_val": "TextVQA", "vizwiz_vqa_val": "VizWiz", "scienceqa_img": "SQA", "ocrbench": "OCRBench", "mmmu_val": "MMMU"}
+# Omni tasks whose lmms-eval metric is already a percentage: OmniBench's accuracy (in the average) and the
+# speech error rates (lower is better; never averaged with accuracies).
+PERCENT_TASKS: dict[str, tuple[str, str]] = {"omni_bench": ("accuracy", "OmniBench")}
+ERROR_RATE_TASKS: dict[str, tuple[str, str]] = {"librispeech_test_other": ("wer", "WER LS-other"),
+                                                "wenet_speech_test_net": ("mer", "MER Wenet-net")}
 
 
 def collect_results(root: str | Path, skipped: list[str] | None = None) -> list[dict]:
@@ -85,8 +90,17 @@ def results_frame(results: list[dict]) -> pd.DataFrame:
             if v is not None:
                 row[short] = 100 * v
                 scores.append(100 * v)
+        for task, (metric, short) in PERCENT_TASKS.items():
+            v = metric_value(m, [f"eval/{task}/{metric}"])
+            if v is not None:
+                row[short] = v
+                scores.append(v)
         if scores:
             row["Avg"] = sum(scores) / len(scores)
+        for task, (metric, short) in ERROR_RATE_TASKS.items():
+            v = metric_value(m, [f"eval/{task}/{metric}"])
+            if v is not None:
+                row[short] = v
         for mod in ("text", "vision", "audio"):
             v = m.get(f"fidelity/sqnr/{mod}/e2e")
             if v is not None:

@@ -81,7 +81,7 @@ def test_loglikelihood_matches_a_direct_forward(qwen, processor):
     visuals = [[random_image(4)], [random_image(5)]]
     got = lm._loglikelihood(contexts, continuations, visuals)
     for context, continuation, image, (logprob, greedy) in zip(contexts, continuations, visuals, got):
-        prompt = processor.apply_chat_template(lm._messages(context, 1), tokenize=False, add_generation_prompt=True)
+        prompt = processor.apply_chat_template(lm._messages(context, image), tokenize=False, add_generation_prompt=True)
         inputs = processor(text=[prompt + continuation], images=image, return_tensors="pt")
         n = len(processor.tokenizer(continuation, add_special_tokens=False).input_ids)
         with torch.no_grad():

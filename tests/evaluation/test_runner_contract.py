@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from masquant.evaluation import EVAL_TASKS, EvaluationError, evaluate_lmms, format_eval_table
+from masquant.evaluation import ALL_TASKS, EVAL_TASKS, EvaluationError, evaluate_lmms, format_eval_table
 from masquant.evaluation.runner import route_lmms_eval_logs_to_logging
 from masquant.evaluation.tasks import TASK_SOURCES, installed_task_yaml
 from support.evaluation import AnswerBookModel
@@ -31,9 +31,9 @@ def test_evaluator_without_a_result_raises(returned, message, processor, task_da
 def test_task_sources_match_the_installed_yamls():
     from lmms_eval.utils import load_yaml_config
 
-    assert set(TASK_SOURCES) == set(EVAL_TASKS)
+    assert set(TASK_SOURCES) == set(ALL_TASKS) and set(EVAL_TASKS) <= set(ALL_TASKS)
     for task, source in TASK_SOURCES.items():
-        config = load_yaml_config(str(installed_task_yaml(task)), mode="simple")
+        config = load_yaml_config(str(installed_task_yaml(task)), mode="full")
         assert config["task"] == task and config["test_split"] == source.split
 
 

@@ -27,3 +27,20 @@ def test_masquant_beats_rtn_and_uniform_smoothing_on_testbed(compose_cfg, quant,
         seen = {n: round(m[key], 2) for n, m in sqnr.items()}
         assert sqnr[ours][key] > sqnr["rtn"][key], (modality, seen)
         assert sqnr[ours][key] > sqnr["uniform"][key], (modality, seen)
+
+
+OMNI = ["model=testbed_omni", "modality=text_vision_audio", "calib.n_samples=8", "calib.held_out=8"]
+
+
+@pytest.mark.slow
+def test_masquant_beats_rtn_and_uniform_smoothing_on_testbed_omni(compose_cfg):
+    """Tri-modal: MAS+CMC at W4A8 against RTN and uniform smoothing, per modality, audio included."""
+    jobs = configured_jobs(compose_cfg("experiment=variants_testbed", *OMNI, return_hydra_config=True), ["quant=w4a8"])
+    variants = dict(zip(("rtn", "smoothquant", "uniform", "mas", "mas+cmc"), jobs))
+    sqnr = {name: pipeline.run(compose_cfg(*BASE, "experiment=variants_testbed", *OMNI, *variants[name]))
+            for name in ("rtn", "uniform", "mas+cmc")}
+    for modality in ("text", "vision", "audio"):
+        key = f"fidelity/sqnr/{modality}/e2e"
+        seen = {n: round(m[key], 2) for n, m in sqnr.items()}
+        assert sqnr["mas+cmc"][key] > sqnr["rtn"][key], (modality, seen)
+        assert sqnr["mas+cmc"][key] > sqnr["uniform"][key], (modality, seen)

@@ -56,3 +56,33 @@ def test_misspelt_key_and_bad_value_fail_at_compose(compose_cfg):
     with pytest.raises(ConfigCompositionException) as err:
         compose_cfg("modality.modalities=[text,smell]")
     assert "audio" in str(err.value) + str(err.value.__cause__)
+
+
+def test_missing_espeak_fails_before_the_model_loads(compose_cfg, tmp_path, monkeypatch):
+    """testbed-omni speaks its calibration clips and audio tasks with espeak-ng, a system program: without it
+    resolve() names the program, the keys that need it and the install command, and testbed-vl is unaffected."""
+    from masquant.testbed import speech
+    from masquant.validation import ConfigError
+
+    monkeypatch.setattr(speech.shutil, "which", lambda name: None)
+    root = f"paths.output_root={tmp_path}"
+    with pytest.raises(ConfigError, match=r"espeak-ng is not installed.*model=testbed-omni.*apt-get install espeak-ng"):
+        resolve(compose_cfg("model=testbed_omni", "modality=text_vision_audio", root))
+    with pytest.raises(ConfigError, match=r"espeak-ng is not installed.*eval.tasks.*librispeech_test_other"):
+        resolve(compose_cfg("model=tiny_qwen25omni", "modality=text_vision_audio", "eval=testbed",
+                            "eval.tasks=[librispeech_test_other]", root))
+    resolve(compose_cfg("model=tiny_qwen25omni", "modality=text_vision_audio", "eval=testbed",
+                        "eval.tasks=[librispeech_test_other]", f"eval.data_root={tmp_path}", root))
+    resolve(compose_cfg(root))  # the default (testbed-vl) needs no speech
+
+
+def test_speech_version_is_recorded_only_where_speech_is_used(compose_cfg, tmp_path):
+    from masquant.provenance import speech_provenance
+    from masquant.testbed.speech import espeak_available
+    from masquant.validation import speech_users
+
+    root = f"paths.output_root={tmp_path}"
+    assert speech_users(compose_cfg(root)) == []
+    assert speech_users(compose_cfg("model=testbed_omni", "modality=text_vision_audio", root))[0].startswith("model=")
+    version = speech_provenance()["provenance/version/espeak-ng"]
+    assert (version[0].isdigit() and "." in version) if espeak_available() else version == "unknown"

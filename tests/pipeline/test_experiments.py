@@ -95,6 +95,8 @@ def _smoke(compose_cfg, experiment, shrink):
 @pytest.mark.parametrize("experiment", TESTBED)
 def test_testbed_experiment_smoke_runs_on_the_tiny_model(compose_cfg, experiment):
     shrink = TINY if experiment != "table2_testbed" else []  # table2_testbed runs the tiny Omni thinker already
+    if experiment == "table3_omni_testbed":  # tri-modal: the tiny Omni thinker
+        shrink = ["model=tiny_qwen25omni", *TINY[1:]]
     metrics = _smoke(compose_cfg, experiment, shrink)
     assert metrics["fidelity/sqnr/all/e2e"] > 0
     if experiment == "table2_testbed":
