@@ -55,6 +55,12 @@ log = logging.getLogger(__name__)
 # Keys that do not change results and are left out of the config hash.
 _NON_SEMANTIC = ("logger", "paths", "force", "threads", "device", "reference", "sweep")
 _NON_SEMANTIC_MODEL = ("placement", "max_memory_gib")  # where the weights live, not what they compute
+# Keys added after results existed, each with the default that reproduces the earlier behaviour: left out of
+# the hash at that default, so finished results keep their hash (sweeps resume) across the upgrade; any other
+# value is a new configuration. Add a key here when you add an option whose default changes nothing.
+_ADDED_WITH_NEUTRAL_DEFAULT: dict[tuple[str, str], object] = {
+    ("eval", "max_new_tokens_cap"): None,
+}
 
 
 @dataclass
@@ -81,6 +87,9 @@ def config_hash(cfg: DictConfig) -> str:
     plain.pop("hydra", None)
     for key in _NON_SEMANTIC_MODEL:
         plain.get("model", {}).pop(key, None)
+    for (group, key), neutral in _ADDED_WITH_NEUTRAL_DEFAULT.items():
+        if key in plain.get(group, {}) and plain[group][key] == neutral:
+            del plain[group][key]
     plain["_results_format"] = RESULTS_FORMAT  # a new format is a new configuration: stale results are re-run
     return stable_hash(plain, 10)
 

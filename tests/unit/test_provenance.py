@@ -92,3 +92,13 @@ def test_report_stale_lists_results_of_another_commit(tmp_path, capsys):
 @pytest.mark.parametrize("root", ["nowhere"])
 def test_report_stale_on_a_missing_folder(tmp_path, capsys, root):
     assert report_main(["--stale", str(tmp_path / root)]) == 2
+
+
+def test_config_hashes_survive_upgrades(compose_cfg):
+    """Results are found by config hash: a change that moves the hash of an unchanged configuration orphans every
+    finished result of every user (their sweeps silently re-run). These are the hashes of the default testbed
+    runs as first written; an option added with a behaviour-preserving default must keep them (list it in
+    pipeline._ADDED_WITH_NEUTRAL_DEFAULT), and a deliberate change bumps RESULTS_FORMAT and these values."""
+    t1 = ["experiment=table1_testbed", "method=dense", "quant=fp16"]
+    assert pipeline.config_hash(compose_cfg(*t1)) == "977c5ff864"
+    assert pipeline.config_hash(compose_cfg(*t1, "eval.max_new_tokens_cap=8")) != "977c5ff864"  # another config  # a non-default value is another configuration
