@@ -44,7 +44,7 @@ def test_every_adapter_folder_runs_through_the_cli(tmp_path):
     env = {**os.environ, "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "masquant", "-m", "hydra.verbose=false", "model=local", "model.dtype=float32",
            "model.path=" + ",".join(str(f) for f in folders), "calib=tiny", "calib.n_samples=2", "calib.held_out=1",
-           "eval=fidelity", "method=rtn", "quant=w8a8", f"paths.output_root={tmp_path}/out",
+           "eval=fidelity", "eval.ppl_sequences=4", "method=rtn", "quant=w8a8", f"paths.output_root={tmp_path}/out",
            f"paths.cache_dir={tmp_path}/cache", f"hydra.sweep.dir={tmp_path}/multirun"]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
