@@ -88,6 +88,9 @@ class CalibConfig:
     held_out: int = 4  # extra samples (disjoint) for the fidelity SQNR
     seq_len: int = 256  # calib=text: tokens per calibration sequence
     cache: bool = True
+    # True: each calibration prompt is followed by its answer, so statistics, scales and losses also see answer
+    # tokens (the tokens a deployed model generates); rows must carry answers. Held-out prompts stay prompts.
+    with_answers: bool = False
 
 
 @dataclass

@@ -100,7 +100,7 @@ def calibration_sets(cfg, processor, adapter) -> tuple[CalibrationSet, Calibrati
     if _src(c.source) == "text":
         return text_calibration_sets(c, processor, held_out)
     calib_rows, held_rows, description = calibration_rows(c, type(adapter), int(c.n_samples), held_out)
-    calib = CalibrationSet.from_rows(processor, calib_rows, description)
+    calib = CalibrationSet.from_rows(processor, calib_rows, description, with_answers=bool(c.with_answers))
     held = CalibrationSet.from_rows(processor, held_rows, description, desc="held-out prompts")
     return calib, held, description
 

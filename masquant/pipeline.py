@@ -60,6 +60,7 @@ _NON_SEMANTIC_MODEL = ("placement", "max_memory_gib")  # where the weights live,
 # value is a new configuration. Add a key here when you add an option whose default changes nothing.
 _ADDED_WITH_NEUTRAL_DEFAULT: dict[tuple[str, str], object] = {
     ("eval", "max_new_tokens_cap"): None,
+    ("calib", "with_answers"): False,
 }
 
 
@@ -169,11 +170,15 @@ def resolve(cfg: DictConfig) -> RunSpec:
     if method.needs_answers and calib_source == "text":
         raise ConfigError(f"method={cfg.method.id} needs calibration answers; calib=text has none: use calib=testbed "
                           "or a calib=file whose rows carry an 'answer'")
+    if cfg.calib.with_answers and calib_source == "text":
+        raise ConfigError("calib.with_answers=true appends each prompt's answer; calib=text has none: use calib=testbed "
+                          "or a calib=file whose rows carry an 'answer'")
     if calib_source == "text" and any(m != "text" for m in modalities):
         raise ConfigError(f"calib=text is text-only but modality.modalities={list(modalities)}; use modality=text_only "
                           "(or a calibration set with images: calib=testbed, calib=file)")
     if calib_source == "file" and (method.requires_calibration(scheme) or cfg.eval.fidelity):
-        _check_calibration_file(cfg.calib, cfg.eval.fidelity, method.needs_answers, str(cfg.method.id))
+        _check_calibration_file(cfg.calib, cfg.eval.fidelity, method.needs_answers or bool(cfg.calib.with_answers),
+                                str(cfg.method.id))
     if cfg.eval.data_root is not None and not Path(str(cfg.eval.data_root)).expanduser().exists():
         raise ConfigError(f"eval.data_root={cfg.eval.data_root!r} does not exist")
     if cfg.eval.tasks:
@@ -215,7 +220,8 @@ def _check_calibration_file(c, fidelity: bool, needs_answers: bool = False, meth
         rows = read_calibration_file(c.path)
         missing = [i for i, r in enumerate(rows) if not (isinstance(r, dict) and r.get("answer"))]
         if missing:
-            raise ConfigError(f"method={method_id} needs calibration answers, but calib.path={c.path} rows "
+            who = "calib.with_answers=true" if c.get("with_answers") else f"method={method_id}"
+            raise ConfigError(f"{who} needs calibration answers, but calib.path={c.path} rows "
                               f"{missing[:5]} have no 'answer' field; add answers or use calib=testbed")
 
 

@@ -152,13 +152,23 @@ class CalibrationSet:
 
     @classmethod
     def from_rows(cls, processor, rows: list[dict], description: dict | None = None,
-                  desc: str = "calibration prompts") -> "CalibrationSet":
+                  desc: str = "calibration prompts", with_answers: bool = False) -> "CalibrationSet":
+        """``with_answers``: each prompt followed by its answer (``calib.with_answers``), labels dropped."""
         if processor is None:
             raise CalibrationDataError("calibration rows need the model's processor; this model has none")
+        if with_answers:
+            missing = [i for i, r in enumerate(rows) if not r.get("answer")][:5]
+            if missing:
+                raise CalibrationDataError(
+                    f"calib.with_answers=true, but calibration rows {missing} have no 'answer' "
+                    f"({(description or {}).get('source', 'calibration set')}); add answers or use calib=testbed")
         batches = []
         for row in tqdm(rows, desc=desc, leave=False):
             media = load_media(row)
-            batches.append(chat_inputs(processor, media["question"], media["image"], media["audio"]))
+            batch = chat_inputs(processor, media["question"], media["image"], media["audio"],
+                                media["answer"] if with_answers else None)
+            batch.pop("labels", None)
+            batches.append(batch)
         return cls(batches, list(rows), processor, dict(description or {}))
 
     @property

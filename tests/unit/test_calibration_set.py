@@ -41,6 +41,34 @@ def test_sft_batches_need_answers_and_say_how_to_get_them():
         without.sft_batches()
 
 
+def test_with_answers_calibrates_on_prompt_and_answer_tokens(compose_cfg, tiny_overrides):
+    """calib.with_answers: each calibration batch is the prompt followed by its answer (what SFT batches hold,
+    without labels); the held-out prompts stay prompts; rows without answers are refused, naming the key."""
+    from masquant.models import calibration_sets
+    from masquant.pipeline import resolve
+    from masquant.validation import ConfigError
+
+    _, processor, cls = tiny("qwen2_5_vl")
+    rows = tiny_rows(2, 0)
+    plain = CalibrationSet.from_rows(processor, rows)
+    answered = CalibrationSet.from_rows(processor, rows, with_answers=True)
+    for p, a, sft in zip(plain.batches, answered.batches, plain.sft_batches()):
+        n = p["input_ids"].shape[1]
+        assert a["input_ids"].shape[1] > n and torch.equal(a["input_ids"][:, :n], p["input_ids"])
+        assert torch.equal(a["input_ids"], sft["input_ids"]) and "labels" not in a
+    with pytest.raises(CalibrationDataError, match=r"calib.with_answers=true.*rows \[0, 1\].*'answer'"):
+        CalibrationSet.from_rows(processor, [{k: v for k, v in r.items() if k != "answer"} for r in rows],
+                                 with_answers=True)
+    cfg = compose_cfg(*tiny_overrides, "calib.with_answers=true", "calib.n_samples=2", "calib.held_out=1")
+    calib, held, _ = calibration_sets(cfg, processor, get_adapter(tiny("qwen2_5_vl")[0]))
+    ref_calib, ref_held, _ = calibration_sets(compose_cfg(*tiny_overrides, "calib.n_samples=2", "calib.held_out=1"),
+                                              processor, get_adapter(tiny("qwen2_5_vl")[0]))
+    assert all(a["input_ids"].shape[1] > p["input_ids"].shape[1] for a, p in zip(calib.batches, ref_calib.batches))
+    assert all(torch.equal(a["input_ids"], p["input_ids"]) for a, p in zip(held.batches, ref_held.batches))
+    with pytest.raises(ConfigError, match="calib.with_answers=true.*calib=text"):
+        resolve(compose_cfg("model=tiny_qwen25vl", "modality=text_only", "calib=text", "calib.with_answers=true"))
+
+
 def test_file_split_is_disjoint_and_recorded(tmp_path, compose_cfg):
     from masquant.adapters import adapter_class_for
     from masquant.models import calibration_rows
