@@ -81,6 +81,12 @@ def _plain(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
+def without_neutral_defaults(group: str, values: dict) -> dict:
+    """``values`` of config group ``group`` without the later-added keys that sit at their neutral default."""
+    return {k: v for k, v in values.items()
+            if not ((group, k) in _ADDED_WITH_NEUTRAL_DEFAULT and v == _ADDED_WITH_NEUTRAL_DEFAULT[(group, k)])}
+
+
 def config_hash(cfg: DictConfig) -> str:
     plain = _plain(cfg)
     for key in _NON_SEMANTIC:
@@ -88,9 +94,9 @@ def config_hash(cfg: DictConfig) -> str:
     plain.pop("hydra", None)
     for key in _NON_SEMANTIC_MODEL:
         plain.get("model", {}).pop(key, None)
-    for (group, key), neutral in _ADDED_WITH_NEUTRAL_DEFAULT.items():
-        if key in plain.get(group, {}) and plain[group][key] == neutral:
-            del plain[group][key]
+    for group in {g for g, _ in _ADDED_WITH_NEUTRAL_DEFAULT}:
+        if group in plain:
+            plain[group] = without_neutral_defaults(group, plain[group])
     plain["_results_format"] = RESULTS_FORMAT  # a new format is a new configuration: stale results are re-run
     return stable_hash(plain, 10)
 
@@ -361,7 +367,8 @@ def _execute(spec: RunSpec, out_dir: Path) -> dict:
         cache = StatsCache(Path(cfg.paths.cache_dir) / "stats" if cfg.calib.cache else None)
         cache_key = {
             "model": cfg.model.name, "model_path": cfg.model.path, "dtype": str(cfg.model.dtype),
-            "calib": _plain(cfg.calib), "video_as": spec.video_as,
+            # statistics cached before an option was added stay valid while it sits at its neutral default
+            "calib": without_neutral_defaults("calib", _plain(cfg.calib)), "video_as": spec.video_as,
             "weights": model_fingerprint(model) if cache.root is not None else None,
         }
         ctx = QuantContext(model, adapter, spec.scheme, router, spec.device, spec.modalities,

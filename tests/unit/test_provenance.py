@@ -102,3 +102,12 @@ def test_config_hashes_survive_upgrades(compose_cfg):
     t1 = ["experiment=table1_testbed", "method=dense", "quant=fp16"]
     assert pipeline.config_hash(compose_cfg(*t1)) == "977c5ff864"
     assert pipeline.config_hash(compose_cfg(*t1, "eval.max_new_tokens_cap=8")) != "977c5ff864"  # another config  # a non-default value is another configuration
+
+
+def test_neutral_defaults_leave_the_statistics_cache_key_alone():
+    from masquant.pipeline import without_neutral_defaults
+
+    calib = {"name": "testbed", "n_samples": 16, "with_answers": False}
+    assert without_neutral_defaults("calib", calib) == {"name": "testbed", "n_samples": 16}
+    assert without_neutral_defaults("calib", {**calib, "with_answers": True})["with_answers"] is True
+    assert without_neutral_defaults("eval", {"max_new_tokens_cap": None, "limit": None}) == {"limit": None}
