@@ -173,18 +173,16 @@ def resolve(cfg: DictConfig) -> RunSpec:
         raise ConfigError(f"modality.modalities={list(modalities)}: model {cfg.model.name} has no {missing} input; "
                           f"it takes {list(supported)} (e.g. modality=text_vision)")
     calib_source = str(getattr(cfg.calib.source, "value", cfg.calib.source))
-    if method.needs_answers and calib_source == "text":
-        raise ConfigError(f"method={cfg.method.id} needs calibration answers; calib=text has none: use calib=testbed "
-                          "or a calib=file whose rows carry an 'answer'")
-    if cfg.calib.with_answers and calib_source == "text":
-        raise ConfigError("calib.with_answers=true appends each prompt's answer; calib=text has none: use calib=testbed "
+    needs_answers = "calib.with_answers=true" if cfg.calib.with_answers else (
+        f"method={cfg.method.id}" if method.needs_answers else None)
+    if needs_answers and calib_source == "text":
+        raise ConfigError(f"{needs_answers} needs calibration answers; calib=text has none: use calib=testbed "
                           "or a calib=file whose rows carry an 'answer'")
     if calib_source == "text" and any(m != "text" for m in modalities):
         raise ConfigError(f"calib=text is text-only but modality.modalities={list(modalities)}; use modality=text_only "
                           "(or a calibration set with images: calib=testbed, calib=file)")
     if calib_source == "file" and (method.requires_calibration(scheme) or cfg.eval.fidelity):
-        _check_calibration_file(cfg.calib, cfg.eval.fidelity, method.needs_answers or bool(cfg.calib.with_answers),
-                                str(cfg.method.id))
+        _check_calibration_file(cfg.calib, cfg.eval.fidelity, needs_answers)
     if cfg.eval.data_root is not None and not Path(str(cfg.eval.data_root)).expanduser().exists():
         raise ConfigError(f"eval.data_root={cfg.eval.data_root!r} does not exist")
     if cfg.eval.tasks:
@@ -206,7 +204,8 @@ def resolve(cfg: DictConfig) -> RunSpec:
     return RunSpec(cfg, scheme, method_cfg, modalities, video_as, device, h, run_dir)
 
 
-def _check_calibration_file(c, fidelity: bool, needs_answers: bool = False, method_id: str = "") -> None:
+def _check_calibration_file(c, fidelity: bool, needs_answers: str | None = None) -> None:
+    """``needs_answers``: who needs every row to carry an answer (e.g. "method=mbq"), or None."""
     from masquant.calibration.data import CalibrationDataError, read_calibration_file
     from masquant.validation import check_calibration_rows
 
@@ -226,8 +225,7 @@ def _check_calibration_file(c, fidelity: bool, needs_answers: bool = False, meth
         rows = read_calibration_file(c.path)
         missing = [i for i, r in enumerate(rows) if not (isinstance(r, dict) and r.get("answer"))]
         if missing:
-            who = "calib.with_answers=true" if c.get("with_answers") else f"method={method_id}"
-            raise ConfigError(f"{who} needs calibration answers, but calib.path={c.path} rows "
+            raise ConfigError(f"{needs_answers} needs calibration answers, but calib.path={c.path} rows "
                               f"{missing[:5]} have no 'answer' field; add answers or use calib=testbed")
 
 

@@ -136,6 +136,16 @@ def load_media(row: dict) -> dict:
     return out
 
 
+def require_answers(rows: list[dict], description: dict, who: str) -> None:
+    """Raise, naming the rows and the fix, unless every row carries an answer (``who`` needs them)."""
+    missing = [i for i, r in enumerate(rows) if not r.get("answer")][:5]
+    if missing or not rows:
+        raise CalibrationDataError(
+            f"{who} needs calibration answers, but rows {missing} have no 'answer' "
+            f"({description.get('source', 'calibration set')}); use calib=testbed, or a calib.path file "
+            "whose rows carry an 'answer' field")
+
+
 @dataclass
 class CalibrationSet:
     """Processed calibration prompts; SFT inputs (answer labels) on demand; captured decoder inputs."""
@@ -157,11 +167,7 @@ class CalibrationSet:
         if processor is None:
             raise CalibrationDataError("calibration rows need the model's processor; this model has none")
         if with_answers:
-            missing = [i for i, r in enumerate(rows) if not r.get("answer")][:5]
-            if missing:
-                raise CalibrationDataError(
-                    f"calib.with_answers=true, but calibration rows {missing} have no 'answer' "
-                    f"({(description or {}).get('source', 'calibration set')}); add answers or use calib=testbed")
+            require_answers(rows, description or {}, "calib.with_answers=true")
         batches = []
         for row in tqdm(rows, desc=desc, leave=False):
             media = load_media(row)
@@ -177,12 +183,7 @@ class CalibrationSet:
 
     def sft_batches(self) -> list[dict]:
         """Prompt + answer inputs with ``labels`` (-100 except the answer), for methods that need a loss."""
-        if not self.has_answers:
-            missing = [i for i, r in enumerate(self.rows) if not r.get("answer")][:5]
-            raise CalibrationDataError(
-                f"this method needs calibration answers, but rows {missing} have no 'answer' "
-                f"({self.description.get('source', 'calibration set')}); use calib=testbed, or a calib.path file "
-                "whose rows carry an 'answer' field")
+        require_answers(self.rows, self.description, "this method")
         if self._sft is None:
             self._sft = []
             for row in tqdm(self.rows, desc="calibration answers", leave=False):
