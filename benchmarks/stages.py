@@ -17,8 +17,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from masquant.config import register_configs  # noqa: E402
-from masquant.run import CONF_DIR, run_with_reference  # noqa: E402
+from masquant.app.config import register_configs  # noqa: E402
+from masquant.app.main import CONF_DIR, run_with_reference  # noqa: E402
 
 STAGES = ("load", "calib_data", "reference", "quantize", "fidelity", "eval")
 

@@ -22,9 +22,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from masquant.config import register_configs  # noqa: E402
-from masquant.registry import method_ids  # noqa: E402
-from masquant.run import CONF_DIR, run_with_reference  # noqa: E402
+from masquant.app.config import register_configs  # noqa: E402
+from masquant.methods.registry import method_ids  # noqa: E402
+from masquant.app.main import CONF_DIR, run_with_reference  # noqa: E402
 
 BASE = ["model=testbed_vl", "modality=text_only", "calib=text", "eval=fidelity", "eval.ppl=true"]
 G64 = ["quant=w4a16_g128", "quant.w_group_size=64"]

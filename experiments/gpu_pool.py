@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         t.start()
     for t in threads:
         t.join()
-    print(f"{len(jobs) - len(failures)}/{len(jobs)} jobs finished; results: python -m masquant.report")
+    print(f"{len(jobs) - len(failures)}/{len(jobs)} jobs finished; results: python -m masquant.reporting")
     return 1 if failures else 0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -27,21 +26,23 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from masquant import pipeline  # noqa: E402
+from masquant.app import pipeline  # noqa: E402
+from masquant.engine.walker import capture_stack_inputs  # noqa: E402
+from masquant.evaluation.metrics import SQNR_KEY  # noqa: E402
 from masquant.adapters import get_adapter  # noqa: E402
-from masquant.config import register_configs  # noqa: E402
+from masquant.app.config import register_configs  # noqa: E402
 from masquant.methods.masquant.analysis import (  # noqa: E402
     channel_absmax,
     delta_w_rank_report,
     layer_input_rows,
 )
-from masquant.models import calibration_sets  # noqa: E402
+from masquant.sources import calibration_sets  # noqa: E402
 from masquant.reporting.plots import plot_channel_absmax  # noqa: E402
 from masquant.quant.smoothing import smooth_factors, weight_input_absmax  # noqa: E402
 from masquant.reporting.plots import run_label  # noqa: E402
 from masquant.reporting.table import format_markdown  # noqa: E402
-from masquant.run import CONF_DIR, run_with_reference  # noqa: E402
-from masquant.sweeper import configured_jobs  # noqa: E402
+from masquant.app.main import CONF_DIR, run_with_reference  # noqa: E402
+from masquant.sweep.sweeper import configured_jobs  # noqa: E402
 
 EXPERIMENT = "experiment=variants_testbed"
 
@@ -63,13 +64,12 @@ def variant_metrics(overrides: list[str]) -> dict[str, dict]:
 
 def sqnr_frames(results: dict[str, dict]) -> dict[str, pd.DataFrame]:
     frames = {}
-    pattern = re.compile(r"fidelity/sqnr/(\w+)/(layer_(\d+)|e2e)$")
     for variant, metrics in results.items():
         for key, value in metrics.items():
-            m = pattern.match(key)
+            m = SQNR_KEY.match(key)
             if m:
-                layer = "e2e" if m.group(2) == "e2e" else int(m.group(3))
-                frames.setdefault(m.group(1), {}).setdefault(variant, {})[layer] = value
+                layer = "e2e" if m["layer"] is None else int(m["layer"])
+                frames.setdefault(m["modality"], {}).setdefault(variant, {})[layer] = value
     return {mod: pd.DataFrame(cols) for mod, cols in frames.items()}
 
 
@@ -80,7 +80,7 @@ def activation_figures(overrides: list[str], layer_idx: int, out: Path) -> dict:
     model, processor = pipeline.load_model(spec)
     adapter = get_adapter(model)
     calib, _, _ = calibration_sets(cfg, processor, adapter)
-    captured = calib.capture(model, adapter, spec.device, video_as=spec.video_as)
+    captured = capture_stack_inputs(model, adapter.decoder_stack(spec.video_as), calib.batches, spec.device)
     absmax = channel_absmax(adapter, layer_idx, captured, spec.device, "qkv")
     png = plot_channel_absmax(absmax, out / f"channel_absmax_layer{layer_idx}.png",
                               f"{cfg.model.name}: layer {layer_idx} q/k/v input, per-channel max|x| by modality")

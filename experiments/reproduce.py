@@ -30,8 +30,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
-from masquant.config import register_configs  # noqa: E402
-from masquant.run import CONF_DIR  # noqa: E402
+from masquant.app.config import register_configs  # noqa: E402
+from masquant.app.main import CONF_DIR  # noqa: E402
 
 log = logging.getLogger("reproduce")
 
@@ -52,7 +52,7 @@ def single_valued(overrides: list[str]) -> list[str]:
 
 def run_sweep(experiment: str, sweep_dir: Path, overrides: list[str]) -> int:
     """``python -m masquant -m experiment=<experiment> ...`` in this process; its exit status."""
-    from masquant.run import main
+    from masquant.app.main import main
 
     argv = sys.argv
     sys.argv = ["masquant", "-m", f"experiment={experiment}", "hydra.sweeper.drop_unregistered=true",
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     job = None if args.no_figures else figure_job(read_sweep_record(sweep_dir)["jobs"])
     plots = sweep_dir / "plots"
     if job is not None and not list(plots.glob("channel_absmax_layer*.png")):
-        from masquant.diagnostics import masquant_figures
+        from masquant.app.figures import masquant_figures
 
         figures = masquant_figures(compose_config(job), plots, args.layer)
         print("MASQuant figures (" + " ".join(job[:3]) + "): " + ", ".join(str(p) for p in figures.values()))

@@ -23,9 +23,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from masquant.config import register_configs  # noqa: E402
+from masquant.app.config import register_configs  # noqa: E402
 from masquant.reporting.table import format_markdown, results_frame  # noqa: E402
-from masquant.run import CONF_DIR  # noqa: E402
+from masquant.app.main import CONF_DIR  # noqa: E402
 
 GPTQ = ["quant.w_quantizer=gptq"]
 STATIC = ["quant.a_dynamic=false", "quant.a_granularity=tensor", *GPTQ]
@@ -46,8 +46,8 @@ def gptq_seconds_per_layer(m: dict) -> float | None:
 
 def run_cell(overrides: list[str]) -> dict:
     """One configuration through the CLI in its own process (so its peak memory is its own); its metrics."""
-    from masquant import pipeline
-    from masquant.reporting.store import load_result
+    from masquant.app import pipeline
+    from masquant.runs.store import load_result
 
     cfg = compose(config_name="config", overrides=overrides)
     subprocess.run([sys.executable, "-m", "masquant", *overrides], check=True)

@@ -1,4 +1,4 @@
-from masquant.run import main
+from masquant.app.main import main
 
 if __name__ == "__main__":
     main()

@@ -16,7 +16,7 @@ V=.venv/bin/python
 stamp=.venv/.masquant-setup
 want=$(cat pyproject.toml "$LOCK" scripts/setup.sh | sha256sum | cut -d' ' -f1)-${MASQUANT_TORCH:-lock}
 # up to date: same lock and set-up, and nothing changed by hand since (else reinstall from the lock)
-if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && "$V" -m masquant.environment >/dev/null 2>&1; then exit 0; fi
+if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && "$V" -m masquant.runs.environment >/dev/null 2>&1; then exit 0; fi
 rm -f "$stamp"
 pin() { grep -E "^$1==" "$LOCK"; }
 reqs=$(mktemp)
@@ -41,7 +41,7 @@ else
   "$V" -m pip install -q --no-deps -r "$reqs"
   "$V" -m pip install -q --no-deps --no-build-isolation -e .
 fi
-"$V" -m masquant.environment
+"$V" -m masquant.runs.environment
 # espeak-ng (a Debian package) speaks the testbed-omni audio tasks; nothing else needs it. Where it cannot be
 # installed, the set-up still succeeds (testbed-vl, real models and every method work without it) and the
 # testbed-omni paths stop with an error that names it.

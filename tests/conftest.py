@@ -18,8 +18,8 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
-from masquant.config import register_configs  # noqa: E402
-from masquant.run import CONF_DIR  # noqa: E402
+from masquant.app.config import register_configs  # noqa: E402
+from masquant.app.main import CONF_DIR  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -1,6 +1,6 @@
 """AWQ baseline (mit-han-lab/llm-awq) on the layer walker and the adapters' fold pairs.
 
-Spec: /work/shared/specs/baselines.md, section AWQ. Per decoder layer, on the FP stream (the official
+The method in docs/methods/awq.md. Per decoder layer, on the FP stream (the official
 code's cached inputs come from the FP model):
 
 1. Statistics: x̄ = mean |x| per channel of each input group (the walk's running statistics, cached).
@@ -32,19 +32,17 @@ Where this departs from the official code, on purpose:
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from baselines.awq.core import alpha_grid, clip_group_size, clip_weight, search_clip, shrink_grid
 from baselines.awq.search import ScaleSearch, TokenSubsample, pair_inputs, search_pair_scale
 from masquant.adapters.base import ROLE_TO_GROUP
-from masquant.calibration.walker import LayerStep
-from masquant.methods.base import DeployWeight, Method, MethodConfigError, QuantContext, quantize_layer_
+from masquant.engine.deploy import DeployWeight
+from masquant.methods.base import BlockPlan, Method, MethodConfigError
+from masquant.methods.registry import register_method
 from masquant.quant.scheme import QuantScheme
-from masquant.registry import register_method
 
 log = logging.getLogger(__name__)
 
@@ -70,20 +68,7 @@ class AWQConfig:
             raise ValueError(f"method.clip_max_shrink={self.clip_max_shrink}: must be in (0, 1)")
 
 
-def check_weight_only(method_id: str, scheme: QuantScheme) -> None:
-    if scheme.is_dense:
-        raise MethodConfigError(f"method={method_id} with quant=fp16 quantizes nothing; use method=dense")
-    if scheme.quantize_acts:
-        raise MethodConfigError(
-            f"method={method_id} is weight-only, but quant={scheme.name} quantizes activations (a_bits="
-            f"{scheme.a_bits}); use {VALID_SCHEMES}, or method=mbq / smoothquant for weight-activation schemes")
-    if scheme.w_granularity == "tensor":
-        raise MethodConfigError(f"method={method_id} searches clips per group of input channels; quant.w_granularity="
-                                f"tensor has none; use {VALID_SCHEMES}")
-
-
-def search_layer_scales(ctx: QuantContext, step: LayerStep, grid, row_weights_for=None, p: int = 2,
-                        bar: tqdm | None = None) -> dict[str, ScaleSearch]:
+def search_layer_scales(ctx, step, grid, row_weights_for=None, p: int = 2) -> dict[str, ScaleSearch]:
     """Step 2 without the fold: every fold pair searched on the unscaled FP layer (FP stream inputs).
 
     ``row_weights_for(pair)`` gives per-sample row weights of the loss (MBQ); None: every row, AWQ's MSE.
@@ -96,35 +81,45 @@ def search_layer_scales(ctx: QuantContext, step: LayerStep, grid, row_weights_fo
         found[pair.name] = search_pair_scale(ctx.adapter, step.layer, pair, calls, targets, x_mean, ctx.scheme, grid,
                                              step.device, weights, p)
         del calls, targets
-        if bar is not None:
-            bar.set_postfix({name: f"α={r.alpha:.2f}" for name, r in found.items()})
-            bar.update()
     return found
 
 
-def fold_layer_scales_(ctx: QuantContext, layer, found: dict[str, ScaleSearch]) -> None:
+def fold_layer_scales_(ctx, layer, found: dict[str, ScaleSearch]) -> None:
     """Fold every chosen s through the adapter (exact for the model's norm kind)."""
     for pair in ctx.adapter.fold_pairs(layer):
         if pair.name in found:
             ctx.adapter.fold_scales_(layer, pair, found[pair.name].s)
 
 
-@register_method("awq", config=AWQConfig)
-class AWQ(Method):
-    def __init__(self, cfg: AWQConfig | None = None):
-        super().__init__(cfg if cfg is not None else AWQConfig())
+def search_report(found: dict[str, ScaleSearch]) -> dict:
+    """Per-layer report entries of the scale searches: the chosen α, its loss and the loss at α = 0, per pair."""
+    out = {}
+    for name, r in found.items():
+        out.update({f"alpha/{name}": r.alpha, f"loss/{name}": r.loss, f"loss_alpha0/{name}": r.losses[0.0]})
+    return out
 
-    def check(self, scheme: QuantScheme, modalities) -> None:
-        check_weight_only("awq", scheme)
+
+@register_method("awq", config=AWQConfig, order=30)
+class AWQ(Method):
+    activations = "refused"
+
+    def check_config(self, scheme: QuantScheme, modalities) -> None:
+        if scheme.w_granularity == "tensor":
+            raise MethodConfigError(f"method={self.id} searches clips per group of input channels; "
+                                    f"quant.w_granularity=tensor has none; use {VALID_SCHEMES}")
+
+    def prepare(self, ctx):
+        self.alphas: list[float] = []
+        self.ratios: list[torch.Tensor] = []
 
     # --- steps ------------------------------------------------------------------------------------
-    def scale_layer_(self, ctx: QuantContext, step: LayerStep, bar: tqdm | None = None) -> dict[str, ScaleSearch]:
+    def scale_layer_(self, ctx, step) -> dict[str, ScaleSearch]:
         """Step 2: search every pair's s on the FP layer, then fold them all; returns the searches."""
-        found = search_layer_scales(ctx, step, alpha_grid(self.cfg.n_grid), bar=bar)
+        found = search_layer_scales(ctx, step, alpha_grid(self.cfg.n_grid))
         fold_layer_scales_(ctx, step.layer, found)
         return found
 
-    def clip_layer(self, ctx: QuantContext, step: LayerStep) -> dict:
+    def clip_layer(self, ctx, step) -> dict:
         """Step 3 on the (scaled) layer: {role: ClipResult} for every linear but q and k."""
         cfg = self.cfg
         n_total = sum(s.hidden.shape[:-1].numel() for s in step.walker.captured.samples)
@@ -139,54 +134,39 @@ class AWQ(Method):
             out[role] = search_clip(linears[role].weight.data, X, ctx.scheme, shrinks, cfg.clip_oc_batch)
         return out
 
-    def deploy_layer_(self, ctx: QuantContext, layer, clips: dict) -> None:
-        """Step 4: clamp to the chosen clip values, then the shared quantize step."""
+    @staticmethod
+    def clipped_weights(scheme, clips: dict):
+        """Step 4's ``weight_for``: each linear clamped to its chosen clip values (the deploy step rounds it)."""
 
         def weight_for(role, linear):
             if role not in clips:
                 return None
             W = linear.weight.data
-            g = clip_group_size(ctx.scheme, W.shape[1])
-            return DeployWeight(clip_weight(W, clips[role].max_val.to(W.device), g))
+            return DeployWeight(clip_weight(W, clips[role].max_val.to(W.device), clip_group_size(scheme, W.shape[1])))
 
-        quantize_layer_(ctx, layer, weight_for=weight_for)
+        return weight_for
 
-    # --- plugin -----------------------------------------------------------------------------------
-    def apply(self, ctx: QuantContext, stats) -> dict:
-        if ctx.calib is None:
-            raise MethodConfigError("method=awq needs calibration data (calib.n_samples > 0)")
-        report: dict = {"awq/n_grid": self.cfg.n_grid, "awq/clip": self.cfg.clip}
-        alphas, ratios = [], []
-        for step in ctx.walk(stats=True, desc="awq"):
-            t0 = time.perf_counter()
-            i = step.index
-            n_pairs = len(ctx.adapter.fold_pairs(step.layer))
-            with tqdm(total=n_pairs + int(self.cfg.clip), desc=f"awq layer {i}", leave=False) as bar:
-                found = self.scale_layer_(ctx, step, bar)
-                clips = {}
-                if self.cfg.clip:
-                    clips = self.clip_layer(ctx, step)
-                    bar.update()
-            self.deploy_layer_(ctx, step.layer, clips)
-            for name, r in found.items():
-                report[f"awq/alpha/{name}/layer_{i}"] = r.alpha
-                report[f"awq/loss/{name}/layer_{i}"] = r.loss
-                report[f"awq/loss_alpha0/{name}/layer_{i}"] = r.losses[0.0]
-                alphas.append(r.alpha)
-            if clips:
-                ratio = torch.cat([c.ratio.reshape(-1) for c in clips.values()])
-                err = sum(float(c.err.sum()) for c in clips.values())
-                err0 = sum(float(c.err_noclip.sum()) for c in clips.values())
-                report[f"awq/clip_ratio_mean/layer_{i}"] = float(ratio.mean())
-                report[f"awq/clip_frac_clipped/layer_{i}"] = float((ratio < 1.0).float().mean())
-                report[f"awq/clip_err_reduction/layer_{i}"] = 1.0 - err / err0 if err0 > 0 else 0.0
-                ratios.append(ratio)
-            report[f"awq/time_s/layer_{i}"] = time.perf_counter() - t0
-            log.info("awq layer %d: %s%s", i, {n: r.alpha for n, r in found.items()},
-                     f", mean clip {report[f'awq/clip_ratio_mean/layer_{i}']:.3f}" if clips else "")
-        report["awq/alpha_mean"] = sum(alphas) / max(len(alphas), 1)
-        if ratios:
-            all_ratios = torch.cat(ratios)
-            report["awq/clip_ratio_mean"] = float(all_ratios.mean())
-            report["awq/clip_frac_clipped"] = float((all_ratios < 1.0).float().mean())
+    # --- hooks ------------------------------------------------------------------------------------
+    def plan_block(self, ctx, step) -> BlockPlan:
+        found = self.scale_layer_(ctx, step)
+        clips = self.clip_layer(ctx, step) if self.cfg.clip else {}
+        report = search_report(found)
+        self.alphas += [r.alpha for r in found.values()]
+        if clips:
+            ratio = torch.cat([c.ratio.reshape(-1) for c in clips.values()])
+            err = sum(float(c.err.sum()) for c in clips.values())
+            err0 = sum(float(c.err_noclip.sum()) for c in clips.values())
+            report.update({"clip_ratio_mean": float(ratio.mean()),
+                           "clip_frac_clipped": float((ratio < 1.0).float().mean()),
+                           "clip_err_reduction": 1.0 - err / err0 if err0 > 0 else 0.0})
+            self.ratios.append(ratio)
+        return BlockPlan(weight_for=self.clipped_weights(ctx.scheme, clips), report=report)
+
+    def finish(self, ctx) -> dict:
+        report = {"awq/n_grid": self.cfg.n_grid, "awq/clip": self.cfg.clip,
+                  "awq/alpha_mean": sum(self.alphas) / max(len(self.alphas), 1)}
+        if self.ratios:
+            ratios = torch.cat(self.ratios)
+            report["awq/clip_ratio_mean"] = float(ratios.mean())
+            report["awq/clip_frac_clipped"] = float((ratios < 1.0).float().mean())
         return report

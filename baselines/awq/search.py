@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from baselines.awq.core import awq_scales, block_error_terms, pick_alpha, scaled_weight
 from masquant.adapters.base import FoldPair
-from masquant.calibration.walker import BlockCall, LayerStep
+from masquant.engine.walker import BlockCall, StackStep
 from masquant.quant.linear import ModalityPath, QuantLinear
 from masquant.quant.quantizer import quantize_weight
 from masquant.quant.scheme import QuantScheme
@@ -76,7 +76,7 @@ def loss_block(adapter, layer: nn.Module, pair: FoldPair) -> nn.Module:
     return adapter.linears(layer)[consumer]
 
 
-def pair_inputs(step: LayerStep, adapter, pair: FoldPair, device) -> tuple[list[BlockCall], list[torch.Tensor]]:
+def pair_inputs(step: StackStep, adapter, pair: FoldPair, device) -> tuple[list[BlockCall], list[torch.Tensor]]:
     """The loss block's inputs on the FP stream (one pass of the FP layer) and its FP outputs (the targets)."""
     block = loss_block(adapter, step.layer, pair)
     calls = step.block_calls(block, "fp")

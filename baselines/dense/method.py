@@ -1,11 +1,11 @@
-"""The unquantized reference (FP16/FP32 as loaded)."""
+"""The unquantized reference (FP16/FP32 as loaded): every table's first row."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from masquant.methods.base import Method, MethodConfigError, QuantContext
-from masquant.registry import register_method
+from masquant.methods.base import BlockPlan, Method
+from masquant.methods.registry import register_method
 
 
 @dataclass
@@ -13,15 +13,13 @@ class DenseConfig:
     id: str = "dense"
 
 
-@register_method("dense", config=DenseConfig)
+@register_method("dense", config=DenseConfig, order=0)
 class Dense(Method):
     needs_calibration = False
+    fp16 = "required"
 
-    def check(self, scheme, modalities) -> None:
-        if not scheme.is_dense:
-            raise MethodConfigError(
-                f"method=dense runs the unquantized model but quant={scheme.name} quantizes; use quant=fp16"
-            )
+    def walk(self, ctx, stack):
+        return None
 
-    def apply(self, ctx: QuantContext, stats) -> dict:
-        return {}
+    def plan_block(self, ctx, step) -> BlockPlan:
+        return BlockPlan()

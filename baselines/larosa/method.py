@@ -3,7 +3,7 @@
 ``apply`` walks the decoder once. Per layer, the walker's FP pass observes the Gram matrices C = Σ xᵀx (float64,
 over every calibration token) of the attention input (q/k/v's, the input norm's output) and of the MLP input
 (gate/up's), each with its own rotation Q = eigenvectors of C (:func:`~baselines.larosa.core.covariance_rotation`;
-the official inference code reuses the attention's Q for the MLP, a bug the spec corrects). Then the layer is
+the official inference code reuses the attention's Q for the MLP, a bug corrected here). Then the layer is
 changed in place (:func:`sparsify_layer_`):
 
 - block inputs: the norm becomes ``SparsifiedNorm`` (norm, then TopK(x Q)) and its consumers' weights W -> W Q
@@ -45,9 +45,10 @@ from baselines.larosa.core import (
     rotated_input_weight,
 )
 from masquant.adapters.base import INPUT_GROUPS
-from masquant.methods.base import Method, MethodConfigError, QuantContext, quantize_layer_
-from masquant.methods.weights import layer_weight_fn, summarize
-from masquant.registry import register_method
+from masquant.calibration.stats import GramObserver
+from masquant.engine.weights import block_weights
+from masquant.methods.base import BlockPlan, Method, MethodConfigError, Walk
+from masquant.methods.registry import register_method
 from masquant.transforms.rotation import OnlineRotatedLinear
 
 log = logging.getLogger(__name__)
@@ -78,20 +79,6 @@ class LaRoSAConfig:
                 raise ValueError(f"method.sparsity={self.sparsity} with method.{key}={scale} gives a position level "
                                  f"of {scale * self.sparsity:.3g}; every level must stay below 1: use method.sparsity"
                                  f" < {1 / max(self.block_in_scale, self.block_out_scale):.4g}")
-
-
-class BlockInputGram:
-    """Walker observer: C = Σ xᵀx (float64) over every token of the given input groups of one layer."""
-
-    def __init__(self, groups: tuple[str, ...]):
-        self.C: dict[str, torch.Tensor] = {}
-        self.groups = groups
-
-    def observe(self, group: str, x: torch.Tensor, masks: dict[str, torch.Tensor]) -> None:
-        if group not in self.groups:
-            return
-        xd = x.detach().to(torch.float64)
-        self.C[group] = self.C[group] + xd.T @ xd if group in self.C else xd.T @ xd
 
 
 def block_input_pairs(adapter, layer) -> dict[str, object]:
@@ -209,43 +196,47 @@ class SparsityMeter:
         return out
 
 
-@register_method("larosa", config=LaRoSAConfig)
+@register_method("larosa", config=LaRoSAConfig, order=90)
 class LaRoSA(Method):
-    honours_weight_options = True  # weights of a quantization scheme go through masquant.methods.weights
+    honours_weight_options = True  # weights of a quantization scheme go through masquant.engine.weights
+    fp16 = "allowed"  # sparsity alone
+    function_preserving = False  # the Top-K drops entries by design
+    dynamic_only_reason = "its Top-K changes every token's range"
 
-    def check(self, scheme, modalities) -> None:
-        if scheme.quantize_acts and not scheme.a_dynamic:
-            raise MethodConfigError("method=larosa composes with dynamic activation quantization only (its Top-K "
-                                    "changes every token's range); use quant.a_dynamic=true")
-
-    def apply(self, ctx: QuantContext, stats) -> dict:
+    def prepare(self, ctx):
         cfg = self.cfg
-        sparsity = position_sparsities(cfg.sparsity, cfg.block_in_scale, cfg.block_out_scale)
-        quantize = ctx.scheme.quantize_weights or ctx.scheme.quantize_acts
-        grams: dict[int, BlockInputGram] = {}
+        self.sparsity = position_sparsities(cfg.sparsity, cfg.block_in_scale, cfg.block_out_scale)
+        self.meter = SparsityMeter(ctx.router)
+        self.kept, self.macs = {}, {}
 
-        def observers(step):
-            grams[step.index] = BlockInputGram(("qkv", "gate_up"))
-            return [grams[step.index]]
+    def walk(self, ctx, stack):
+        return Walk(quantized_stream=True, stats=False)
 
-        meter = SparsityMeter(ctx.router)
-        n, kept, macs, per_layer = 0, {}, {}, []
-        for step in ctx.walk(quantized_stream=True, fp_observers=observers if cfg.rotate else None, desc="larosa"):
-            rotations = None
-            if cfg.rotate:
-                gram = grams.pop(step.index)
-                rotations = {g: covariance_rotation(C) for g, C in gram.C.items()}
-            kept = sparsify_layer_(ctx.adapter, step.layer, sparsity, rotations)
-            macs = group_macs(ctx.adapter, step.layer)
-            if quantize:
-                weights = layer_weight_fn(ctx, step)
-                per_layer.append(weights)
-                n += quantize_layer_(ctx, step.layer, weight_for=weights.weight_for)
-            with meter.observing(step.index, layer_sparsifiers(ctx.adapter, step.layer)):
-                step.quant_outputs()  # the walk advances the quantized stream with these outputs
-        report = {"quant/linears": n, "larosa/rotate": cfg.rotate, "larosa/sparsity_target": cfg.sparsity,
-                  "larosa/sparsity_macs": mac_weighted_sparsity(sparsity, macs) if macs else 0.0,
-                  **{f"larosa/sparsity/{g}": s for g, s in sparsity.items()},
-                  **{f"larosa/kept/{g}": k for g, k in kept.items()},
-                  **meter.report(macs), **summarize(per_layer, "larosa")}
-        return report
+    def observers(self, ctx, step) -> list:
+        # C = Σ xᵀx (float64) over every calibration token of the attention and MLP inputs: their rotations
+        self.grams = None
+        if self.cfg.rotate:
+            self.grams = GramObserver.for_block(step.stack, step.block, groups=("qkv", "gate_up"), in_place=False)
+        return [self.grams] if self.grams is not None else []
+
+    def plan_block(self, ctx, step) -> BlockPlan:
+        rotations = None
+        if self.grams is not None:  # observed in this block's FP pass
+            rotations = {g: covariance_rotation(self.grams.gram(g)) for g in self.grams.grams}
+            self.grams = None
+        self.kept = sparsify_layer_(ctx.adapter, step.layer, self.sparsity, rotations)
+        self.macs = group_macs(ctx.adapter, step.layer)
+        return BlockPlan(weights=block_weights(ctx, step))
+
+    def after_deploy(self, ctx, step, plan) -> dict:
+        with self.meter.observing(step.index, layer_sparsifiers(ctx.adapter, step.layer)):
+            step.quant_outputs()  # the walk advances the quantized stream with these outputs
+        return {}
+
+    def finish(self, ctx) -> dict:
+        cfg, sparsity, macs = self.cfg, self.sparsity, self.macs
+        return {"larosa/rotate": cfg.rotate, "larosa/sparsity_target": cfg.sparsity,
+                "larosa/sparsity_macs": mac_weighted_sparsity(sparsity, macs) if macs else 0.0,
+                **{f"larosa/sparsity/{g}": s for g, s in sparsity.items()},
+                **{f"larosa/kept/{g}": k for g, k in self.kept.items()},
+                **self.meter.report(macs)}

@@ -1,6 +1,6 @@
 """MBQ baseline (thu-nics/MBQ, arXiv 2412.19509) on the layer walker, sharing AWQ's scale search.
 
-Spec: /work/shared/specs/baselines.md, section MBQ.
+The method in docs/methods/mbq.md.
 
 1. ``collect``: modality sensitivities from the gradients of the SFT loss of the calibration answers
    (``ctx.calib.sft_batches()``: labels -100 except the answer). One sample at a time, backward through the
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -44,13 +43,14 @@ import torch
 from tqdm.auto import tqdm
 
 from baselines.awq.core import alpha_grid
-from baselines.awq.method import fold_layer_scales_, search_layer_scales
+from baselines.awq.method import fold_layer_scales_, search_layer_scales, search_report
 from baselines.mbq.core import answer_rows, modality_grad_means, modality_row_weights, sensitivity_ratios, sft_loss
-from masquant.calibration.data import CalibrationDataError, CalibrationSet
-from masquant.calibration.walker import to_device
-from masquant.methods.base import Method, MethodConfigError, QuantContext, quantize_layer_
+from masquant.calibration.data import CalibrationSet
+from masquant.engine.walker import to_device
+from masquant.errors import CalibrationDataError
+from masquant.methods.base import BlockPlan, Method, MethodConfigError
+from masquant.methods.registry import register_method
 from masquant.quant.scheme import QuantScheme
-from masquant.registry import register_method
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ GRAD_ROLES = {"o": "attn", "down": "mlp"}  # the linear whose output gradient gi
 
 
 class MBQLoss(str, Enum):
-    mae = "mae"  # the spec and the official configs
+    mae = "mae"  # the paper and the official configs
     mse = "mse"  # official loss_mode option (AWQ's norm)
 
 
@@ -137,37 +137,26 @@ def modality_gradients(model, adapter, sft: list[dict], device, video_as: str = 
     return {key: torch.nanmean(torch.stack(vals), dim=0) for key, vals in per_sample.items()}
 
 
-@register_method("mbq", config=MBQConfig)
+@register_method("mbq", config=MBQConfig, order=40)
 class MBQ(Method):
     needs_answers = True  # the SFT loss of the calibration answers (checked before the model loads)
     needs_whole_model_backward = True  # the gradients of that loss
 
-    def __init__(self, cfg: MBQConfig | None = None):
-        super().__init__(cfg if cfg is not None else MBQConfig())
-
-    def check(self, scheme: QuantScheme, modalities) -> None:
-        if scheme.is_dense:
-            raise MethodConfigError("method=mbq with quant=fp16 quantizes nothing; use method=dense")
-        if scheme.quantize_acts and not scheme.a_dynamic:
-            raise MethodConfigError(
-                f"method=mbq deploys dynamic per-token activations; quant={scheme.name} asks for static scales "
-                "(quant.a_dynamic=false): use quant.a_dynamic=true, or method=smoothquant for static scales")
+    def check_config(self, scheme: QuantScheme, modalities) -> None:
         if "vision" not in modalities and not self.cfg.uniform_weights:
             raise MethodConfigError(
                 f"method=mbq balances vision tokens against answer tokens, but modality.modalities={list(modalities)} "
                 "has no vision; use modality=text_vision (or method.uniform_weights=true, the official reweight=False)")
 
     # --- steps ------------------------------------------------------------------------------------
-    def _sft(self, ctx: QuantContext) -> list[dict]:
+    def _sft(self, ctx) -> list[dict]:
         """The calibration prompts with their answers; fails first, before any model work, without answers."""
-        if ctx.calib is None:
-            raise MethodConfigError("method=mbq needs calibration data with answers (calib.n_samples > 0)")
         try:
-            return ctx.calib.sft_batches()
+            return ctx.require_calibration().sft_batches()
         except CalibrationDataError as err:
             raise MethodConfigError(f"method=mbq: {err}") from None
 
-    def sensitivities(self, ctx: QuantContext, sft: list[dict]) -> dict[str, torch.Tensor]:
+    def sensitivities(self, ctx, sft: list[dict]) -> dict[str, torch.Tensor]:
         """Step 1: {"r_attn", "r_mlp", "r_attn_raw", "r_mlp_raw", + the gradient means} per layer (cached)."""
         key = {**ctx.cache_key, "kind": "mbq_grad", "video_as": ctx.video_as}
         grads = ctx.cache.load(key)
@@ -184,13 +173,7 @@ class MBQ(Method):
         out["r_mlp"], out["r_mlp_raw"] = sensitivity_ratios(grads["vision_down"], grads["answer_down"])
         return out
 
-    def collect(self, ctx: QuantContext):
-        sft = self._sft(ctx)
-        if self.cfg.uniform_weights:
-            return None
-        return self.sensitivities(ctx, sft)
-
-    def sft_context(self, ctx: QuantContext, sft: list[dict]) -> tuple[QuantContext, list[torch.Tensor]]:
+    def sft_context(self, ctx, sft: list[dict]):
         """A context whose calibration sequences are prompt + answer (labels dropped), with its own statistics
         cache key, and each sample's answer rows."""
         inputs = [{k: v for k, v in b.items() if k != "labels"} for b in sft]
@@ -198,51 +181,46 @@ class MBQ(Method):
                                       cache_key={**ctx.cache_key, "sequences": "prompt+answer"})
         return sft_ctx, [answer_rows(b["labels"]) for b in sft]
 
-    def scale_layer_(self, sft_ctx: QuantContext, step, stats, answers: list[torch.Tensor],
-                     bar: tqdm | None = None) -> dict:
-        """Step 2 on one layer of the prompt + answer walk: every pair searched with the modality-weighted loss
-        on the unscaled FP layer, then all chosen s folded; returns the searches."""
+    # --- hooks ------------------------------------------------------------------------------------
+    def prepare(self, ctx):
+        """Step 1 (the gradients, unless uniform_weights), then the walk over prompt + answer sequences."""
+        sft = self._sft(ctx)
+        self.stats = None if self.cfg.uniform_weights else self.sensitivities(ctx, sft)
+        self.alphas: list[float] = []
+        sft_ctx, self.answers = self.sft_context(ctx, sft)
+        return sft_ctx
+
+    def plan_block(self, ctx, step) -> BlockPlan:
+        """Step 2 on one layer of the prompt + answer walk; step 3 (the deploy) is the engine's."""
+        found = self.scale_layer_(ctx, step, self.stats, self.answers)
+        self.alphas += [r.alpha for r in found.values()]
+        return BlockPlan(report=search_report(found))
+
+    def scale_layer_(self, ctx, step, stats, answers: list[torch.Tensor]) -> dict:
+        """Every pair of one layer of the prompt + answer walk searched with the modality-weighted loss on the
+        unscaled FP layer, then all chosen s folded; returns the searches."""
         i = step.index
         row_weights_for = None
         if not self.cfg.uniform_weights:
-            vision = [s.masks.get("vision", torch.zeros_like(s.masks["text"])).reshape(-1)
-                      for s in step.walker.captured.samples]
+            vision = [step.masks(k).get("vision", torch.zeros_like(step.masks(k)["text"])).reshape(-1)
+                      for k in range(step.n_samples)]
 
             def row_weights_for(pair):
                 r = float(stats["r_attn" if pair.block == "attn" else "r_mlp"][i])
                 return [modality_row_weights(a, v, r) for a, v in zip(answers, vision)]
 
         p = 1 if MBQLoss(self.cfg.loss) == MBQLoss.mae else 2
-        found = search_layer_scales(sft_ctx, step, alpha_grid(self.cfg.n_grid), row_weights_for, p, bar)
-        fold_layer_scales_(sft_ctx, step.layer, found)
+        found = search_layer_scales(ctx, step, alpha_grid(self.cfg.n_grid), row_weights_for, p)
+        fold_layer_scales_(ctx, step.layer, found)
         return found
 
-    def apply(self, ctx: QuantContext, stats) -> dict:
+    def finish(self, ctx) -> dict:
         cfg = self.cfg
-        sft = self._sft(ctx)
-        if stats is None and not cfg.uniform_weights:
-            stats = self.sensitivities(ctx, sft)
-        sft_ctx, answers = self.sft_context(ctx, sft)
         report: dict = {"mbq/n_grid": cfg.n_grid, "mbq/loss": MBQLoss(cfg.loss).value,
                         "mbq/uniform_weights": cfg.uniform_weights}
-        if stats is not None:
+        if self.stats is not None:
             for i in range(ctx.adapter.num_layers()):
                 for name in ("r_attn", "r_mlp", "r_attn_raw", "r_mlp_raw"):
-                    report[f"mbq/{name}/layer_{i}"] = float(stats[name][i])
-        alphas = []
-        for step in sft_ctx.walk(stats=True, desc="mbq"):
-            t0 = time.perf_counter()
-            i = step.index
-            n_pairs = len(ctx.adapter.fold_pairs(step.layer))
-            with tqdm(total=n_pairs, desc=f"mbq layer {i}", leave=False) as bar:
-                found = self.scale_layer_(sft_ctx, step, stats, answers, bar)
-            quantize_layer_(ctx, step.layer)
-            for name, r in found.items():
-                report[f"mbq/alpha/{name}/layer_{i}"] = r.alpha
-                report[f"mbq/loss/{name}/layer_{i}"] = r.loss
-                report[f"mbq/loss_alpha0/{name}/layer_{i}"] = r.losses[0.0]
-                alphas.append(r.alpha)
-            report[f"mbq/time_s/layer_{i}"] = time.perf_counter() - t0
-            log.info("mbq layer %d: %s", i, {n: r.alpha for n, r in found.items()})
-        report["mbq/alpha_mean"] = sum(alphas) / max(len(alphas), 1)
+                    report[f"mbq/{name}/layer_{i}"] = float(self.stats[name][i])
+        report["mbq/alpha_mean"] = sum(self.alphas) / max(len(self.alphas), 1)
         return report

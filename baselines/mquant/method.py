@@ -16,7 +16,7 @@ on down_proj). ``apply`` walks the layers with the FP statistics and the quantiz
   check it): it is the deployment order that lets a kernel use one scale per contiguous block.
 
 Static scales need ``quant.a_dynamic=false quant.a_granularity=tensor`` (the scheme says what is deployed).
-Where the released code differs, this follows the paper (spec): MSQ is implemented (the code keeps one scale
+Where the released code differs, this follows the paper: MSQ is implemented (the code keeps one scale
 for all tokens) and calibration uses the run's calibration set, never an evaluation benchmark.
 
 ``quantize_vision`` (off by default: MASQuant's setting, the language model only): MQuant's own setting also
@@ -37,12 +37,12 @@ from dataclasses import dataclass
 
 from baselines.mquant.aifs import AIFS
 from baselines.mquant.core import channel0_outlier, msq_scale, split_channel0
-from baselines.mquant.vision import quantize_vision_encoder_
-from baselines.quarot.method import rotate_or_refuse_
+from baselines.quarot.method import refuse_unrotatable, rotate_or_refuse_
 from masquant.adapters.base import INPUT_GROUPS, ROLE_TO_GROUP
-from masquant.methods.base import Method, MethodConfigError, ModalityPath, QuantContext, quantize_layer_
-from masquant.methods.weights import layer_weight_fn, summarize
-from masquant.registry import register_method
+from masquant.engine.weights import block_weights
+from masquant.methods.base import BlockPlan, Method, MethodConfigError, Walk
+from masquant.methods.registry import register_method
+from masquant.quant.linear import DEFAULT_PATH, ModalityPath
 from masquant.transforms.rotation import RotationMode, rotate_vision_encoder_
 
 log = logging.getLogger(__name__)
@@ -78,28 +78,25 @@ def group_scales(layer_stats, group: str, modalities, scheme, msq: bool, skip_ch
     return scales
 
 
-@register_method("mquant", config=MQuantConfig)
+@register_method("mquant", config=MQuantConfig, order=60)
 class MQuant(Method):
     honours_weight_options = True
+    activations = "required"
+    activation_scales = "static"
 
-    def check(self, scheme, modalities) -> None:
+    def check_config(self, scheme, modalities) -> None:
         if self.cfg.quantize_vision and "vision" not in modalities:
             raise MethodConfigError(f"method.quantize_vision=true calibrates the vision encoder on images; "
                                     f"modality.modalities={list(modalities)} has no vision")
-        if not scheme.quantize_acts:
-            raise MethodConfigError(f"method=mquant is full static activation quantization; quant={scheme.name} "
-                                    "quantizes no activations (use quarot, gptq or awq for weight-only)")
-        if scheme.a_dynamic or scheme.a_granularity != "tensor" or not scheme.a_symmetric:
-            raise MethodConfigError("method=mquant deploys static symmetric per-tensor activation scales: add "
-                                    "quant.a_dynamic=false quant.a_granularity=tensor (and quant.a_symmetric=true)")
 
     def check_adapter(self, adapter_cls) -> None:
         reason = adapter_cls.vision_encoder_missing() if self.cfg.quantize_vision else None
         if reason:
             raise MethodConfigError(f"method.quantize_vision=true needs the vision encoder's blocks: {reason}; "
                                     "quantize the language model only (method.quantize_vision=false)")
+        refuse_unrotatable(self.id, adapter_cls)
 
-    def transform_model_(self, ctx: QuantContext) -> dict:
+    def transform_model_(self, ctx) -> dict:
         self.check_adapter(type(ctx.adapter))
         ident = rotate_or_refuse_(ctx.adapter, self.cfg.seed, self.cfg.rotation_mode, self.cfg.online_down, self.id)
         if self.cfg.quantize_vision:
@@ -107,46 +104,81 @@ class MQuant(Method):
                                                      online_mlp=self.cfg.online_down)
         return ident
 
-    def apply(self, ctx: QuantContext, stats) -> dict:
+    def prepare(self, ctx):
+        self.split: list[str] = []
+        self.ratios: dict[str, float] = {}
+        self.vision: dict = {}
+
+    def stacks(self, ctx) -> tuple[str, ...]:
+        # the encoder first: the decoder calibrates on what the deployed encoder gives
+        return ("vision", "decoder") if self.cfg.quantize_vision else ("decoder",)
+
+    def walk(self, ctx, stack):
+        if stack.name == "decoder":
+            return Walk(stats=True, quantized_stream=True)
+        return Walk(stats=True, quantized_stream=ctx.scheme.w_quantizer == "gptq")
+
+    def plan_block(self, ctx, step) -> BlockPlan:
+        return self.plan_decoder_layer(ctx, step) if step.stack.name == "decoder" else self.plan_encoder_block(ctx, step)
+
+    def plan_encoder_block(self, ctx, step) -> BlockPlan:
+        """An encoder block: weights as quant.w_quantizer says, one static per-tensor scale per input group from the
+        FP stream's abs-max over the calibration images (the encoder has visual tokens only: no MSQ, no RMS)."""
+        scheme = ctx.scheme
+        scales = {group: msq_scale(step.stats[group]["all"].absmax, scheme.a_bits, scheme.a_clip_ratio,
+                                   scheme.int_range.value) for group in step.stack.input_groups}
+        v = self.vision
+        v["scales"] = v.get("scales", []) + [float(scales[step.stack.role_group[r]]) for r in step.linears()]
+        v["images"] = step.n_samples
+        v["patches"] = sum(int(r.hidden.shape[0]) for r in step.walker.captured.samples)
+
+        def paths_for(role, linear, W_q):
+            return {DEFAULT_PATH: ModalityPath(act_scale=scales[step.stack.role_group[role]].to(linear.weight.device))}
+
+        gptq = scheme.w_quantizer == "gptq"
+        return BlockPlan(weights=block_weights(ctx, step if gptq else None, step.block, stack=step.stack),
+                         paths_for=paths_for)
+
+    def plan_decoder_layer(self, ctx, step) -> BlockPlan:
+        """A decoder layer: MSQ scales per modality, RMS where channel 0 is an outlier, weights as
+        quant.w_quantizer says (GPTQ on the quantized stream)."""
         cfg, scheme = self.cfg, ctx.scheme
-        vision = {"run/quantize_vision": bool(cfg.quantize_vision)}
-        if cfg.quantize_vision:  # first: the decoder calibrates on what the deployed encoder gives
-            vision.update(quantize_vision_encoder_(ctx))
-            ctx.cache_key = {**ctx.cache_key, "vision_quantized": repr(scheme)}
-            if ctx.calib is not None:
-                ctx.calib.invalidate()
-        n, per_layer, split, ratios = 0, [], [], {}
-        for step in ctx.walk(stats=True, quantized_stream=True, desc="mquant"):
-            groups = {}
-            for group in INPUT_GROUPS:
-                affected, ratios[f"{group}/layer_{step.index}"] = channel0_outlier(step.stats[group]["all"].mean_abs)
-                groups[group] = cfg.rms and affected
-            split += [f"{group}/layer_{step.index}" for group, s in groups.items() if s]
-            rest = {}
+        groups = {}
+        for group in INPUT_GROUPS:
+            affected, self.ratios[f"{group}/layer_{step.index}"] = channel0_outlier(step.stats[group]["all"].mean_abs)
+            groups[group] = cfg.rms and affected
+        self.split += [f"{group}/layer_{step.index}" for group, s in groups.items() if s]
+        rest = {}
 
-            def source(role, linear):
-                if not groups[ROLE_TO_GROUP[role]]:
-                    return linear.weight.data
-                rest[role] = split_channel0(linear.weight.data)
-                return rest[role][0]
+        def source(role, linear):
+            if not groups[ROLE_TO_GROUP[role]]:
+                return linear.weight.data
+            rest[role] = split_channel0(linear.weight.data)
+            return rest[role][0]
 
-            weights = layer_weight_fn(ctx, step, weight_source=source if any(groups.values()) else None)
-            per_layer.append(weights)
+        weights = block_weights(ctx, step, weight_source=source if any(groups.values()) else None)
 
-            def paths_for(role, linear, W_q, stats=step.stats, groups=groups, rest=rest):
-                group = ROLE_TO_GROUP[role]
-                scales = group_scales(stats, group, ctx.modalities, scheme, cfg.msq, groups[group])
-                extra = {}
-                if groups[group]:
-                    _, L1, L2 = rest[role] if role in rest else split_channel0(linear.weight.data)
-                    extra = {"L1": L1, "L2": L2}
-                return {m: ModalityPath(act_scale=s.to(W_q.device), **extra) for m, s in scales.items()}
+        def paths_for(role, linear, W_q, stats=step.stats):
+            group = ROLE_TO_GROUP[role]
+            scales = group_scales(stats, group, ctx.modalities, scheme, cfg.msq, groups[group])
+            extra = {}
+            if groups[group]:
+                _, L1, L2 = rest[role] if role in rest else split_channel0(linear.weight.data)
+                extra = {"L1": L1, "L2": L2}
+            return {m: ModalityPath(act_scale=s.to(W_q.device), **extra) for m, s in scales.items()}
 
-            n += quantize_layer_(ctx, step.layer, weight_for=weights.weight_for, paths_for=paths_for)
-        report = {"quant/linears": n, "mquant/rms_split_points": len(split), "mquant/rms_split": split,
-                  "mquant/channel0_ratio_max": max(ratios.values()) if ratios else 0.0,
-                  **summarize(per_layer, "mquant"), **vision}
-        if cfg.aifs and any(m != "text" for m in ctx.modalities):
+        return BlockPlan(weights=weights, paths_for=paths_for)
+
+    def finish(self, ctx) -> dict:
+        report = {"mquant/rms_split_points": len(self.split), "mquant/rms_split": self.split,
+                  "mquant/channel0_ratio_max": max(self.ratios.values()) if self.ratios else 0.0,
+                  "run/quantize_vision": bool(self.cfg.quantize_vision)}
+        if self.vision:
+            report.update({"mquant/vision_blocks": len(ctx.adapter.vision_blocks()),
+                           "mquant/vision_calib_images": self.vision["images"],
+                           "mquant/vision_calib_patches": self.vision["patches"],
+                           "mquant/vision_act_scale_max": max(self.vision["scales"])})
+        if self.cfg.aifs and any(m != "text" for m in ctx.modalities):
             AIFS(ctx.adapter, ctx.router).attach()
             report["mquant/aifs"] = True
         return report

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from baselines.quarot.core import KVQuantizer
-from masquant.methods.base import Method, MethodConfigError, QuantContext, quantize_layer_
-from masquant.methods.weights import layer_weight_fn, summarize
-from masquant.registry import register_method
+from masquant.engine.weights import block_weights
+from masquant.methods.base import BlockPlan, Method, MethodConfigError, Walk
+from masquant.methods.registry import register_method
 from masquant.transforms.rotation import RotationMode, RotationUnsupported, rotate_model_
 
 
@@ -55,21 +55,30 @@ def rotate_or_refuse_(adapter, seed: int, mode, online_down: bool, method: str) 
         raise MethodConfigError(f"method={method}: {err}") from None
 
 
-@register_method("quarot", config=QuaRotConfig)
+def refuse_unrotatable(method_id: str, adapter_cls: type) -> None:
+    """A MethodConfigError, before loading, for a family whose residual stream cannot be rotated exactly."""
+    reason = adapter_cls.residual_rotation_refusal()
+    if reason:
+        raise MethodConfigError(f"method={method_id}: {reason}")
+
+
+@register_method("quarot", config=QuaRotConfig, order=50)
 class QuaRot(Method):
     needs_calibration = False  # RTN weights need none; GPTQ asks for it (requires_calibration)
     honours_weight_options = True
+    dynamic_only_reason = "per token, as QuaRot; method=mquant is QuaRot with static per-tensor scales"
 
-    def check(self, scheme, modalities) -> None:
-        if scheme.is_dense and self.cfg.kv_bits >= 16:
-            raise MethodConfigError("method=quarot with quant=fp16 quantizes nothing; use method=dense")
-        if scheme.quantize_acts and not scheme.a_dynamic:
-            raise MethodConfigError("QuaRot quantizes activations dynamically per token; for static per-tensor "
-                                    "scales use method=mquant (QuaRot + static quantization)")
+    def accepts_fp16(self) -> bool:
+        return self.cfg.kv_bits < 16  # the KV cache alone
+
+    def check_config(self, scheme, modalities) -> None:
         clip = self.cfg.a_clip_ratio
         if clip is not None and scheme.a_clip_ratio not in (1.0, clip):
             raise MethodConfigError(f"quant.a_clip_ratio={scheme.a_clip_ratio} and method.a_clip_ratio={clip} "
                                     "disagree; set one (method.a_clip_ratio=null keeps the scheme's)")
+
+    def check_adapter(self, adapter_cls) -> None:
+        refuse_unrotatable(self.id, adapter_cls)
 
     def deploy_scheme(self, scheme):
         clip = self.cfg.a_clip_ratio
@@ -77,28 +86,25 @@ class QuaRot(Method):
             return scheme
         return dataclasses.replace(scheme, a_clip_ratio=clip)
 
-    def transform_model_(self, ctx: QuantContext) -> dict:
+    def transform_model_(self, ctx) -> dict:
         return rotate_or_refuse_(ctx.adapter, self.cfg.seed, self.cfg.rotation_mode, self.cfg.online_down, self.id)
 
-    def apply(self, ctx: QuantContext, stats) -> dict:
+    def prepare(self, ctx):
         ctx.scheme = self.deploy_scheme(ctx.scheme)
-        kv = None
-        if self.cfg.kv_bits < 16:
-            kv = KVQuantizer(self.cfg.kv_bits, self.cfg.kv_group_size, self.cfg.kv_clip_ratio, self.cfg.k_hadamard)
-        n, per_layer = 0, []
+        cfg = self.cfg
+        self.kv = KVQuantizer(cfg.kv_bits, cfg.kv_group_size, cfg.kv_clip_ratio, cfg.k_hadamard) if cfg.kv_bits < 16 \
+            else None
 
-        def deploy(layer, weights):
-            per_layer.append(weights)
-            if kv is not None:
-                ctx.adapter.wrap_attention_kernel_(layer, kv)
-            return quantize_layer_(ctx, layer, weight_for=weights.weight_for) if ctx.scheme.quantize_weights or \
-                ctx.scheme.quantize_acts else 0
+    def walk(self, ctx, stack):
+        if ctx.scheme.w_quantizer == "gptq":  # GPTQ's Hessians come from the quantized stream
+            return Walk(fp_stream=False, quantized_stream=True, stats=False)
+        return None
 
-        if ctx.scheme.w_quantizer == "gptq":
-            for step in ctx.walk(quantized_stream=True, fp_stream=False, desc="quarot gptq"):
-                n += deploy(step.layer, layer_weight_fn(ctx, step))
-        else:
-            for layer in ctx.adapter.decoder_layers():
-                n += deploy(layer, layer_weight_fn(ctx, layer=layer))
-        return {"quant/linears": n, "quarot/a_clip_ratio": ctx.scheme.a_clip_ratio, "quarot/kv_bits": self.cfg.kv_bits,
-                **summarize(per_layer, "quarot")}
+    def plan_block(self, ctx, step) -> BlockPlan:
+        if self.kv is not None:
+            ctx.adapter.wrap_attention_kernel_(step.block, self.kv)
+        gptq = ctx.scheme.w_quantizer == "gptq"
+        return BlockPlan(weights=block_weights(ctx, step if gptq else None, step.block))
+
+    def finish(self, ctx) -> dict:
+        return {"quarot/a_clip_ratio": ctx.scheme.a_clip_ratio, "quarot/kv_bits": self.cfg.kv_bits}

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from masquant.methods.base import Method, MethodConfigError, QuantContext, quantize_decoder_linears_, quantize_layer_
-from masquant.methods.weights import layer_weight_fn, summarize
-from masquant.registry import register_method
+from masquant.engine.weights import block_weights
+from masquant.methods.base import BlockPlan, Method, Walk
+from masquant.methods.registry import register_method
 
 
 @dataclass
@@ -19,29 +19,16 @@ class RTNConfig:
     id: str = "rtn"
 
 
-@register_method("rtn", config=RTNConfig)
+@register_method("rtn", config=RTNConfig, order=10)
 class RTN(Method):
     needs_calibration = False
     honours_weight_options = True
+    dynamic_only_reason = "it has no calibration to set static scales from"
 
-    def check(self, scheme, modalities) -> None:
-        if scheme.is_dense:
-            raise MethodConfigError("method=rtn with quant=fp16 quantizes nothing; use method=dense")
-        if scheme.quantize_acts and not scheme.a_dynamic:
-            raise MethodConfigError(
-                "method=rtn has no calibration, so it cannot set static activation scales (quant.a_dynamic=false); "
-                "use a calibrated method (e.g. smoothquant) or quant.a_dynamic=true"
-            )
+    def walk(self, ctx, stack):
+        if ctx.scheme.w_quantizer == "gptq":  # GPTQ's Hessians come from the quantized stream
+            return Walk(fp_stream=False, quantized_stream=True, stats=False)
+        return None
 
-    def apply(self, ctx: QuantContext, stats) -> dict:
-        if ctx.scheme.w_quantizer == "gptq":
-            n, per_layer = 0, []
-            for step in ctx.walk(quantized_stream=True, fp_stream=False, desc="gptq"):
-                per_layer.append(layer_weight_fn(ctx, step))
-                n += quantize_layer_(ctx, step.layer, weight_for=per_layer[-1].weight_for)
-            return {"quant/linears": n, **summarize(per_layer, "gptq")}
-        if ctx.scheme.w_mse_clip:
-            n = sum(quantize_layer_(ctx, layer, weight_for=layer_weight_fn(ctx, layer=layer).weight_for)
-                    for layer in ctx.adapter.decoder_layers())
-            return {"quant/linears": n}
-        return {"quant/linears": quantize_decoder_linears_(ctx, desc="rtn")}
+    def plan_block(self, ctx, step) -> BlockPlan:
+        return BlockPlan(weights=block_weights(ctx, step if ctx.scheme.w_quantizer == "gptq" else None, step.block))

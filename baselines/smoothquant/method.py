@@ -18,9 +18,11 @@ import torch
 
 from baselines.smoothquant.core import smoothquant_factors
 from masquant.adapters.base import ROLE_TO_GROUP
-from masquant.methods.base import Method, MethodConfigError, ModalityPath, QuantContext, quantize_layer_
+from masquant.engine.deploy import deploy_block_
+from masquant.methods.base import BlockPlan, Method, Walk
+from masquant.methods.registry import register_method
+from masquant.quant.linear import ModalityPath
 from masquant.quant.quantizer import static_act_scale
-from masquant.registry import register_method
 
 
 ACT_STATISTICS = ("absmax", "range")
@@ -58,9 +60,9 @@ def smooth_layer_(adapter, layer, layer_stats, alpha: float, act_statistic: str 
     return factors
 
 
-def deploy_layer_(ctx: QuantContext, layer, layer_stats, factors) -> None:
-    """Quantize the layer's linears; with static activations, one per-tensor scale from the smoothed absmax."""
-    scheme = ctx.scheme
+def static_paths_for(scheme, layer_stats, factors):
+    """``paths_for`` of one layer: with static activations, one per-tensor scale from the smoothed abs-max
+    (nothing for dynamic activations)."""
 
     def paths_for(role, linear, W_q):
         if not (scheme.quantize_acts and not scheme.a_dynamic):
@@ -69,10 +71,10 @@ def deploy_layer_(ctx: QuantContext, layer, layer_stats, factors) -> None:
         absmax = layer_stats[group]["all"].absmax
         if group in factors:
             absmax = absmax / factors[group].cpu()
-        return {"text": ModalityPath(act_scale=static_act_scale(absmax.max(), scheme.a_bits, scheme.a_clip_ratio, scheme.int_range)
-                                     .to(linear.weight.device))}
+        return {"text": ModalityPath(act_scale=static_act_scale(absmax.max(), scheme.a_bits, scheme.a_clip_ratio,
+                                                                scheme.int_range).to(linear.weight.device))}
 
-    quantize_layer_(ctx, layer, paths_for=paths_for)
+    return paths_for
 
 
 def _layer_error(step, trial, targets, samples) -> float:
@@ -87,32 +89,36 @@ def _evenly(n: int, k: int) -> list[int]:
     return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)}) if k > 1 else [0]
 
 
-@register_method("smoothquant", config=SmoothQuantConfig)
+@register_method("smoothquant", config=SmoothQuantConfig, order=20)
 class SmoothQuant(Method):
-    def check(self, scheme, modalities) -> None:
-        if scheme.is_dense:
-            raise MethodConfigError("method=smoothquant with quant=fp16 quantizes nothing; use method=dense")
-        if not scheme.quantize_acts:
-            raise MethodConfigError(
-                f"method=smoothquant targets activation quantization; quant={scheme.name} is weight-only (use awq or rtn)"
-            )
+    activations = "required"
+    activation_scales = "either"
 
-    def apply(self, ctx: QuantContext, stats) -> dict:
-        search = bool(self.cfg.alpha_grid)
-        stat = self.cfg.act_statistic
-        chosen = []
-        for step in ctx.walk(stats=True, quantized_stream=search, desc="smoothquant"):
-            alpha = self.cfg.alpha
-            if search:
-                picked = _evenly(step.n_samples, self.cfg.search_samples)
-                targets = step.run("quant", samples=picked)  # the FP layer on the quantized stream's inputs
-                errors = {}
-                for a in self.cfg.alpha_grid:
-                    trial = copy.deepcopy(step.layer)
-                    deploy_layer_(ctx, trial, step.stats, smooth_layer_(ctx.adapter, trial, step.stats, a, stat))
-                    errors[a] = _layer_error(step, trial, targets, picked)
-                    del trial
-                alpha = min(errors, key=errors.get)
-            deploy_layer_(ctx, step.layer, step.stats, smooth_layer_(ctx.adapter, step.layer, step.stats, alpha, stat))
-            chosen.append(alpha)
-        return {"smoothquant/alpha_mean": sum(chosen) / len(chosen), "smoothquant/alphas": chosen}
+    def walk(self, ctx, stack):
+        return Walk(stats=True, quantized_stream=bool(self.cfg.alpha_grid))
+
+    def prepare(self, ctx):
+        self.alphas: list[float] = []
+
+    def search_alpha(self, ctx, step) -> float:
+        """The alpha of the grid whose smoothed, quantized layer best reproduces the FP layer on the quantized
+        stream's inputs of ``search_samples`` calibration samples."""
+        picked = _evenly(step.n_samples, self.cfg.search_samples)
+        targets = step.run("quant", samples=picked)  # the FP layer on the quantized stream's inputs
+        errors = {}
+        for a in self.cfg.alpha_grid:
+            trial = copy.deepcopy(step.layer)
+            factors = smooth_layer_(ctx.adapter, trial, step.stats, a, self.cfg.act_statistic)
+            deploy_block_(ctx, trial, paths_for=static_paths_for(ctx.scheme, step.stats, factors))
+            errors[a] = _layer_error(step, trial, targets, picked)
+            del trial
+        return min(errors, key=errors.get)
+
+    def plan_block(self, ctx, step) -> BlockPlan:
+        alpha = self.search_alpha(ctx, step) if self.cfg.alpha_grid else self.cfg.alpha
+        factors = smooth_layer_(ctx.adapter, step.layer, step.stats, alpha, self.cfg.act_statistic)
+        self.alphas.append(alpha)
+        return BlockPlan(paths_for=static_paths_for(ctx.scheme, step.stats, factors), report={"alpha": alpha})
+
+    def finish(self, ctx) -> dict:
+        return {"smoothquant/alpha_mean": sum(self.alphas) / len(self.alphas), "smoothquant/alphas": self.alphas}

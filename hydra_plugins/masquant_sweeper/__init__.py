@@ -1,1 +1,1 @@
-"""Hydra finds sweeper plugins only under the ``hydra_plugins`` namespace; the logic is in masquant.sweeper."""
+"""Hydra finds sweeper plugins only under the ``hydra_plugins`` namespace; the logic is in masquant.sweep.sweeper."""

@@ -1,7 +1,7 @@
 """hydra/sweeper=masquant. Hydra accepts plugin classes defined under ``hydra_plugins`` only; the logic
-is in :mod:`masquant.sweeper`."""
+is in :mod:`masquant.sweep.sweeper`."""
 
-from masquant.sweeper import SweeperLogic
+from masquant.sweep.sweeper import SweeperLogic
 
 
 class MasquantSweeper(SweeperLogic):

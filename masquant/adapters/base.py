@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from masquant.adapters import norms
 from masquant.adapters.norms import NormKind
+from masquant.adapters.stack import BlockStack
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,16 @@ class ModelAdapter:
                 cfg.tie_word_embeddings = False
         return True
 
+    @classmethod
+    def residual_rotation_refusal(cls) -> str | None:
+        """Why the residual stream cannot be rotated exactly (known before loading), or None."""
+        if not cls.supports_residual_rotation:
+            return f"{cls.__name__} cannot be rotated exactly: {cls.residual_rotation_blocker or 'see the adapter'}"
+        if cls.encoder_output_paths is None:
+            return (f"{cls.__name__} does not declare which encoder linears write into the decoder's residual "
+                    "stream (encoder_output_paths); a residual rotation would leave those tokens unrotated")
+        return None
+
     def encoder_output_linears(self) -> list[nn.Module]:
         """The linears whose outputs enter the residual stream from the encoders (see ``encoder_output_paths``)."""
         if self.encoder_output_paths is None:
@@ -238,6 +249,32 @@ class ModelAdapter:
     def head_dim(self) -> int:
         text = self.text_config()
         return getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+
+    # --- the stacks of blocks the engine walks (masquant.engine.walker.BlockStack) ----------
+    def decoder_stack(self, video_as: str = "vision"):
+        """The decoder layers as a stack: their linears by role, the model's step between layers, the modality
+        of every token (from ``input_ids``, video counted as ``video_as``)."""
+        return BlockStack(
+            name="decoder", blocks=self.decoder_layers(), exit=self.final_norm(), linears=self.linears,
+            set_linear=self.set_linear, input_groups=INPUT_GROUPS, routed=True,
+            masks=lambda batch: self.modality_masks(batch["input_ids"], video_as=video_as),
+            entry=self.language_model(), between_state=self.between_layers_state, after_block=self.after_layer)
+
+    def vision_stack(self):
+        """The vision encoder's blocks as a stack (declared by ``vision_encoder``); batches without an image skip it."""
+        spec = self._vision_spec()
+        return BlockStack(
+            name="vision", blocks=self.vision_blocks(), exit=self.vision_part(spec.exit_norm),
+            linears=self.vision_linears, set_linear=self.set_vision_linear, input_groups=spec.input_groups(),
+            every_batch=False, unit="block")
+
+    def stack(self, name: str, video_as: str = "vision"):
+        """The stack called ``name``: "decoder" or "vision"."""
+        if name == "decoder":
+            return self.decoder_stack(video_as)
+        if name == "vision":
+            return self.vision_stack()
+        raise ValueError(f"stack={name!r}: valid stacks are 'decoder' and 'vision'")
 
     # --- norms and folds -------------------------------------------------------------------
     def norm(self, layer: nn.Module, path: str) -> nn.Module:

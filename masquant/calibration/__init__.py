@@ -1,1 +1,2 @@
-"""Calibration data, layer-wise capture, running statistics and their cache."""
+"""Calibration data (``data``), running statistics and Gram matrices of the inputs of a block's linears (``stats``),
+their on-disk cache (``cache``) and audio samples (``audio``)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
@@ -12,13 +11,10 @@ from typing import Callable
 
 import torch
 
+from masquant.runs.hashing import stable_hash
+
 log = logging.getLogger(__name__)
 CACHE_VERSION = 2  # 2: statistics carry per-channel min and max
-
-
-def stable_hash(obj, length: int = 12) -> str:
-    blob = json.dumps(obj, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:length]
 
 
 @torch.no_grad()

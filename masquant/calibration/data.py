@@ -17,12 +17,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from masquant.errors import CalibrationDataError
+
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
-
-
-class CalibrationDataError(ValueError):
-    pass
 
 
 def _messages(question: str, image=None, audio=None) -> list[dict]:
@@ -73,7 +71,7 @@ def chat_inputs(processor, question: str, image=None, audio=None, answer: str | 
 def read_calibration_file(path: str | Path) -> list:
     """Rows of a JSON / JSONL / parquet file; media paths of object rows are resolved against the file's folder.
 
-    Rows are checked by ``masquant.validation.check_calibration_rows`` (fields, types, media that open).
+    Rows are checked by ``masquant.sources.files.check_calibration_rows`` (fields, types, media that open).
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -154,7 +152,6 @@ class CalibrationSet:
     rows: list[dict] = field(default_factory=list, repr=False)
     processor: object = field(default=None, repr=False)
     description: dict = field(default_factory=dict)
-    _captured: object = field(default=None, repr=False)
     _sft: list | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -207,17 +204,6 @@ class CalibrationSet:
                 f"requested modalities: {list(modalities)}. Use calibration prompts with that input, or another modality set."
             )
         return counts
-
-    def capture(self, model, adapter, device, offload: str = "cpu", video_as: str = "vision"):
-        """Decoder inputs of every prompt (captured once; :meth:`invalidate` after changing the model)."""
-        if self._captured is None:
-            from masquant.calibration.walker import capture_layer_inputs
-
-            self._captured = capture_layer_inputs(model, adapter, self.batches, device, offload, video_as)
-        return self._captured
-
-    def invalidate(self) -> None:
-        self._captured = None
 
 
 def split_rows(rows: list[dict], n: int, held_out: int, seed: int) -> tuple[list[int], list[int]]:

@@ -1,7 +1,11 @@
-"""Running per-channel statistics of decoder-linear inputs, per modality (never stored activations).
+"""Running statistics of the inputs of a block's linears, per input group and modality (never stored activations).
 
-:class:`RunningInputStats` is an observer for the layer walker: one per decoder layer, it keeps a
-:class:`ChannelStats` per (input group, modality), with "all" covering every token.
+Both kinds are observers for the walker (:mod:`masquant.engine.walker`), one per block:
+
+- :class:`RunningInputStats`: per-channel abs-max, mean |x|, min and max (:class:`ChannelStats`) per (input group,
+  modality), with "all" covering every token;
+- :class:`GramObserver`: Gram matrices C = Σ xᵀx (:class:`Gram`, float64, accumulated in place) per (input group,
+  modality) for the groups and modalities asked for: GPTQ's Hessians (2/N C), CMC's whitening, LaRoSA's rotations.
 """
 
 from __future__ import annotations
@@ -10,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-STAT_KINDS = ("absmax", "mean_abs", "cov")
+STAT_KINDS = ("absmax", "mean_abs")
+ALL = "all"  # the statistics of every row, whatever its modality
 
 
 @dataclass
@@ -18,14 +23,11 @@ class ChannelStats:
     """Running statistics of the rows x [N, D] seen so far."""
 
     dim: int
-    with_cov: bool = False
     absmax: torch.Tensor = None  # [D] max |x|
     abs_sum: torch.Tensor = None  # [D] sum |x| (float64)
     min: torch.Tensor = None  # [D] min x
     max: torch.Tensor = None  # [D] max x
-    cov: torch.Tensor | None = None  # [D, D] sum x^T x (float64), unnormalised
     count: int = 0
-    cov_device: str | torch.device = "cpu"
 
     def __post_init__(self):
         if self.absmax is None:
@@ -36,8 +38,6 @@ class ChannelStats:
             self.min = torch.full((self.dim,), float("inf"))
         if self.max is None:
             self.max = torch.full((self.dim,), float("-inf"))
-        if self.with_cov and self.cov is None:
-            self.cov = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self.cov_device)
 
     def update(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, self.dim)
@@ -48,9 +48,6 @@ class ChannelStats:
         self.abs_sum += xa.sum(0, dtype=torch.float64).cpu()
         self.min = torch.minimum(self.min, x.detach().amin(0).float().cpu())
         self.max = torch.maximum(self.max, x.detach().amax(0).float().cpu())
-        if self.cov is not None:
-            xd = x.detach().to(self.cov.device, torch.float64)
-            self.cov += xd.T @ xd
         self.count += x.shape[0]
 
     @property
@@ -63,13 +60,13 @@ class ChannelStats:
         return (self.max - self.min).clamp(min=0) if self.count else torch.zeros(self.dim)
 
     def to_dict(self) -> dict:
-        return {"absmax": self.absmax, "abs_sum": self.abs_sum, "min": self.min, "max": self.max,
-                "cov": None if self.cov is None else self.cov.cpu(), "count": self.count}
+        return {"absmax": self.absmax, "abs_sum": self.abs_sum, "min": self.min, "max": self.max, "cov": None,
+                "count": self.count}  # "cov": always None, kept so that earlier caches and this one read alike
 
     @classmethod
     def from_dict(cls, d: dict) -> "ChannelStats":
-        return cls(dim=d["absmax"].numel(), with_cov=d["cov"] is not None, absmax=d["absmax"],
-                   abs_sum=d["abs_sum"], min=d["min"], max=d["max"], cov=d["cov"], count=d["count"])
+        return cls(dim=d["absmax"].numel(), absmax=d["absmax"], abs_sum=d["abs_sum"], min=d["min"], max=d["max"],
+                   count=d["count"])
 
 
 # stats[layer_idx][input_group][modality] -> ChannelStats; modality "all" covers every token.
@@ -77,49 +74,97 @@ LayerStats = dict[str, dict[str, ChannelStats]]
 
 
 class RunningInputStats:
-    """Walker observer: ChannelStats per input group and modality ("all" + ``modalities``) of one layer.
+    """Walker observer: ChannelStats per input group and modality ("all" + ``modalities``) of one block."""
 
-    ``cov``: {group: modalities whose Gram matrix Σxᵀx is kept (float64, on ``cov_device``)}.
-    """
-
-    def __init__(self, dims: dict[str, int], modalities: tuple[str, ...], cov: dict[str, tuple[str, ...]] | None = None,
-                 cov_device="cpu"):
-        cov = cov or {}
+    def __init__(self, dims: dict[str, int], modalities: tuple[str, ...]):
         self.modalities = tuple(modalities)
-        self.stats: LayerStats = {
-            group: {m: ChannelStats(d, m in cov.get(group, ()), cov_device=cov_device) for m in ("all",) + self.modalities}
-            for group, d in dims.items()}
+        self.stats: LayerStats = {group: {m: ChannelStats(d) for m in (ALL,) + self.modalities}
+                                  for group, d in dims.items()}
 
     @classmethod
-    def for_layer(cls, adapter, layer, modalities, cov=None, cov_device="cpu") -> "RunningInputStats":
-        dims = {g: lin.in_features for g, lin in adapter.input_group_linears(layer).items()}
-        return cls(dims, modalities, cov, cov_device)
+    def for_block(cls, stack, block, modalities) -> "RunningInputStats":
+        return cls({g: lin.in_features for g, lin in stack.input_group_linears(block).items()}, modalities)
 
     def observe(self, group: str, x: torch.Tensor, masks: dict[str, torch.Tensor]) -> None:
         per_m = self.stats[group]
-        per_m["all"].update(x)
+        per_m[ALL].update(x)
         for m in self.modalities:
             mask = masks.get(m)
             if mask is not None:
                 per_m[m].update(x[mask])
 
 
-class ModalityGram:
-    """Walker observer: raw Gram matrices C = Σ xᵀx (float64, on ``device``) per (input group, modality)
-    of one layer, for the groups and modalities asked for (CMC's whitening)."""
+class Gram:
+    """Running C = Σ xᵀx over the rows x [N, D] seen so far and their count N, in float64, accumulated in place
+    (no D × D temporary: at D = 18944 a temporary would be another 2.9 GB)."""
 
-    def __init__(self, dims: dict[str, int], modalities: tuple[str, ...], device="cpu"):
-        self.gram = {g: {m: torch.zeros(d, d, dtype=torch.float64, device=device) for m in modalities}
-                     for g, d in dims.items()}
+    def __init__(self, dim: int, device=None, in_place: bool = True):
+        self.dim = dim
+        self.device = device  # None: the device of the first rows
+        self.in_place = in_place
+        self.count = 0
+        self.gram: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        """C += x2ᵀ x2, x2 = x [..., D] flattened to [rows, D]."""
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"expected inputs [..., {self.dim}], got {tuple(x.shape)}")
+        x2 = x.detach().reshape(-1, self.dim)
+        if self.gram is None:
+            device = x2.device if self.device is None else self.device
+            self.gram = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=device)
+        if x2.shape[0]:
+            x2 = x2.to(self.gram.device, torch.float64)
+            if self.in_place:
+                self.gram.addmm_(x2.T, x2)
+            else:
+                self.gram += x2.T @ x2
+            self.count += x2.shape[0]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """GPTQ's layer Hessian H = 2/N Σ xᵀx [D, D] (float64). The official code divides by the number of
+        sequences instead of rows: a constant factor that changes no GPTQ result (its dampening is relative)."""
+        if self.gram is None or self.count == 0:
+            raise ValueError("this Gram matrix has no inputs yet")
+        return self.gram * (2.0 / self.count)
+
+
+class GramObserver:
+    """Walker observer: a :class:`Gram` per (input group, modality) of one block, for ``groups`` and
+    ``modalities`` ("all" = every row, a modality = the rows of its mask; a row of no listed mask adds nothing)."""
+
+    def __init__(self, dims: dict[str, int], modalities: tuple[str, ...] = (ALL,), device=None, in_place: bool = True):
+        self.modalities = tuple(modalities)
+        self.grams = {g: {m: Gram(d, device, in_place) for m in self.modalities} for g, d in dims.items()}
+
+    @classmethod
+    def for_block(cls, stack, block, groups=None, modalities: tuple[str, ...] = (ALL,), device=None,
+                  in_place: bool = True) -> "GramObserver":
+        """Over the input groups ``groups`` (default: every group) of ``block`` in ``stack``."""
+        dims = {g: lin.in_features for g, lin in stack.input_group_linears(block).items()
+                if groups is None or g in groups}
+        return cls(dims, modalities, device, in_place)
 
     def observe(self, group: str, x: torch.Tensor, masks: dict[str, torch.Tensor]) -> None:
-        for m, C in self.gram.get(group, {}).items():
-            mask = masks.get(m)
-            if mask is None:
-                continue
-            xm = x[mask].to(C.device, torch.float64)
-            if xm.shape[0]:
-                C += xm.T @ xm
+        for m, acc in self.grams.get(group, {}).items():
+            if m == ALL:
+                acc.add(x)
+            elif masks.get(m) is not None:
+                acc.add(x[masks[m]])
+
+    def gram(self, group: str, modality: str = ALL) -> torch.Tensor:
+        """Σ xᵀx of ``group``'s rows of ``modality`` [D, D] (zeros when no row was seen)."""
+        acc = self.grams[group][modality]
+        if acc.gram is None:
+            return torch.zeros(acc.dim, acc.dim, dtype=torch.float64,
+                               device="cpu" if acc.device is None else acc.device)
+        return acc.gram
+
+    def hessian(self, group: str) -> torch.Tensor:
+        """GPTQ's H = 2/N Σ xᵀx of ``group`` over every row."""
+        return self.grams[group][ALL].hessian
 
 
 def stats_to_state(stats: list[LayerStats]) -> list:

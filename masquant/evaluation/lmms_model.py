@@ -166,7 +166,7 @@ class MasquantHF(lmms):
             audio = audio.mean(axis=0 if audio.shape[0] < audio.shape[-1] else -1)
         rate, want = int(clip["sampling_rate"]), int(extractor.sampling_rate)
         if rate != want:
-            from masquant.testbed.speech import resample
+            from masquant.calibration.audio import resample
 
             audio = resample(audio, rate, want)
         return _Audio(audio)

@@ -1,6 +1,6 @@
 """Evaluate an in-memory (possibly fake-quantized) HF model on lmms-eval tasks; flat metrics with slash keys.
 
-Traps of lmms-eval 0.7.3 handled here (see /work/shared/notes/lmms-eval-facts.md):
+Traps of lmms-eval 0.7.3 handled here (docs/evaluation.md):
 - each task runs in its own ``simple_evaluate`` call with freshly loaded task objects: the evaluator
   overwrites a fractional ``limit`` with the first task's document count and reuses it for the next tasks,
   and OCRBench's module-level score counter would accumulate across evaluations of reused task objects;

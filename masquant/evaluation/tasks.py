@@ -1,4 +1,5 @@
-"""The paper's five lmms-eval tasks, from lmms-eval's own YAMLs, with an optional switch to local data.
+"""The benchmark tasks: one registry (:data:`TASKS`) of every lmms-eval task masquant runs, with how its data is laid
+out, its headline metric and how tables show it; an optional switch to local data.
 
 Prompts, post-processing and metrics stay lmms-eval's: a local run writes, per task, a small YAML that
 ``include:``s the installed task YAML by absolute path and overrides only the data source (a
@@ -11,11 +12,6 @@ import importlib.util
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-
-EVAL_TASKS: tuple[str, ...] = ("textvqa_val", "vizwiz_vqa_val", "scienceqa_img", "ocrbench", "mmmu_val")
-# The Omni rows of the paper: speech recognition (WER / MER) and OmniBench (image + audio + text).
-AUDIO_EVAL_TASKS: tuple[str, ...] = ("librispeech_test_other", "wenet_speech_test_net", "omni_bench")
-ALL_TASKS: tuple[str, ...] = EVAL_TASKS + AUDIO_EVAL_TASKS
 
 
 class EvaluationError(RuntimeError):
@@ -31,24 +27,69 @@ class TaskSource:
     audio_columns: tuple[str, ...] = ()  # {"array", "sampling_rate"} structs (what a decoded datasets.Audio gives)
 
 
-TASK_SOURCES: dict[str, TaskSource] = {
-    "textvqa_val": TaskSource("textvqa/textvqa_val.yaml", "validation", ("question", "answers", "question_id"),
-                              ("image",)),
-    "vizwiz_vqa_val": TaskSource("vizwiz_vqa/vizwiz_vqa_val.yaml", "val",
-                                 ("question", "answers", "question_id", "category"), ("image",)),
-    "scienceqa_img": TaskSource("scienceqa/scienceqa_img.yaml", "test", ("question", "choices", "answer", "hint"),
-                                ("image",)),
-    "ocrbench": TaskSource("ocrbench/ocrbench.yaml", "test", ("question", "answer", "dataset", "question_type"),
-                           ("image",)),
-    "mmmu_val": TaskSource("mmmu/mmmu_val.yaml", "validation", ("id", "question", "options", "answer", "question_type"),
-                           tuple(f"image_{k}" for k in range(1, 8))),
-    "librispeech_test_other": TaskSource("librispeech/librispeech_test_other.yaml", "librispeech_test_other",
-                                         ("gt", "source", "task"), (), ("audio",)),
-    "wenet_speech_test_net": TaskSource("wenet_speech/wenet_speech_test_net.yaml", "test_net", ("text",), (),
-                                        ("audio",)),
-    "omni_bench": TaskSource("omni_bench/omni_bench.yaml", "train", ("question", "options", "answer", "task type"),
-                             ("image",), ("audio",)),
-}
+@dataclass(frozen=True)
+class Task:
+    """One benchmark: where lmms-eval finds it, its headline metric and its column in tables."""
+
+    name: str  # lmms-eval's task name
+    label: str  # its column in tables
+    metrics: tuple[str, ...]  # headline metric names, tried in order (the first a result has wins)
+    source: TaskSource
+    percent: bool = False  # lmms-eval reports it in percent already (else a fraction, x100 in tables)
+    higher_is_better: bool = True  # accuracies; error rates (WER) are lower-is-better and never averaged
+    reference: str | None = None  # its column in the published tables (masquant/reporting/reference)
+
+    @property
+    def metric_keys(self) -> tuple[str, ...]:
+        """``eval/<task>/<metric>`` keys of the headline metric, in the order they are tried."""
+        return tuple(f"eval/{self.name}/{m}" for m in self.metrics)
+
+    @property
+    def scale(self) -> float:
+        """Our value x scale = the table's unit (percent)."""
+        return 1.0 if self.percent else 100.0
+
+
+# OCRBench's ``hit_rate`` (hits / documents scored) is written since lmms-eval's own ``ocrbench_accuracy``
+# (hits / 1000) is kept; older results carry the hit rate under ``ocrbench_accuracy``.
+TASKS: dict[str, Task] = {t.name: t for t in (
+    Task("textvqa_val", "TextVQA", ("exact_match",), TaskSource(
+        "textvqa/textvqa_val.yaml", "validation", ("question", "answers", "question_id"), ("image",)),
+        reference="textvqa"),
+    Task("vizwiz_vqa_val", "VizWiz", ("exact_match",), TaskSource(
+        "vizwiz_vqa/vizwiz_vqa_val.yaml", "val", ("question", "answers", "question_id", "category"), ("image",)),
+        reference="vizwiz"),
+    Task("scienceqa_img", "SQA", ("exact_match",), TaskSource(
+        "scienceqa/scienceqa_img.yaml", "test", ("question", "choices", "answer", "hint"), ("image",)),
+        reference="scienceqa"),
+    Task("ocrbench", "OCRBench", ("hit_rate", "ocrbench_accuracy"), TaskSource(
+        "ocrbench/ocrbench.yaml", "test", ("question", "answer", "dataset", "question_type"), ("image",)),
+        reference="ocrbench"),
+    Task("mmmu_val", "MMMU", ("mmmu_acc",), TaskSource(
+        "mmmu/mmmu_val.yaml", "validation", ("id", "question", "options", "answer", "question_type"),
+        tuple(f"image_{k}" for k in range(1, 8))), reference="mmmu"),
+    # the Omni rows of the paper: OmniBench (image + audio + text) and speech recognition (WER / MER)
+    Task("omni_bench", "OmniBench", ("accuracy",), TaskSource(
+        "omni_bench/omni_bench.yaml", "train", ("question", "options", "answer", "task type"), ("image",),
+        ("audio",)), percent=True, reference="omnibench"),
+    Task("librispeech_test_other", "LibriSpeech WER", ("wer",), TaskSource(
+        "librispeech/librispeech_test_other.yaml", "librispeech_test_other", ("gt", "source", "task"), (),
+        ("audio",)), percent=True, higher_is_better=False, reference="librispeech_wer"),
+    Task("wenet_speech_test_net", "WenetSpeech WER", ("mer",), TaskSource(
+        "wenet_speech/wenet_speech_test_net.yaml", "test_net", ("text",), (), ("audio",)),
+        percent=True, higher_is_better=False, reference="wenetspeech_wer"),
+)}
+EVAL_TASKS: tuple[str, ...] = ("textvqa_val", "vizwiz_vqa_val", "scienceqa_img", "ocrbench", "mmmu_val")  # Table 1
+AUDIO_EVAL_TASKS: tuple[str, ...] = tuple(t for t, task in TASKS.items() if task.source.audio_columns)
+ALL_TASKS: tuple[str, ...] = tuple(TASKS)
+TASK_SOURCES: dict[str, TaskSource] = {name: task.source for name, task in TASKS.items()}
+
+
+def headline_value(metrics: dict, task: str) -> float | None:
+    """The task's headline metric in a result (as lmms-eval wrote it), or None (see :func:`metric_value`)."""
+    from masquant.evaluation.metrics import metric_value
+
+    return metric_value(metrics, TASKS[task].metric_keys)
 
 
 def _source(task: str) -> TaskSource:

@@ -1,16 +1,7 @@
-"""GPTQ (Frantar et al., ICLR 2023, Algorithm 1) and round-to-nearest on the same integer grids.
+"""GPTQ (Frantar et al., ICLR 2023, Algorithm 1) on the integer grids of :mod:`masquant.quant.grid`.
 
 Pure tensor functions: no model, config or device logic. W [out, in] is a PyTorch linear weight
-(Y = X Wᵀ); H [in, in] is the layer Hessian 2/N Σ xᵀx of its inputs (``HessianAccumulator``).
-
-Grids (``IntGrid``), b bits:
-  symmetric narrow  q ∈ [-(2^(b-1)-1), 2^(b-1)-1], scale = absmax / (2^(b-1)-1)   (= ``fake_quant_sym``)
-  symmetric full    q ∈ [-2^(b-1), 2^(b-1)-1],     scale = absmax / ((2^b-1)/2)   (compressed-tensors/vLLM)
-  asymmetric        q ∈ [0, 2^b-1], range [min(w, 0), max(w, 0)], integer zero  (= ``fake_quant_asym``)
-Note QuaRot's and GPTQ's symmetric weight grid is a third one: scale absmax/(2^(b-1)-1) with codes
-clamped to [-2^(b-1), 2^(b-1)-1]; "narrow" here never produces -2^(b-1). On the full grid ±absmax/scale
-= ±(2^b-1)/2 is a rounding tie: +absmax clamps to 2^(b-1)-1, -absmax rounds half-to-even to -2^(b-1)
-(or to -2^(b-1)+1 when float rounding lands just inside; the same error either way).
+(Y = X Wᵀ); H [in, in] is the layer Hessian 2/N Σ xᵀx of its inputs (``masquant.calibration.stats.Gram``).
 
 Groups. ``group_size`` 0 = one scale per output channel. Otherwise consecutive groups of ``group_size``
 input columns (in the act-order permutation unless ``static_groups``); when in % group_size != 0 the
@@ -27,154 +18,12 @@ MSE clip (``mse_clip``): per output channel or group, shrink the range by p = 1,
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
+from masquant.quant.grid import IntGrid, fake_quantize, find_scale_zero
+
 log = logging.getLogger(__name__)
-
-QRANGES = ("narrow", "full")
-_EPS = 1e-8  # smallest scale, as masquant.quant.quantizer (an all-zero row quantizes to 0)
-
-
-# --- integer grids ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class IntGrid:
-    """The integer grid of a b-bit weight quantizer (see the module docstring)."""
-
-    bits: int
-    symmetric: bool = True
-    qrange: str = "narrow"  # symmetric only; the asymmetric grid is always [0, 2^b - 1]
-
-    def __post_init__(self) -> None:
-        if not 2 <= self.bits <= 16:
-            raise ValueError(f"bits={self.bits}: must be in [2, 16]")
-        if self.qrange not in QRANGES:
-            raise ValueError(f"qrange={self.qrange!r}: valid choices are {QRANGES}")
-
-    @property
-    def qmin(self) -> int:
-        if not self.symmetric:
-            return 0
-        return -(2 ** (self.bits - 1)) if self.qrange == "full" else -(2 ** (self.bits - 1) - 1)
-
-    @property
-    def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
-
-    @property
-    def half_levels(self) -> float:
-        """absmax / scale of a symmetric grid: 2^(b-1)-1 (narrow) or (2^b-1)/2 (full)."""
-        return (2**self.bits - 1) / 2 if self.qrange == "full" else float(2 ** (self.bits - 1) - 1)
-
-
-def range_scale_zero(
-    W: torch.Tensor, grid: IntGrid, shrink: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and integer zero point of each row of W [rows, cols] with the range shrunk by p -> ([rows, 1]) × 2."""
-    if grid.symmetric:
-        scale = (W.abs().amax(dim=1, keepdim=True) * shrink / grid.half_levels).clamp(min=_EPS)
-        return scale, torch.zeros_like(scale)
-    wmin = W.amin(dim=1, keepdim=True).clamp(max=0) * shrink
-    wmax = W.amax(dim=1, keepdim=True).clamp(min=0) * shrink
-    scale = ((wmax - wmin) / grid.qmax).clamp(min=_EPS)
-    return scale, torch.round(-wmin / scale)
-
-
-def quantize_codes(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: IntGrid) -> torch.Tensor:
-    """Integer codes clamp(round(W / scale) + zero, qmin, qmax) (float tensor, same shape as W)."""
-    return torch.clamp(torch.round(W / scale) + zero, grid.qmin, grid.qmax)
-
-
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """(codes - zero) · scale."""
-    return (codes - zero) * scale
-
-
-def fake_quantize(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: IntGrid) -> torch.Tensor:
-    """Quantize then dequantize W on the grid with the given scale [rows, 1] and zero [rows, 1]."""
-    return dequantize(quantize_codes(W, scale, zero, grid), scale, zero)
-
-
-def mse_clip_scale_zero(
-    W: torch.Tensor, grid: IntGrid, grid_points: int = 100, maxshrink: float = 0.8, norm: float = 2.4
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the range shrink p = 1 - i/grid_points (i < maxshrink·grid_points) minimising Σ|w - Q(w)|^norm."""
-    best = torch.full((W.shape[0], 1), float("inf"), dtype=W.dtype, device=W.device)
-    best_scale, best_zero = range_scale_zero(W, grid)
-    for i in range(int(maxshrink * grid_points)):
-        scale, zero = range_scale_zero(W, grid, shrink=1 - i / grid_points)
-        err = (fake_quantize(W, scale, zero, grid) - W).abs().pow(norm).sum(dim=1, keepdim=True)
-        better = err < best
-        best = torch.where(better, err, best)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
-    return best_scale, best_zero
-
-
-def find_scale_zero(W: torch.Tensor, grid: IntGrid, mse_clip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero of each row of W [rows, cols]: full range, or the MSE-clipped range."""
-    return mse_clip_scale_zero(W, grid) if mse_clip else range_scale_zero(W, grid)
-
-
-def _work_dtype(W: torch.Tensor) -> torch.dtype:
-    return torch.float64 if W.dtype == torch.float64 else torch.float32
-
-
-def rtn_quantize(
-    W: torch.Tensor,
-    *,
-    bits: int,
-    symmetric: bool = True,
-    group_size: int = 0,
-    qrange: str = "narrow",
-    mse_clip: bool = False,
-) -> torch.Tensor:
-    """Round-to-nearest W [out, in] per output channel (group_size 0) or per group of inputs -> Wq, W's dtype.
-
-    Same grids and groups as ``gptq_quantize`` (a smaller last group when in % group_size != 0).
-    """
-    grid = IntGrid(bits, symmetric, qrange)
-    Wf = W.detach().to(_work_dtype(W))
-    Q = torch.empty_like(Wf)
-    g = group_size or Wf.shape[1]
-    for j in range(0, Wf.shape[1], g):
-        scale, zero = find_scale_zero(Wf[:, j : j + g], grid, mse_clip)
-        Q[:, j : j + g] = fake_quantize(Wf[:, j : j + g], scale, zero, grid)
-    return Q.to(W.dtype)
-
-
-# --- Hessian --------------------------------------------------------------------------------------------
-class HessianAccumulator:
-    """Running H = 2/N Σ xᵀx over the N input rows of a linear (GPTQ's Hessian), in float64.
-
-    ``add`` takes x [..., dim] and keeps only the [dim, dim] Gram matrix, never the activations.
-    N counts rows (tokens); the official code divides by the number of sequences instead, a constant
-    factor that changes no GPTQ result (the dampening is relative to mean(diag H)).
-    """
-
-    def __init__(self, dim: int) -> None:
-        self.dim = dim
-        self.count = 0
-        self.gram: torch.Tensor | None = None
-
-    @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
-        """Σ xᵀx += x2ᵀ x2 with x2 = x [..., dim] flattened to [rows, dim]."""
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"expected inputs [..., {self.dim}], got {tuple(x.shape)}")
-        x2 = x.detach().reshape(-1, self.dim).to(torch.float64)
-        if self.gram is None:
-            self.gram = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=x.device)
-        self.gram.addmm_(x2.T, x2)
-        self.count += x2.shape[0]
-
-    @property
-    def H(self) -> torch.Tensor:
-        """2/N Σ xᵀx; [dim, dim] float64."""
-        if self.gram is None or self.count == 0:
-            raise ValueError("HessianAccumulator has no inputs yet")
-        return self.gram * (2.0 / self.count)
 
 
 # --- GPTQ, Algorithm 1 -----------------------------------------------------------------------------------
@@ -245,7 +94,7 @@ def gptq_quantize(
     if group_size < 0:
         raise ValueError(f"group_size={group_size}: must be >= 0 (0 = per output channel)")
     grid = IntGrid(bits, symmetric, qrange)
-    work = _work_dtype(W)
+    work = torch.float64 if W.dtype == torch.float64 else torch.float32
     W_ = W.detach().to(work).clone()  # [out, in]
     H_ = H.detach().to(device=W.device, dtype=torch.float64, copy=True)  # [in, in]
     dead = zero_dead_inputs_(W_, H_)
@@ -258,7 +107,9 @@ def gptq_quantize(
     if group_size == 0 or static_groups:  # all grids from the original W (per channel: order-free)
         for k, j in enumerate(range(0, in_f, g)):
             s, z = find_scale_zero(W_[:, j : j + g], grid, mse_clip)
-            scale[:, k : k + 1], zero[:, k : k + 1] = s, z
+            scale[:, k : k + 1] = s
+            if z is not None:
+                zero[:, k : k + 1] = z
             g_idx[j : j + g] = k
 
     perm = act_order_permutation(H_) if act_order else None
@@ -279,11 +130,13 @@ def gptq_quantize(
             if group_size and not static_groups and j % g == 0:  # a new group in the (permuted) order
                 k = j // g
                 s, z = find_scale_zero(_current_columns(W_, W1, Err1, Hinv, i1, i, min(j + g, in_f)), grid, mse_clip)
-                scale[:, k : k + 1], zero[:, k : k + 1] = s, z
+                scale[:, k : k + 1] = s
+                if z is not None:
+                    zero[:, k : k + 1] = z
                 g_idx[col[j : j + g]] = k
             k = int(g_idx[col[j]]) if group_size else 0
             w = W1[:, i : i + 1]  # [out, 1]
-            q = fake_quantize(w, scale[:, k : k + 1], zero[:, k : k + 1], grid)
+            q = fake_quantize(w, scale[:, k : k + 1], None if grid.symmetric else zero[:, k : k + 1], grid)
             Q[:, j : j + 1] = q
             d = Hinv1[i, i]
             err = (w - q) / d  # [out, 1]

@@ -1,42 +1,27 @@
-"""Fake quantizers (quantize -> dequantize). Pure functions of tensors.
+"""Fake quantization (quantize -> dequantize) of weights and activations as a :class:`QuantScheme` says, on the
+grids of :mod:`masquant.quant.grid`. Pure functions of tensors.
 
-Symmetric grid, ``int_range="narrow"`` (the paper's and the official MASQuant code's, default): integers in
-[-(2^(b-1)-1), 2^(b-1)-1], scale = clip * absmax / (2^(b-1)-1). ``int_range="full"`` (compressed-tensors,
-the deployment kernels): integers in [-2^(b-1), 2^(b-1)-1], scale = clip * absmax / ((2^b-1)/2), e.g.
-absmax / 7.5 at 4 bits, so the grid spends its extra level.
-Asymmetric grid: integers in [0, 2^b-1] with a zero point, scale = clip * (max - min) / (2^b - 1).
-With ``ste=True`` rounding uses the straight-through estimator and the scale keeps its gradient,
-so gradients reach both the input and the dynamic range (as MAS learning needs).
+Weights: per output channel, per group of input columns (a smaller last group when the width is not a multiple)
+or per tensor. Activations: dynamic per token or per tensor, or a static per-tensor scale calibrated offline.
+With ``ste=True`` rounding uses the straight-through estimator and the scale keeps its gradient (MAS learning).
 """
 
 from __future__ import annotations
 
 import torch
 
+from masquant.quant.grid import (
+    IntGrid,
+    fake_quantize,
+    fake_quantize_range,
+    quantize_groups,
+    round_ste,
+    symmetric_scale,
+)
 from masquant.quant.scheme import QuantScheme
 
-_EPS = 1e-8
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """round(x) forward, identity backward."""
-    return (x.round() - x).detach() + x
-
-
-def _round(x: torch.Tensor, ste: bool) -> torch.Tensor:
-    return round_ste(x) if ste else torch.round(x)
-
-
-def sym_qmax(bits: int) -> int:
-    return 2 ** (bits - 1) - 1
-
-
-def sym_grid(bits: int, int_range: str = "narrow") -> tuple[int, int, float]:
-    """(lowest code, highest code, absmax divisor) of the symmetric grid."""
-    qmax = sym_qmax(bits)
-    if str(getattr(int_range, "value", int_range)) == "full":
-        return -(qmax + 1), qmax, (2**bits - 1) / 2
-    return -qmax, qmax, float(qmax)
+__all__ = ["fake_quant_asym", "fake_quant_sym", "quantize_activation", "quantize_groups", "quantize_weight",
+           "round_ste", "sqnr_db", "static_act_scale"]
 
 
 def fake_quant_sym(
@@ -48,13 +33,11 @@ def fake_quant_sym(
     scale: torch.Tensor | None = None,
     int_range: str = "narrow",
 ) -> torch.Tensor:
-    """Symmetric abs-max fake quantization, reducing over ``dim`` (None = whole tensor)."""
-    qmin, qmax, divisor = sym_grid(bits, int_range)
-    if scale is None:
-        amax = x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)
-        scale = (amax * clip_ratio / divisor).clamp(min=_EPS)
-    q = torch.clamp(_round(x / scale, ste), qmin, qmax)
-    return q * scale
+    """Symmetric abs-max fake quantization, reducing over ``dim`` (None = whole tensor), or with a given scale."""
+    grid = IntGrid(bits, True, int_range)
+    if scale is not None:
+        return fake_quantize(x, scale, None, grid, ste)
+    return fake_quantize_range(x, grid, clip_ratio, dim, ste)
 
 
 def fake_quant_asym(
@@ -64,18 +47,8 @@ def fake_quant_asym(
     clip_ratio: float = 1.0,
     ste: bool = False,
 ) -> torch.Tensor:
-    """Asymmetric min-max fake quantization with an integer zero point."""
-    qmax = 2**bits - 1
-    if dim is None:
-        xmin, xmax = x.amin(), x.amax()
-    else:
-        xmin, xmax = x.amin(dim=dim, keepdim=True), x.amax(dim=dim, keepdim=True)
-    xmin = (xmin * clip_ratio).clamp(max=0)
-    xmax = (xmax * clip_ratio).clamp(min=0)
-    scale = ((xmax - xmin) / qmax).clamp(min=_EPS)
-    zero = _round(-xmin / scale, ste)
-    q = torch.clamp(_round(x / scale, ste) + zero, 0, qmax)
-    return (q - zero) * scale
+    """Asymmetric min-max fake quantization with an integer zero point, reducing over ``dim``."""
+    return fake_quantize_range(x, IntGrid(bits, False), clip_ratio, dim, ste)
 
 
 def quantize_weight(W: torch.Tensor, scheme: QuantScheme, ste: bool = False) -> torch.Tensor:
@@ -91,22 +64,6 @@ def quantize_weight(W: torch.Tensor, scheme: QuantScheme, ste: bool = False) -> 
     if scheme.w_granularity == "tensor":
         return fq(W, dim=None, **kw)
     return quantize_groups(W, scheme.w_group_size, lambda G: fq(G, dim=-1, **kw))
-
-
-def quantize_groups(W: torch.Tensor, group_size: int, fq) -> torch.Tensor:
-    """Apply ``fq`` to groups of ``group_size`` input columns of W [out, in], reducing over the last dim.
-
-    When ``in`` is not a multiple of the group size, the last group is smaller (its own scale over its
-    ``in % group_size`` columns; no padding, so no column is rounded against zeros it does not have).
-    Testbed widths 576 and 1536 with group 128: 4 full groups + one of 64 at 576.
-    """
-    out_f, in_f = W.shape
-    g = min(group_size, in_f)
-    full = (in_f // g) * g
-    parts = [fq(W[:, :full].reshape(out_f, in_f // g, g)).reshape(out_f, full)]
-    if full < in_f:
-        parts.append(fq(W[:, full:].reshape(out_f, 1, in_f - full)).reshape(out_f, in_f - full))
-    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
 def quantize_activation(
@@ -131,7 +88,7 @@ def quantize_activation(
 
 def static_act_scale(absmax: torch.Tensor, bits: int, clip_ratio: float = 1.0, int_range: str = "narrow") -> torch.Tensor:
     """Static symmetric per-tensor scale from a calibrated abs-max."""
-    return (absmax * clip_ratio / sym_grid(bits, int_range)[2]).clamp(min=_EPS)
+    return symmetric_scale(absmax, IntGrid(bits, True, int_range), clip_ratio)
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:

@@ -29,7 +29,9 @@ from importlib import resources
 
 import pandas as pd
 
-from masquant.reporting.table import metric_value
+from masquant.methods.registry import method_order
+from masquant.evaluation.metrics import metric_value
+from masquant.evaluation.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +59,18 @@ class Layout:
     columns: tuple[Column, ...]
 
 
-MMMU = Column("MMMU", ("eval/mmmu_val/mmmu_acc",), reference="mmmu")
-OCRBENCH = Column("OCRBench", ("eval/ocrbench/hit_rate", "eval/ocrbench/ocrbench_accuracy"), reference="ocrbench")
-VIZWIZ = Column("VizWiz", ("eval/vizwiz_vqa_val/exact_match",), reference="vizwiz")
-SQA = Column("SQA", ("eval/scienceqa_img/exact_match",), reference="scienceqa")
-TEXTVQA = Column("TextVQA", ("eval/textvqa_val/exact_match",), reference="textvqa")
-# lmms-eval 0.7.3 reports these three in percent already (librispeech_wer, wenet_speech mer, omni_bench accuracy)
-LIBRISPEECH_WER = Column("LibriSpeech WER", ("eval/librispeech_test_other/wer",), scale=1.0,
-                         reference="librispeech_wer", higher_is_better=False)
-WENETSPEECH_WER = Column("WenetSpeech WER", ("eval/wenet_speech_test_net/mer",), scale=1.0,
-                         reference="wenetspeech_wer", higher_is_better=False)
-OMNIBENCH = Column("OmniBench", ("eval/omni_bench/accuracy",), scale=1.0, reference="omnibench")
+
+
+def task_column(task: str) -> Column:
+    """The column of a registered benchmark task (masquant.evaluation.tasks.TASKS)."""
+    t = TASKS[task]
+    return Column(t.label, t.metric_keys, scale=t.scale, reference=t.reference, higher_is_better=t.higher_is_better)
+
+
+MMMU, OCRBENCH, VIZWIZ, SQA, TEXTVQA = (task_column(t) for t in
+                                        ("mmmu_val", "ocrbench", "vizwiz_vqa_val", "scienceqa_img", "textvqa_val"))
+LIBRISPEECH_WER, WENETSPEECH_WER, OMNIBENCH = (task_column(t) for t in
+                                               ("librispeech_test_other", "wenet_speech_test_net", "omni_bench"))
 # our perplexity is on the project's own text, not the paper's: no reference
 PPL = Column("PPL", ("fidelity/ppl",), scale=1.0, higher_is_better=False, decimals=2)
 SQNR_COLUMNS = tuple(Column(f"SQNR {modality} (dB)", (f"fidelity/sqnr/{modality}/e2e",), scale=1.0, decimals=2)
@@ -115,7 +118,11 @@ ABLATION_METHOD = "masquant"
 PAPER_SETTING = ("", "")  # the setting of Tables 1-2: the method at its defaults
 
 BITS_ORDER = ("FP16", "W4A16-g128", "W8A8", "W4A8", "W4A6")
-METHOD_ORDER = ("dense", "rtn", "smoothquant", "awq", "mbq", "quarot", "mquant", "masquant")
+# the method rows of the papers whose tables this project reproduces (MASQuant Tables 1-2, the rotation
+# baselines): a sweep may drop the jobs of such a method when a checkout does not register it
+# (hydra.sweeper.drop_unregistered). Facts about the papers, not a list of our methods: the table order of
+# registered methods is their registration's (masquant.methods.registry.method_order).
+PAPER_METHODS = ("dense", "rtn", "smoothquant", "awq", "mbq", "quarot", "mquant", "masquant")
 MISSING = "-"
 
 # (setting, model, method, bits, reference column) -> published number
@@ -403,7 +410,7 @@ def _frame(rows: list[dict], keys: Sequence[str], columns: Sequence[Column]) -> 
 def paper_table(results: Iterable[Mapping], layout: Layout = TABLE1,
                 references: Mapping[ReferenceKey, float] | None = None, stand_in: StandIn = StandIn()) -> PaperTable:
     """Rows model × bits × method in the paper's order (FP16 first, then W4A16, W8A8, W4A8, W4A6, then other
-    bits; methods dense, rtn, smoothquant, awq, mbq, quarot, mquant, masquant, then others), one per
+    bits; methods in their registered order, then unregistered ones), one per
     (model, bits, method label, calib samples, eval limit), columns the layout's; ``references`` defaults to
     the layout's CSV. Only a method at its defaults (label == id) is compared with the paper."""
     if references is None:
@@ -412,7 +419,7 @@ def paper_table(results: Iterable[Mapping], layout: Layout = TABLE1,
 
     def order(key: RowKey):
         method_id = parse_method_label(key[2])[0]
-        return (_model_rank(key[0]), _rank(key[1], BITS_ORDER), _rank(method_id, METHOD_ORDER), key[2],
+        return (_model_rank(key[0]), _rank(key[1], BITS_ORDER), method_order(method_id), key[2],
                 _sortable(key[3]), _sortable(key[4]))
 
     keys = ("model", "bits", "method", "calib", "limit", "n")

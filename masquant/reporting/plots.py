@@ -13,13 +13,13 @@ Each function writes one PNG and returns its path (None when there is nothing to
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
 
-_LAYER_SQNR = re.compile(r"^fidelity/sqnr/(?P<modality>\w+)/layer_(?P<layer>\d+)$")
+from masquant.evaluation.metrics import SQNR_KEY
+
 
 
 def _pyplot():
@@ -85,10 +85,10 @@ def plot_table_bars(table, column: str, path: str | Path, title: str = "") -> Pa
 
 
 def _method_rank(label: str) -> tuple[int, str]:
-    from masquant.reporting.paper import METHOD_ORDER, parse_method_label
+    from masquant.methods.registry import method_order
+    from masquant.reporting.paper import parse_method_label
 
-    method_id = parse_method_label(label.split(" ")[0])[0]
-    return (METHOD_ORDER.index(method_id) if method_id in METHOD_ORDER else len(METHOD_ORDER), label)
+    return (*method_order(parse_method_label(label.split(" ")[0])[0]), label)
 
 
 def run_label(result: Mapping) -> str:
@@ -101,8 +101,8 @@ def layer_sqnr_frames(results: Sequence[Mapping]) -> dict[str, pd.DataFrame]:
     series: dict[str, dict[str, dict[int, float]]] = {}
     for result in results:
         for key, value in result.items():
-            m = _LAYER_SQNR.match(key)
-            if m and _finite(value):
+            m = SQNR_KEY.match(key)
+            if m and m["layer"] is not None and _finite(value):
                 series.setdefault(m["modality"], {}).setdefault(run_label(result), {})[int(m["layer"])] = value
     return {modality: pd.DataFrame(columns).sort_index() for modality, columns in series.items()}
 

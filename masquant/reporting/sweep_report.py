@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from masquant.reporting.paper import (LAYOUTS, SQNR_COLUMNS, Column, Layout, PaperTable, StandIn,
                                       ablation_table, paper_table)
 from masquant.reporting.plots import layer_sqnr_frames, plot_layer_sqnr, plot_table_bars
-from masquant.reporting.store import is_finished, load_result, write_json_atomic
+from masquant.runs.store import is_finished, load_result, write_json_atomic
 
 log = logging.getLogger(__name__)
 RECORD = "sweep.json"
@@ -68,7 +68,7 @@ def _with_models(comparison: StandIn, results: Sequence[dict]) -> StandIn:
 
 def layout_table(sweep_cfg, results: Sequence[dict]) -> PaperTable | None:
     """The sweep's table in its ``sweep.table`` layout, or None for the one-row-per-run table."""
-    from masquant.report import method_defaults
+    from masquant.reporting.cli import method_defaults
 
     name = OmegaConf.select(sweep_cfg, "table")
     comparison = _with_models(stand_in(sweep_cfg), results)
@@ -125,7 +125,7 @@ def dropped_notes(dropped: Sequence, jobs: Sequence[Sequence[str]] = ()) -> str:
 
 def sweep_report(config, run_dirs: Sequence, sweep_dir: Path, dropped: Sequence = (), run_jobs: Sequence = ()) -> str:
     """Write the sweep's tables and plots into ``sweep_dir``; returns the Markdown that was written."""
-    from masquant.report import format_paper, format_run_table, write_text_atomic
+    from masquant.reporting.cli import format_paper, format_run_table, write_text_atomic
 
     sweep_dir = Path(sweep_dir)
     results = finished_results(run_dirs)

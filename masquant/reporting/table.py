@@ -5,28 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
-# each task's headline metric names, tried in order: OCRBench's ``hit_rate`` (hits / documents scored) is
-# written since lmms-eval's own ``ocrbench_accuracy`` (hits / 1000) is kept; older results carry the hit
-# rate under ``ocrbench_accuracy``.
+from masquant.evaluation.metrics import benchmark_average, task_scores
+from masquant.evaluation.tasks import TASKS
+
 log = logging.getLogger(__name__)
-TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "textvqa_val": ("exact_match",),
-    "vizwiz_vqa_val": ("exact_match",),
-    "scienceqa_img": ("exact_match",),
-    "ocrbench": ("hit_rate", "ocrbench_accuracy"),
-    "mmmu_val": ("mmmu_acc",),
-}
-SHORT = {"textvqa_val": "TextVQA", "vizwiz_vqa_val": "VizWiz", "scienceqa_img": "SQA", "ocrbench": "OCRBench", "mmmu_val": "MMMU"}
-# Omni tasks whose lmms-eval metric is already a percentage: OmniBench's accuracy (in the average) and the
-# speech error rates (lower is better; never averaged with accuracies).
-PERCENT_TASKS: dict[str, tuple[str, str]] = {"omni_bench": ("accuracy", "OmniBench")}
-ERROR_RATE_TASKS: dict[str, tuple[str, str]] = {"librispeech_test_other": ("wer", "WER LS-other"),
-                                                "wenet_speech_test_net": ("mer", "MER Wenet-net")}
 
 
 def collect_results(root: str | Path, skipped: list[str] | None = None) -> list[dict]:
@@ -62,45 +48,17 @@ def collect_result_files(root: str | Path, skipped: list[str] | None = None) -> 
     return results
 
 
-def metric_value(m: dict, keys: Sequence[str]) -> float | None:
-    """The first of ``keys`` that ``m`` has: the key itself (unfiltered), else its first filtered variant
-    ``key/<filter>``."""
-    for key in keys:
-        if key in m:
-            return m[key]
-        filtered = next((v for k, v in m.items() if k.startswith(key + "/")), None)
-        if filtered is not None:
-            return filtered
-    return None
-
-
-def _task_score(m: dict, task: str) -> float | None:
-    """The task's headline metric (see :data:`TASK_METRICS`)."""
-    return metric_value(m, [f"eval/{task}/{metric}" for metric in TASK_METRICS[task]])
-
-
 def results_frame(results: list[dict]) -> pd.DataFrame:
     rows = []
     for m in results:
         row = {"model": m.get("run/model"), "method": m.get("run/method_label", m.get("run/method")), "bits": m.get("run/bits"),
                "calib": m.get("run/calib_samples"), "limit": m.get("run/eval_limit")}
-        scores = []
-        for task, short in SHORT.items():
-            v = _task_score(m, task)
-            if v is not None:
-                row[short] = 100 * v
-                scores.append(100 * v)
-        for task, (metric, short) in PERCENT_TASKS.items():
-            v = metric_value(m, [f"eval/{task}/{metric}"])
-            if v is not None:
-                row[short] = v
-                scores.append(v)
-        if scores:
-            row["Avg"] = sum(scores) / len(scores)
-        for task, (metric, short) in ERROR_RATE_TASKS.items():
-            v = metric_value(m, [f"eval/{task}/{metric}"])
-            if v is not None:
-                row[short] = v
+        scores = task_scores(m)
+        row.update({TASKS[t].label: v for t, v in scores.items() if TASKS[t].higher_is_better})
+        average = benchmark_average(m)
+        if average is not None:
+            row["Avg"] = average
+        row.update({TASKS[t].label: v for t, v in scores.items() if not TASKS[t].higher_is_better})
         for mod in ("text", "vision", "audio"):
             v = m.get(f"fidelity/sqnr/{mod}/e2e")
             if v is not None:

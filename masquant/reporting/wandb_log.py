@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from masquant.reporting.store import write_json_atomic
+from masquant.runs.store import write_json_atomic
 from masquant.reporting.table import results_frame
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ import random
 import numpy as np
 
 from masquant.testbed.speech import SAMPLE_RATE, VOICES, synthesize
-from masquant.testbed.tasks import COLORS, SHAPES, shape_image
+from masquant.testbed.tasks import SHAPES, shape_image
 
 AUDIO_TASKS = ("librispeech_test_other", "omni_bench")
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")

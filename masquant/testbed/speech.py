@@ -16,6 +16,8 @@ import wave
 
 import numpy as np
 
+from masquant.calibration.audio import resample
+
 SAMPLE_RATE = 16000
 ESPEAK = "espeak-ng"
 ESPEAK_INSTALL_HINT = "apt-get install espeak-ng (Debian/Ubuntu; bash scripts/setup.sh does it where it can)"
@@ -38,18 +40,6 @@ def espeak_version() -> str | None:
     out = subprocess.run([ESPEAK, "--version"], capture_output=True, text=True, check=False).stdout
     m = re.search(r"text-to-speech:\s*(\S+)", out)
     return m.group(1) if m else out.strip()[:40] or None
-
-
-def resample(x: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
-    """Band-limited resampling by the FFT (clips are a few seconds long)."""
-    if rate_in == rate_out:
-        return x.astype(np.float32)
-    n_out = int(round(len(x) * rate_out / rate_in))
-    X = np.fft.rfft(x)
-    keep = n_out // 2 + 1
-    Y = np.zeros(keep, dtype=complex)
-    Y[:min(keep, len(X))] = X[:min(keep, len(X))]
-    return (np.fft.irfft(Y, n_out) * (n_out / len(x))).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -1,6 +1,6 @@
 """Deterministic synthetic stand-ins for the five lmms-eval benchmarks, drawn with PIL.
 
-Each task keeps the real lmms-eval document schema (see lmms-eval-facts.md) and the
+Each task keeps the real lmms-eval document schema (docs/evaluation.md) and the
 prompt the real task sends (`benchmark_prompt`, mirroring lmms-eval 0.7.3's default
 `doc_to_text`), so a model trained on `make_training_samples` answers the real prompts.
 
@@ -23,7 +23,9 @@ from collections.abc import Callable, Sequence
 
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-TESTBED_TASKS = ("textvqa_val", "vizwiz_vqa_val", "scienceqa_img", "ocrbench", "mmmu_val")
+from masquant.evaluation.tasks import EVAL_TASKS
+
+TESTBED_TASKS = EVAL_TASKS  # documents of the five image tasks (MASQuant Table 1)
 SPLITS = ("train", "calib", "eval")
 
 COLORS = {

@@ -268,13 +268,9 @@ def norms_fused(adapter) -> bool:
 # --- 2. residual rotation -------------------------------------------------------------------------------
 def check_residual_rotation(adapter) -> None:
     """Raise :class:`RotationUnsupported` (with the adapter's reason) when the residual cannot rotate exactly."""
-    name = type(adapter).__name__
-    if not adapter.supports_residual_rotation:
-        raise RotationUnsupported(f"{name} cannot be rotated exactly: {adapter.residual_rotation_blocker or 'see the adapter'}")
-    try:
-        adapter.encoder_output_linears()
-    except NotImplementedError as err:
-        raise RotationUnsupported(str(err)) from None
+    reason = type(adapter).residual_rotation_refusal()
+    if reason:
+        raise RotationUnsupported(reason)
 
 
 def residual_rotation(n: int, seed: int) -> torch.Tensor:

@@ -19,15 +19,16 @@ from baselines.awq.core import (
 from baselines.awq.method import AWQ, AWQConfig
 from baselines.awq.search import TokenSubsample, search_pair_scale, trial_linear
 from baselines.rtn.method import RTNConfig
-from masquant import pipeline
+from masquant.app import pipeline
 from masquant.adapters import get_adapter
 from masquant.calibration.data import CalibrationSet
-from masquant.calibration.walker import BlockCall
-from masquant.methods.base import MethodConfigError, QuantContext
+from masquant.engine.walker import BlockCall
+from masquant.engine.context import QuantContext
+from masquant.errors import MethodConfigError
 from masquant.quant import ModalityRouter, QuantScheme, attach_router
 from masquant.quant.quantizer import quantize_activation, quantize_weight, sqnr_db
-from masquant.registry import build_method
-from masquant.validation import ConfigError
+from masquant.methods.registry import build_method
+from masquant.errors import ConfigError
 from support.tiny import MODEL_TYPES, final_hidden, prompts, tiny
 
 W4G32 = QuantScheme("w4a16_g32", 4, 16, w_symmetric=False, w_granularity="group", w_group_size=32)
@@ -108,7 +109,7 @@ def test_search_picks_the_planted_alpha(planted):
     with torch.no_grad():
         down.weight.copy_(planted_down_weight(x_mean, planted, down.out_features, 32, 4))
     X = torch.randn(2, 40, down.in_features, generator=gen) * x_mean
-    calls = [BlockCall((X[k:k + 1],), {}) for k in range(2)]
+    calls = [BlockCall((), {}, X[k:k + 1]) for k in range(2)]
     with torch.no_grad():
         targets = [down(c.input) for c in calls]
     result = search_pair_scale(adapter, layer, pair, calls, targets, x_mean, W4G32, alpha_grid(), "cpu")

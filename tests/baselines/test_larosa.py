@@ -21,7 +21,7 @@ from baselines.larosa.core import (
 )
 from baselines.larosa.method import LaRoSA, LaRoSAConfig, layer_sparsifiers
 from masquant.adapters import get_adapter
-from masquant.methods.base import MethodConfigError
+from masquant.errors import MethodConfigError
 from masquant.quant import QuantLinear, QuantScheme
 from masquant.quant.quantizer import quantize_activation, quantize_weight, sqnr_db
 from support.tiny import MODEL_TYPES, final_hidden, prompts, run_method, tiny
@@ -188,7 +188,7 @@ def test_sparsity_then_quantization():
 
 
 def test_gptq_weights_compose(compose_cfg, tiny_overrides):
-    from masquant import pipeline
+    from masquant.app import pipeline
 
     m = pipeline.run(compose_cfg(*tiny_overrides, "method=larosa", "quant=w4a8", "quant.w_quantizer=gptq"))
     assert m["run/method_label"] == "larosa(w_quantizer=gptq)" and m["larosa/gptq_s_per_layer"] > 0
@@ -196,7 +196,7 @@ def test_gptq_weights_compose(compose_cfg, tiny_overrides):
 
 
 def test_pipeline_end_to_end_reports_sparsity_and_per_modality_sqnr(compose_cfg, tiny_overrides):
-    from masquant import pipeline
+    from masquant.app import pipeline
 
     m = pipeline.run(compose_cfg(*tiny_overrides, "method=larosa", "quant=fp16", "method.sparsity=0.25"))
     assert m["run/method_label"] == "larosa(sparsity=0.25)" and m["run/bits"] == m["run/bits"]
@@ -210,8 +210,8 @@ def test_pipeline_end_to_end_reports_sparsity_and_per_modality_sqnr(compose_cfg,
 
 
 def test_cli_refuses_bad_options_before_loading(compose_cfg, tiny_overrides):
-    from masquant import pipeline
-    from masquant.validation import ConfigError
+    from masquant.app import pipeline
+    from masquant.errors import ConfigError
 
     with pytest.raises(ConfigError, match="average to 1"):
         pipeline.resolve(compose_cfg(*tiny_overrides, "method=larosa", "method.block_out_scale=1.5"))
@@ -228,7 +228,7 @@ def test_cli_refuses_bad_options_before_loading(compose_cfg, tiny_overrides):
 def test_testbed_text_perplexity_rises_monotonically_with_sparsity(compose_cfg):
     """The testbed's language model on the text corpus (benchmarks/text_ppl.py's setting, fewer samples):
     perplexity grows with the sparsity level; the TEAL-style Top-K without rotation is worse at 40 %."""
-    from masquant import pipeline
+    from masquant.app import pipeline
 
     base = ["modality=text_only", "calib=text", "eval=fidelity", "eval.ppl=true", "quant=fp16", "method=larosa",
             "calib.n_samples=8", "calib.held_out=2", "eval.ppl_sequences=8"]

@@ -15,16 +15,17 @@ from baselines.awq.search import search_pair_scale
 from baselines.mbq.core import answer_rows, modality_row_weights, sensitivity_ratios, sft_loss
 from baselines.mbq.method import MBQ, MBQConfig, modality_gradients
 from baselines.rtn.method import RTNConfig
-from masquant import pipeline
+from masquant.app import pipeline
 from masquant.adapters import get_adapter
 from masquant.adapters.tiny import tiny_rows
 from masquant.calibration.cache import StatsCache
 from masquant.calibration.data import CalibrationSet
-from masquant.calibration.walker import BlockCall
-from masquant.methods.base import MethodConfigError, QuantContext
+from masquant.engine.walker import BlockCall
+from masquant.engine.context import QuantContext
+from masquant.errors import MethodConfigError
 from masquant.quant import ModalityRouter, QuantLinear, QuantScheme, attach_router
 from masquant.quant.quantizer import sqnr_db
-from masquant.registry import build_method
+from masquant.methods.registry import build_method
 from support.tiny import MODEL_TYPES, calib_set, final_hidden, prompts, tiny
 from test_awq import W3G16, W4G32, planted_down_weight
 
@@ -84,11 +85,15 @@ def test_gradient_means_equal_autograd_on_the_o_and_down_outputs():
     assert all(p.requires_grad for p in model.parameters())  # the freeze was undone
 
 
+def _sensitivities(ctx):
+    return MBQ(MBQConfig()).sensitivities(ctx, ctx.calib.sft_batches())
+
+
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_ratios_are_finite_and_floored_at_the_median(model_type):
     model, processor, cls = tiny(model_type)
     ctx = _ctx(model, W4A8, calib_set(processor, cls, 3), _modalities(cls))
-    stats = MBQ(MBQConfig()).collect(ctx)
+    stats = MBQ(MBQConfig()).sensitivities(ctx, ctx.calib.sft_batches())
     for name in ("attn", "mlp"):
         r, raw = stats[f"r_{name}"], stats[f"r_{name}_raw"]
         assert torch.isfinite(r).all() and (r > 0).all(), (name, r)
@@ -122,7 +127,7 @@ def test_weighted_search_follows_the_heavier_modality(r, planted):
     X[0, n:2 * n, : D // 2] = 0  # answer rows: second half only
     vision = torch.arange(3 * n) < n
     answer = (torch.arange(3 * n) >= n) & (torch.arange(3 * n) < 2 * n)
-    call = BlockCall((X,), {})
+    call = BlockCall((), {}, X)
     with torch.no_grad():
         target = down(X)
     found = search_pair_scale(adapter, layer, pair, [call], [target], x_mean, W4G32, alpha_grid(), "cpu",
@@ -158,9 +163,10 @@ def test_mbq_without_answers_fails_before_any_model_work():
     calib = CalibrationSet.from_rows(processor, rows)
     calls = []
     model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    ctx = _ctx(model, W4A8, calib)
     with pytest.raises(MethodConfigError, match="method=mbq.*answer"):
-        MBQ(MBQConfig()).run(_ctx(model, W4A8, calib))
-    assert not calls and calib._captured is None
+        MBQ(MBQConfig()).run(ctx)
+    assert not calls and not ctx._captured  # no forward, no capture
 
 
 def test_checks_refuse_what_mbq_cannot_do():
@@ -179,8 +185,8 @@ def test_checks_refuse_what_mbq_cannot_do():
 def test_sensitivities_reload_identically_from_the_cache(tmp_path):
     model, processor, cls = tiny("qwen2_5_vl")
     cache = StatsCache(tmp_path)
-    first = MBQ(MBQConfig()).collect(_ctx(model, W4A8, calib_set(processor, cls, 2), cache=cache))
-    again = MBQ(MBQConfig()).collect(_ctx(model, W4A8, calib_set(processor, cls, 2), cache=cache))
+    first = _sensitivities(_ctx(model, W4A8, calib_set(processor, cls, 2), cache=cache))
+    again = _sensitivities(_ctx(model, W4A8, calib_set(processor, cls, 2), cache=cache))
     assert cache.hits == 1
     for k in first:
         assert torch.equal(first[k], again[k]), k
@@ -195,7 +201,7 @@ def test_mbq_scales_folded_without_quantization_leave_logits_unchanged(model_typ
         ref = model(**batch).logits
     ctx = _ctx(model, W3G16, calib_set(processor, cls, 3), _modalities(cls))
     method = MBQ(MBQConfig())
-    stats = method.collect(ctx)
+    stats = method.sensitivities(ctx, ctx.calib.sft_batches())
     sft_ctx, answers = method.sft_context(ctx, ctx.calib.sft_batches())
     scales = []
     for step in sft_ctx.walk(stats=True):

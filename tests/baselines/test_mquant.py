@@ -15,10 +15,11 @@ from baselines.mquant.method import MQuant, MQuantConfig
 from masquant.adapters import get_adapter
 from masquant.calibration.cache import StatsCache
 from masquant.calibration.data import CalibrationSet
-from masquant.methods.base import MethodConfigError, QuantContext
+from masquant.engine.context import QuantContext
+from masquant.errors import MethodConfigError
 from masquant.quant import ModalityPath, ModalityRouter, QuantLinear, QuantScheme, attach_router
 from masquant.quant.quantizer import quantize_weight, sqnr_db
-from masquant.registry import build_method
+from masquant.methods.registry import build_method
 from masquant.transforms.hadamard import hadamard_matrix
 from support.tiny import MODEL_TYPES, prompts, tiny
 
@@ -157,16 +158,26 @@ def test_decoding_tokens_take_the_text_scale():
 
 
 def test_aifs_changes_nothing_on_the_deployed_static_model():
+    """The deployed model with MSQ's per-modality static scales: AIFS runs the visual tokens first inside every
+    layer (seen from a linear: its rows arrive visual-first, with the router's masks reordered alike, so each row
+    still takes its own modality's scale) and the logits equal those without AIFS."""
     base, model, ctx, report, processor, cls = _mquant(MQuantConfig())
     assert report["mquant/aifs"] is True
     held = prompts(processor, cls, 1, seed=60)[0]
-    aifs_hooks = [h for layer in ctx.adapter.decoder_layers() for h in layer._forward_pre_hooks.values()]
-    assert aifs_hooks
+    text = ctx.adapter.modality_masks(held["input_ids"])["text"][0]
+    n_other = int((~text).sum())
+    assert n_other and text[: int((~text).nonzero()[0])].any()  # the image sits after some text
+    seen = []
+    q = ctx.adapter.linears(ctx.adapter.decoder_layers()[0])["q"]
+    probe = q.register_forward_pre_hook(lambda m, a: seen.append(ctx.router.masks["text"].clone()))
     with torch.no_grad():
         with_aifs = model(**held).logits
-        for layer in ctx.adapter.decoder_layers():
-            layer._forward_pre_hooks.clear()
-            layer._forward_hooks.clear()
+    probe.remove()
+    assert not seen[0][:n_other].any() and seen[0][n_other:].all()  # inside the layer: visual tokens first
+    for layer in ctx.adapter.decoder_layers():  # AIFS's hooks are the only hooks on the layers
+        layer._forward_pre_hooks.clear()
+        layer._forward_hooks.clear()
+    with torch.no_grad():
         without = model(**held).logits
     torch.testing.assert_close(with_aifs, without, rtol=1e-4, atol=1e-4)
 
@@ -240,7 +251,7 @@ def test_msq_beats_one_static_scale_on_the_testbed(compose_cfg):
 
     The perplexity of these 4-bit GPTQ models moves with the thread count alone (the same "one scale" run:
     43.7 with 1 thread, 39.7 and 48.2 with 2), so only the SQNR (stable to 0.02 dB) is asserted."""
-    from masquant import pipeline
+    from masquant.app import pipeline
 
     one = pipeline.run(compose_cfg(*STATIC, "method=mquant", "method.msq=false", "method.aifs=false", "method.rms=false"))
     msq = pipeline.run(compose_cfg(*STATIC, "method=mquant", "method.rms=false"))

@@ -10,7 +10,7 @@ import torch
 from baselines.quarot.core import KVQuantizer, kv_fake_quant, qk_hadamard
 from baselines.quarot.method import QuaRot, QuaRotConfig
 from masquant.adapters import adapter_class_for, get_adapter
-from masquant.methods.base import MethodConfigError
+from masquant.errors import MethodConfigError
 from masquant.quant import QuantLinear, QuantScheme
 from masquant.quant.quantizer import sqnr_db
 from support.tiny import MODEL_TYPES, final_hidden, prompts, run_method, tiny
@@ -123,7 +123,7 @@ def test_quarot_kv4_runs_and_generates():
 
 
 def test_pipeline_end_to_end_on_the_tiny_model(compose_cfg, tiny_overrides):
-    from masquant import pipeline
+    from masquant.app import pipeline
     from masquant.reporting.paper import parse_method_label
 
     m = pipeline.run(compose_cfg(*tiny_overrides, "method=quarot", "quant=w4a8", "quant.w_quantizer=gptq"))
@@ -163,14 +163,14 @@ def test_quarot_beats_rtn_on_the_testbed(compose_cfg, quant):
 
 
 def pipeline_run(compose_cfg, *overrides):
-    from masquant import pipeline
+    from masquant.app import pipeline
 
     return pipeline.run(compose_cfg(*TESTBED, *overrides))
 
 
 def test_cli_refuses_gemma3_with_a_configuration_error(compose_cfg, tiny_overrides):
-    from masquant import pipeline
-    from masquant.validation import ConfigError
+    from masquant.app import pipeline
+    from masquant.errors import ConfigError
 
     cfg = compose_cfg(*tiny_overrides, "model.tiny_type=gemma3", "method=quarot", "quant=w4a8")
     with pytest.raises(ConfigError, match="method=quarot: Gemma3Adapter cannot be rotated exactly"):

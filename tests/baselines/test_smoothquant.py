@@ -8,10 +8,11 @@ from baselines.smoothquant.core import smoothquant_factors as smooth_factors
 from baselines.smoothquant.method import SmoothQuantConfig
 from masquant.adapters import get_adapter
 from masquant.calibration.data import CalibrationSet
-from masquant.methods.base import MethodConfigError, QuantContext
+from masquant.engine.context import QuantContext
+from masquant.errors import MethodConfigError
 from masquant.quant import ModalityRouter, QuantScheme, attach_router
 from masquant.quant.quantizer import sqnr_db
-from masquant.registry import build_method
+from masquant.methods.registry import build_method
 from support.tiny import prompts, tiny
 
 _TINY = tiny("qwen2_5_vl")

@@ -20,13 +20,14 @@ import torch
 from baselines.rtn.method import RTNConfig
 from masquant.adapters import get_adapter
 from masquant.calibration.data import CalibrationSet
-from masquant.calibration.walker import capture_layer_inputs
-from masquant.methods.base import QuantContext
-from masquant.methods.masquant.analysis import channel_absmax, delta_w_rank_report, plot_channel_absmax, stream_sqnr
+from masquant.engine.walker import capture_stack_inputs
+from masquant.engine.context import QuantContext
+from masquant.methods.masquant.analysis import channel_absmax, delta_w_rank_report, stream_sqnr
+from masquant.reporting.plots import plot_channel_absmax
 from masquant.methods.masquant.config import CMCConfig, MASQuantConfig
 from masquant.quant import ModalityRouter, QuantLinear, QuantScheme, attach_router
 from masquant.quant.quantizer import quantize_activation, sqnr_db
-from masquant.registry import build_method
+from masquant.methods.registry import build_method
 from support.tiny import prompts, text_prompt, tiny
 
 W4A8 = QuantScheme("w4a8", 4, 8)
@@ -153,7 +154,7 @@ def test_smoothing_is_invariant_without_quantization(mllm_case, cfg):
 
 
 def test_check_refuses_fp16():
-    from masquant.methods.base import MethodConfigError
+    from masquant.errors import MethodConfigError
 
     with pytest.raises(MethodConfigError, match="method=dense"):
         build_method(MASQuantConfig()).check(FP, ("text", "vision"))
@@ -225,7 +226,7 @@ def test_analysis_helpers(mllm_case, tmp_path):
     fp = mllm_case.make_model()
     fp_adapter = get_adapter(fp)
     model, adapter, _ = quantize(mllm_case, MASQuantConfig(learn=False))
-    calib = capture_layer_inputs(fp, fp_adapter, mllm_case.eval_batches, "cpu")
+    calib = capture_stack_inputs(fp, fp_adapter.decoder_stack(), mllm_case.eval_batches, "cpu")
     per_layer = stream_sqnr(fp_adapter, adapter, calib, "cpu", adapter.linears(adapter.decoder_layers()[0])["q"].router)
     assert len(per_layer) == 2 and {"all", "text", "vision"} <= set(per_layer[0])
     assert all(10 < v < 80 for v in per_layer[0].values())

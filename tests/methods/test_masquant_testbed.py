@@ -7,8 +7,8 @@ measured figures are in the README (MASQuant section) and in the issue note.
 
 import pytest
 
-from masquant import pipeline
-from masquant.sweeper import configured_jobs
+from masquant.app import pipeline
+from masquant.sweep.sweeper import configured_jobs
 
 BASE = ["eval=fidelity", "eval.ppl=false"]
 CASES = [pytest.param(q, v, id=f"{v}-{q}") for v in ("mas", "mas+cmc") for q in ("w4a8", "w4a6")]

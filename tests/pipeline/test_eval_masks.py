@@ -6,10 +6,10 @@ from masquant.adapters import get_adapter
 from masquant.calibration.data import CalibrationSet, chat_inputs
 from masquant.evaluation import evaluate_lmms, write_local_task_data
 from support.evaluation import random_image, tiny_qwen_model, tiny_qwen_processor, tiny_task_docs
-from masquant.methods.base import QuantContext
+from masquant.engine.context import QuantContext
 from masquant.methods.masquant.config import CMCConfig, MASQuantConfig
 from masquant.quant import ModalityRouter, QuantLinear, QuantScheme, attach_router
-from masquant.registry import build_method
+from masquant.methods.registry import build_method
 
 
 def _lowrank_rows(model) -> int:

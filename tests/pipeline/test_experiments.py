@@ -4,13 +4,12 @@ every job without loading a model and smoke-runs on the tiny model (default) and
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
-from masquant import pipeline
-from masquant.registry import get_config_class, method_ids
-from masquant.reporting.paper import LAYOUTS, METHOD_ORDER, option_values
-from masquant.run import CONF_DIR, invocation_problems
-from masquant.sweeper import configured_jobs, inapplicable, method_of
+from masquant.app import pipeline
+from masquant.methods.registry import get_config_class, method_ids
+from masquant.reporting.paper import LAYOUTS, PAPER_METHODS, option_values
+from masquant.app.main import CONF_DIR, invocation_problems
+from masquant.sweep.sweeper import configured_jobs, inapplicable, method_of
 
 EXPERIMENTS = sorted(p.stem for p in Path(CONF_DIR, "experiment").glob("*.yaml"))
 TESTBED = [e for e in EXPERIMENTS if e.endswith("_testbed")]
@@ -25,7 +24,7 @@ def registered_jobs(compose_cfg, experiment, *extra):
     cfg = compose_cfg(f"experiment={experiment}", *extra, return_hydra_config=True)
     jobs = configured_jobs(cfg)
     missing = {method_of(j) for j in jobs} - set(method_ids()) - {None}
-    assert missing <= set(METHOD_ORDER), f"{experiment}: unknown method ids {missing}"
+    assert missing <= set(PAPER_METHODS), f"{experiment}: unknown method ids {missing}"
     jobs = [j for j in jobs if method_of(j) in (None, *method_ids())]
     if cfg.hydra.sweeper.get("drop_inapplicable"):  # the sweeper drops the schemes a method cannot run
         jobs = [j for j in jobs if inapplicable(compose_cfg(f"experiment={experiment}", *extra, *j)) is None]
@@ -52,14 +51,38 @@ def test_paper_experiment_and_every_job_of_its_sweep_compose(compose_cfg, experi
         _check_sweep_settings(compose_cfg(f"experiment={experiment}", *job), experiment)
 
 
+def _stated(experiment: str) -> set[str]:
+    """``group.key`` of calib and eval that the experiment's file, or an experiment it extends, sets."""
+    import yaml
+
+    data = yaml.safe_load(Path(CONF_DIR, "experiment", f"{experiment}.yaml").read_text())
+    stated = {f"{g}.{k}" for g in ("calib", "eval") for k in (data.get(g) or {})}
+    for parent in [d for d in data.get("defaults", []) if isinstance(d, str) and d in EXPERIMENTS]:
+        stated |= _stated(parent)
+    return stated
+
+
+def _cells(compose_cfg, experiment) -> set[tuple[str, str]]:
+    cfg = compose_cfg(f"experiment={experiment}", return_hydra_config=True)
+    return {(method_of(j), dict(o.split("=", 1) for o in j).get("quant", str(cfg.quant.name))) for j in configured_jobs(cfg)}
+
+
 @pytest.mark.parametrize("experiment", PAPER)
-def test_paper_experiment_states_its_settings_and_has_a_testbed_version(experiment):
-    text = Path(CONF_DIR, "experiment", f"{experiment}.yaml").read_text()
-    for said in ("Calibration", "Evaluation", "Limit used"):
-        assert said in text, f"{experiment}.yaml does not state its {said.lower()}"
-    versions = [e for e in TESTBED
-                if f"Testbed version of {experiment} " in Path(CONF_DIR, "experiment", f"{e}.yaml").read_text()]
-    assert versions, f"no *_testbed.yaml says it is the testbed version of {experiment}"
+def test_paper_experiment_sets_its_calibration_and_limit_and_has_a_testbed_version(compose_cfg, experiment):
+    """A paper table's experiment states its calibration set and evaluation limit as keys of its own file (not
+    inherited defaults), and a testbed experiment (``sweep.testbed_of``) runs every one of its (method, scheme)
+    cells on the testbed."""
+    assert {"calib.n_samples", "calib.seed", "eval.limit"} <= _stated(experiment), experiment
+    versions = [t for t in TESTBED if compose_cfg(f"experiment={t}").sweep.testbed_of == experiment]
+    assert versions, f"no testbed experiment has sweep.testbed_of={experiment}"
+    paper = {cell for cell in _cells(compose_cfg, experiment) if cell[0] in method_ids()}
+    assert paper <= set().union(*(_cells(compose_cfg, t) for t in versions)), experiment
+
+
+@pytest.mark.parametrize("experiment", TESTBED)
+def test_testbed_of_names_a_paper_experiment(compose_cfg, experiment):
+    testbed_of = compose_cfg(f"experiment={experiment}").sweep.testbed_of
+    assert testbed_of is None or testbed_of in PAPER, (experiment, testbed_of)
 
 
 def test_paper_table1_sweeps_the_papers_cells(compose_cfg):
@@ -74,7 +97,7 @@ def test_paper_table1_sweeps_the_papers_cells(compose_cfg):
 
 @pytest.mark.parametrize("experiment", TESTBED)
 def test_testbed_experiment_validates_every_job_without_a_model(compose_cfg, experiment, monkeypatch):
-    import masquant.models as models
+    import masquant.sources.loading as models
 
     monkeypatch.setattr(models, "load_model_and_processor", lambda *a, **k: pytest.fail("a model was loaded"))
     for job in registered_jobs(compose_cfg, experiment):

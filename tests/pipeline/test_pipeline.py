@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from masquant import pipeline
-from masquant.pipeline import ConfigError, resolve
-from masquant.run import run_with_reference
+from masquant.app import pipeline
+from masquant.app.pipeline import ConfigError, resolve
+from masquant.app.main import run_with_reference
 
 
 def test_end_to_end_dense_and_rtn_rows_then_skip(compose_cfg, tiny_overrides):
@@ -34,10 +34,10 @@ def test_crash_leaves_nothing_that_looks_finished(compose_cfg, tiny_overrides, m
     cfg = compose_cfg(*tiny_overrides, "method=rtn", "quant=w8a8", "reference=false")
     from baselines.rtn.method import RTN
 
-    def boom(self, ctx, stats):
+    def boom(self, ctx, step):
         raise RuntimeError("simulated crash during quantization")
 
-    monkeypatch.setattr(RTN, "apply", boom)
+    monkeypatch.setattr(RTN, "plan_block", boom)
     with pytest.raises(RuntimeError, match="simulated crash"):
         pipeline.run(cfg)
     spec = resolve(cfg)

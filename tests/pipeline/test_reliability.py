@@ -11,11 +11,9 @@ import os
 import sys
 
 import pytest
-import torch
 
-from masquant import pipeline
-from masquant.reporting import store
-from masquant.run import run_with_reference
+from masquant.app import pipeline
+from masquant.runs import store
 from support.cli import cli, loads  # noqa: F401  (fixtures)
 
 
@@ -33,8 +31,8 @@ TINY = ["model=tiny_qwen25vl", "calib=tiny", "eval=fidelity", "calib.n_samples=2
 
 # --- 1. bad method / quant values are found before the dense reference runs --------------------------------
 def test_bad_method_value_fails_before_the_reference_run(cli, loads, tmp_path):
-    out = _fails_before_load(cli, loads, *TINY, f"paths.output_root={tmp_path}/o", "method=smoothquant",
-                             "method.alpha=-1", match="method.alpha")
+    _fails_before_load(cli, loads, *TINY, f"paths.output_root={tmp_path}/o", "method=smoothquant",
+                       "method.alpha=-1", match="method.alpha")
     assert not (tmp_path / "o" / "runs").exists()  # not even the dense reference ran
 
 
@@ -191,10 +189,10 @@ def test_keys_that_would_be_ignored(cli, loads, tmp_path, overrides, match):
 def test_a_job_that_crashes_does_not_stop_the_sweep(cli, tmp_path, monkeypatch):
     from baselines.smoothquant.method import SmoothQuant
 
-    def boom(self, ctx, stats):
+    def boom(self, ctx, step):
         raise RuntimeError("simulated crash in one job")
 
-    monkeypatch.setattr(SmoothQuant, "apply", boom)
+    monkeypatch.setattr(SmoothQuant, "plan_block", boom)
     code, out = cli("-m", *TINY, f"paths.output_root={tmp_path}/o", "method=smoothquant,rtn", "quant=w8a8",
                     f"hydra.sweep.dir={tmp_path}/sweep")
     assert code == 1
@@ -270,7 +268,7 @@ def test_corrupt_statistics_cache_heals(compose_cfg, tmp_path):
 
 # --- 11. the report tool -----------------------------------------------------------------------------------
 def test_report_skips_bad_result_files_and_names_them(tmp_path, capsys):
-    from masquant.report import main as report
+    from masquant.reporting.cli import main as report
 
     good = {"run/model": "m", "run/method": "rtn", "run/bits": "W8A8", "fidelity/sqnr/text/e2e": 20.0}
     for name, content in [("good", json.dumps(good).encode()), ("truncated", b'{"run/model": "m", '),

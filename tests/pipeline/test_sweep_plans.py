@@ -17,7 +17,7 @@ import pytest
 import torch
 from support.cli import cli, loads  # noqa: F401  (fixtures)
 
-from masquant.sweeper import method_of, sweep_jobs
+from masquant.sweep.sweeper import method_of, sweep_jobs
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["model=tiny_qwen25vl", "calib=tiny", "eval=fidelity", "calib.n_samples=2", "calib.held_out=1", "eval.ppl=false"]
@@ -37,7 +37,7 @@ def _finished(root: Path) -> list[str]:
 @pytest.fixture
 def awq_mbq_unregistered(monkeypatch):
     """A checkout where AWQ and MBQ (paper methods) are not registered, e.g. a branch before they landed."""
-    from masquant import registry
+    from masquant.methods import registry
 
     registry.discover()
     for method_id in ("awq", "mbq"):
@@ -107,7 +107,7 @@ def test_dry_run_lists_the_valid_jobs_and_runs_nothing(cli, loads, tmp_path, awq
 
 # --- what jobs share, and what they must not ---------------------------------------------------------------
 def test_a_two_job_sweep_shares_the_reference_and_computes_statistics_once(cli, tmp_path, monkeypatch):
-    from masquant import pipeline
+    from masquant.app import pipeline
     from masquant.calibration.cache import StatsCache
 
     saved, loaded, computed = [], [], []
@@ -125,7 +125,7 @@ def test_a_two_job_sweep_shares_the_reference_and_computes_statistics_once(cli, 
 
 
 def test_job_scope_undoes_what_a_job_changed(tmp_path):
-    from masquant.jobs import job_scope
+    from masquant.app.jobs import job_scope
 
     root = logging.getLogger()
     before, threads = list(root.handlers), torch.get_num_threads()
@@ -142,7 +142,7 @@ def test_job_scope_undoes_what_a_job_changed(tmp_path):
 
 
 def test_a_job_returns_its_objective(compose_cfg, tmp_path):
-    from masquant.run import _job
+    from masquant.app.main import _job
 
     cfg = compose_cfg(*TINY, "method=rtn", "quant=w8a8", "sweep.objective=fidelity/sqnr/vision/e2e", "logger=none")
     value = _job(cfg)

@@ -11,7 +11,7 @@ from hydra.core.global_hydra import GlobalHydra
 @pytest.fixture
 def loads(monkeypatch):
     """Counts model loads (the expensive step every early check must precede)."""
-    import masquant.models as models
+    import masquant.sources.loading as models
 
     count = []
     real = models.load_model_and_processor
@@ -24,7 +24,7 @@ def cli(monkeypatch, tmp_path, capsys):
     """cli(*overrides) -> (exit status, stdout + stderr) of ``python -m masquant`` run in this process."""
 
     def _cli(*overrides: str):
-        from masquant.run import main
+        from masquant.app.main import main
 
         GlobalHydra.instance().clear()
         flags = [o for o in overrides if o.startswith("-")]

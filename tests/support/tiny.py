@@ -47,9 +47,9 @@ def final_hidden(model, batches: list[dict]) -> torch.Tensor:
 def run_method(model, cls, processor, cfg, scheme, n_calib: int = 4):
     """(the method's report, its QuantContext) after running ``cfg``'s method on a tiny model with routing attached."""
     from masquant.adapters import get_adapter
-    from masquant.methods.base import QuantContext
+    from masquant.engine.context import QuantContext
     from masquant.quant import ModalityRouter, attach_router
-    from masquant.registry import build_method
+    from masquant.methods.registry import build_method
 
     adapter = get_adapter(model)
     router = ModalityRouter(adapter.modality_masks)

@@ -4,9 +4,9 @@ import torch.nn as nn
 
 from baselines.rtn.method import RTNConfig
 from masquant.adapters import ROLES, adapter_class_for, get_adapter, supported_model_types
-from masquant.methods.base import QuantContext
+from masquant.engine.context import QuantContext
 from masquant.quant import ModalityRouter, QuantLinear, QuantScheme, attach_router
-from masquant.registry import build_method
+from masquant.methods.registry import build_method
 from support.tiny import MODEL_TYPES, prompts, text_prompt, tiny
 
 

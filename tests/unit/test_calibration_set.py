@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from masquant.calibration.data import IGNORE_INDEX, CalibrationDataError, CalibrationSet, chat_inputs
-from masquant.methods.base import DeployWeight, QuantContext, quantize_layer_
+from masquant.engine.context import QuantContext
+from masquant.engine.deploy import DeployWeight, deploy_block_
 from masquant.adapters import get_adapter
 from masquant.quant import ModalityRouter, QuantLinear, QuantScheme
 from masquant.adapters.tiny import random_image, tiny_rows
@@ -44,9 +45,9 @@ def test_sft_batches_need_answers_and_say_how_to_get_them():
 def test_with_answers_calibrates_on_prompt_and_answer_tokens(compose_cfg, tiny_overrides):
     """calib.with_answers: each calibration batch is the prompt followed by its answer (what SFT batches hold,
     without labels); the held-out prompts stay prompts; rows without answers are refused, naming the key."""
-    from masquant.models import calibration_sets
-    from masquant.pipeline import resolve
-    from masquant.validation import ConfigError
+    from masquant.sources import calibration_sets
+    from masquant.app.pipeline import resolve
+    from masquant.errors import ConfigError
 
     _, processor, cls = tiny("qwen2_5_vl")
     rows = tiny_rows(2, 0)
@@ -71,17 +72,17 @@ def test_with_answers_calibrates_on_prompt_and_answer_tokens(compose_cfg, tiny_o
 
 def test_file_split_is_disjoint_and_recorded(tmp_path, compose_cfg):
     from masquant.adapters import adapter_class_for
-    from masquant.models import calibration_rows
+    from masquant.sources import calibration_source
 
     rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(12)]
     path = tmp_path / "calib.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     cfg = compose_cfg("calib=file", f"calib.path={path}", "calib.n_samples=6", "calib.held_out=3")
-    calib, held, desc = calibration_rows(cfg.calib, adapter_class_for("qwen2_5_vl"), 6, 3)
+    calib, held, desc = calibration_source("file").rows(cfg.calib, adapter_class_for("qwen2_5_vl"), 6, 3)
     assert len(calib) == 6 and len(held) == 3
     assert not {r["question"] for r in calib} & {r["question"] for r in held}
     assert desc["rows"] and desc["held_out_rows"] and not set(desc["rows"]) & set(desc["held_out_rows"])
-    again = calibration_rows(cfg.calib, adapter_class_for("qwen2_5_vl"), 6, 3)[2]
+    again = calibration_source("file").rows(cfg.calib, adapter_class_for("qwen2_5_vl"), 6, 3)[2]
     assert again == desc  # seeded
 
 
@@ -92,7 +93,7 @@ def test_deploy_path_takes_weights_a_method_already_quantized():
                        torch.device("cpu"), ("text",))
     layer = adapter.decoder_layers()[0]
     given = {role: torch.randn_like(lin.weight) for role, lin in adapter.linears(layer).items()}
-    quantize_layer_(ctx, layer, weight_for=lambda role, lin: DeployWeight(given[role], quantized=True),
+    deploy_block_(ctx, layer, weight_for=lambda role, lin: DeployWeight(given[role], quantized=True),
                     input_transform_for=lambda role, lin: torch.nn.Identity() if role == "down" else None)
     for role, lin in adapter.linears(layer).items():
         assert isinstance(lin, QuantLinear) and torch.equal(lin.weight, given[role])

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from masquant import environment as env
+from masquant.runs import environment as env
 
 
 def test_installed_packages_match_the_lock():

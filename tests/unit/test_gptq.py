@@ -3,14 +3,9 @@
 import pytest
 import torch
 
-from masquant.quant.gptq import (
-    HessianAccumulator,
-    IntGrid,
-    find_scale_zero,
-    fake_quantize,
-    gptq_quantize,
-    rtn_quantize,
-)
+from masquant.calibration.stats import Gram
+from masquant.quant.gptq import gptq_quantize
+from masquant.quant.grid import IntGrid, fake_quantize, find_scale_zero, rtn_quantize
 from masquant.quant.quantizer import fake_quant_asym, fake_quant_sym
 
 GRIDS = [dict(symmetric=True, qrange="narrow"), dict(symmetric=True, qrange="full"), dict(symmetric=False)]
@@ -62,9 +57,9 @@ def reference_gptq(W, H, grid, group_size, act_order, static_groups, percdamp=0.
 
 
 # --- Hessian ---------------------------------------------------------------------------------------------
-def test_hessian_accumulator_is_2_over_N_XtX():
+def test_gram_accumulates_XtX_and_its_hessian_is_2_over_N_XtX():
     X = correlated_inputs(n=300, d=16).float()
-    acc = HessianAccumulator(16)
+    acc = Gram(16)
     acc.add(X[:7])  # [rows, dim]
     acc.add(X[7:107].reshape(4, 25, 16))  # [batch, seq, dim]
     acc.add(X[107:].reshape(1, 193, 16))
@@ -72,11 +67,11 @@ def test_hessian_accumulator_is_2_over_N_XtX():
     assert acc.count == 300
     assert acc.gram.dtype == torch.float64
     torch.testing.assert_close(acc.gram, Xd.T @ Xd, rtol=1e-12, atol=1e-9)
-    torch.testing.assert_close(acc.H, 2.0 / 300 * Xd.T @ Xd, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(acc.hessian, 2.0 / 300 * Xd.T @ Xd, rtol=1e-12, atol=1e-9)
     with pytest.raises(ValueError):
         acc.add(torch.zeros(3, 15))
     with pytest.raises(ValueError):
-        HessianAccumulator(4).H
+        Gram(4).hessian
 
 
 # --- grids -----------------------------------------------------------------------------------------------

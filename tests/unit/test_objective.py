@@ -2,7 +2,7 @@
 
 import pytest
 
-from masquant.objective import direction, objective_problems, objective_value
+from masquant.app.objective import direction, objective_problems, objective_value
 
 TINY = ["model=tiny_qwen25vl", "calib=tiny", "eval=fidelity", "calib.n_samples=2", "calib.held_out=1"]
 

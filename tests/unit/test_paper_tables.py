@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from masquant.evaluation.runner import _flat_task_metrics
-from masquant.report import main as report_main
+from masquant.reporting.cli import main as report_main
 from masquant.reporting.paper import (ABLATION, TABLE1, TABLE2, ablation_table, better_direction,
                                       format_method_label, format_paper_csv, format_paper_latex, format_paper_markdown,
                                       improves_on_paper, load_reference, option_values, paper_table,
@@ -220,7 +220,7 @@ def test_parse_method_label_with_dotted_keys_and_values():
 
 def test_labels_written_by_the_pipeline_parse_back_to_their_options():
     from masquant.methods.masquant.config import CMCConfig, MASQuantConfig
-    from masquant.reporting.store import method_label
+    from masquant.runs.store import method_label
 
     config = MASQuantConfig(learn=False, lambda_vision=0.5, cmc=CMCConfig(rank_ratio=0.05, roles=["q", "k", "v"]))
     method_id, options = parse_method_label(method_label(config))

@@ -1,8 +1,10 @@
 """model.placement: the walker holds one layer at a time on the compute device, whole-model passes stream the
 layers, the results do not depend on where the weights live, and bad combinations fail before loading.
 
-This machine has no GPU, so moves are observed through the one function that moves weights
-(``placement._move``) with devices the test names; the CPU run checks that ``offload`` changes no number.
+The two primitives (``placement._move``, which moves weights, and ``placement.module_device``, which says where a
+module lives) are tested for real, with the meta device as the second device. This machine has no GPU, so the
+rules built on them (``resident``, ``stream_layers_``, ``place_model_``) are tested with a stand-in for those two
+primitives that reports the devices the test names; the CPU run checks that ``offload`` changes no number.
 """
 
 from __future__ import annotations
@@ -10,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from masquant import placement
+from masquant.engine import placement
 from masquant.adapters.registry import adapter_class_for, get_adapter
-from masquant.calibration.walker import LayerWalker, capture_layer_inputs
+from masquant.engine.walker import StackWalker, capture_stack_inputs
 from support.cli import cli, loads  # noqa: F401  (fixtures)
 from support.tiny import prompts, tiny
 
@@ -35,6 +37,29 @@ def fake_devices(monkeypatch):
     monkeypatch.setattr(placement, "module_device", module_device)
     monkeypatch.setattr(placement, "_move", move)
     return where, moves
+
+
+def test_move_takes_parameters_and_buffers_and_module_device_reads_them():
+    layer = torch.nn.BatchNorm1d(3)  # parameters (weight, bias) and buffers (running statistics)
+    assert placement.module_device(layer) == torch.device("cpu")
+    placement._move(layer, torch.device("meta"))
+    assert all(t.device.type == "meta" for t in [*layer.parameters(), *layer.buffers()])
+    assert placement.module_device(layer).type == "meta"
+    buffers_only = torch.nn.Module()
+    buffers_only.register_buffer("b", torch.zeros(1, device="meta"))
+    assert placement.module_device(buffers_only).type == "meta"  # no parameter: its first buffer
+    mixed = torch.nn.Module()
+    mixed.register_buffer("b", torch.zeros(1, device="meta"))
+    mixed.w = torch.nn.Parameter(torch.zeros(1))
+    assert placement.module_device(mixed) == torch.device("cpu")  # a parameter wins over a buffer
+    assert placement.module_device(torch.nn.ReLU()) == torch.device("cpu")  # nothing to hold: CPU
+
+
+def test_runs_on_keeps_accelerator_layers_where_they_live_and_brings_cpu_layers_to_the_compute_device():
+    meta_layer = torch.nn.Linear(2, 2, device="meta")  # stands for a layer living on an accelerator
+    assert placement.runs_on(meta_layer, torch.device("cpu")).type == "meta"
+    assert placement.runs_on(torch.nn.Linear(2, 2), torch.device("meta")).type == "meta"
+    assert placement.runs_on(torch.nn.Linear(2, 2), torch.device("cpu")) == torch.device("cpu")
 
 
 def test_a_layer_in_cpu_memory_comes_to_the_compute_device_for_its_step_and_goes_back(fake_devices):
@@ -65,7 +90,7 @@ def test_cpu_compute_moves_nothing(fake_devices):
 
 
 def test_the_walker_holds_exactly_one_layer_at_a_time_in_order(monkeypatch):
-    import masquant.calibration.walker as walker_mod
+    import masquant.engine.walker as walker_mod
 
     model, processor, cls = tiny("qwen2_5_vl")
     adapter = get_adapter(model)
@@ -84,8 +109,8 @@ def test_the_walker_holds_exactly_one_layer_at_a_time_in_order(monkeypatch):
         events.append(("out", i))
 
     monkeypatch.setattr(walker_mod, "resident", spy)
-    captured = capture_layer_inputs(model, adapter, prompts(processor, cls, 2), torch.device("cpu"))
-    for step in LayerWalker(adapter, captured, "cpu", quantized_stream=True):
+    captured = capture_stack_inputs(model, adapter.decoder_stack(), prompts(processor, cls, 2), torch.device("cpu"))
+    for step in StackWalker(adapter.decoder_stack(), captured, "cpu", quantized_stream=True):
         assert events[-1] == ("in", step.index)  # the step runs while its layer is held
         step.quant_outputs()
     expected = [e for i in range(len(layers)) for e in (("in", i), ("out", i))]

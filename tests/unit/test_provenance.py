@@ -8,10 +8,11 @@ import subprocess
 import pytest
 import torch
 
-from masquant import pipeline
-from masquant.provenance import UNKNOWN, git_state, package_versions, stale_reasons
-from masquant.report import main as report_main
-from masquant.reporting.store import RESULTS_FORMAT
+from masquant.app import pipeline
+from masquant.runs.provenance import UNKNOWN, git_state, package_versions, stale_reasons
+from masquant.reporting.cli import main as report_main
+from masquant.runs import hashing
+from masquant.runs.store import RESULTS_FORMAT
 
 TINY = ["model=tiny_qwen25vl", "calib=tiny", "eval=fidelity", "calib.n_samples=2", "calib.held_out=1"]
 
@@ -50,7 +51,7 @@ def test_stale_reasons():
 def test_results_format_is_part_of_the_config_hash(compose_cfg, monkeypatch):
     cfg = compose_cfg(*TINY, "method=rtn")
     before = pipeline.config_hash(cfg)
-    monkeypatch.setattr(pipeline, "RESULTS_FORMAT", RESULTS_FORMAT + 1)
+    monkeypatch.setattr(hashing, "RESULTS_FORMAT", RESULTS_FORMAT + 1)
     after = pipeline.config_hash(cfg)
     assert before != after  # a bumped format makes every earlier result another configuration: it is re-run
     assert pipeline.resolve(cfg).run_dir.name.endswith(after)
@@ -98,14 +99,14 @@ def test_config_hashes_survive_upgrades(compose_cfg):
     """Results are found by config hash: a change that moves the hash of an unchanged configuration orphans every
     finished result of every user (their sweeps silently re-run). These are the hashes of the default testbed
     runs as first written; an option added with a behaviour-preserving default must keep them (list it in
-    pipeline._ADDED_WITH_NEUTRAL_DEFAULT), and a deliberate change bumps RESULTS_FORMAT and these values."""
+    masquant.runs.hashing.ADDED_WITH_NEUTRAL_DEFAULT), and a deliberate change bumps RESULTS_FORMAT and these values."""
     t1 = ["experiment=table1_testbed", "method=dense", "quant=fp16"]
     assert pipeline.config_hash(compose_cfg(*t1)) == "977c5ff864"
     assert pipeline.config_hash(compose_cfg(*t1, "eval.max_new_tokens_cap=8")) != "977c5ff864"  # another config  # a non-default value is another configuration
 
 
 def test_neutral_defaults_leave_the_statistics_cache_key_alone():
-    from masquant.pipeline import without_neutral_defaults
+    from masquant.runs.hashing import without_neutral_defaults
 
     calib = {"name": "testbed", "n_samples": 16, "with_answers": False}
     assert without_neutral_defaults("calib", calib) == {"name": "testbed", "n_samples": 16}

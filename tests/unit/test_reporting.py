@@ -1,7 +1,7 @@
 import math
 
 from masquant.reporting.table import format_markdown, results_frame
-from masquant.report import main as report_main
+from masquant.reporting.cli import main as report_main
 import json
 
 
@@ -46,7 +46,7 @@ def test_report_cli_reads_only_finished_runs(tmp_path, capsys):
 
 def test_method_label_names_non_default_options():
     from masquant.methods.masquant.config import CMCConfig, MASQuantConfig
-    from masquant.reporting.store import method_label
+    from masquant.runs.store import method_label
 
     assert method_label(MASQuantConfig()) == "masquant"
     label = method_label(MASQuantConfig(learn=False, deploy="per_modality_weights", cmc=CMCConfig(rank_ratio=1.0)))
@@ -56,7 +56,7 @@ def test_method_label_names_non_default_options():
 def test_methods_register_themselves_and_unknown_ids_list_the_valid_ones():
     import pytest
 
-    from masquant.registry import get_config_class, get_method_class, method_ids
+    from masquant.methods.registry import get_config_class, get_method_class, method_ids
 
     assert {"dense", "rtn", "smoothquant", "masquant"} <= set(method_ids())
     assert get_method_class("smoothquant").id == "smoothquant"

@@ -7,7 +7,7 @@ import torch
 
 from masquant.adapters import get_adapter
 from masquant.calibration.stats import RunningInputStats
-from masquant.calibration.walker import LayerWalker, capture_layer_inputs
+from masquant.engine.walker import StackWalker, capture_stack_inputs
 from support.tiny import MODEL_TYPES, prompts, text_prompt, tiny
 
 
@@ -27,8 +27,8 @@ def test_walk_equals_forward(model_type):
     model, processor, cls = tiny(model_type)
     adapter = get_adapter(model)
     batches = prompts(processor, cls, 2, seed=3) + [text_prompt(processor, 1)]
-    captured = capture_layer_inputs(model, adapter, batches, "cpu")
-    walker = LayerWalker(adapter, captured, "cpu")
+    captured = capture_stack_inputs(model, adapter.decoder_stack(), batches, "cpu")
+    walker = StackWalker(adapter.decoder_stack(), captured, "cpu")
     for _ in walker:
         pass
     for batch, h in zip(batches, walker.final_hidden()):
@@ -39,8 +39,8 @@ def test_walk_equals_forward(model_type):
 
 def test_gemma3_layers_get_their_own_masks_and_rotary_embeddings():
     model, processor, cls = tiny("gemma3")
-    captured = capture_layer_inputs(model, get_adapter(model), prompts(processor, cls, 1), "cpu")
-    kw = captured.samples[0].layer_kwargs
+    captured = capture_stack_inputs(model, get_adapter(model).decoder_stack(), prompts(processor, cls, 1), "cpu")
+    kw = [call.kwargs for call in captured.samples[0].calls]
     sliding, full = kw[0], kw[1]
     assert not torch.equal(sliding["position_embeddings"][0], full["position_embeddings"][0])
     assert kw[0]["position_embeddings"][0] is kw[2]["position_embeddings"][0]  # stored once per layer type
@@ -49,7 +49,7 @@ def test_gemma3_layers_get_their_own_masks_and_rotary_embeddings():
 def test_qwen3vl_deepstack_is_applied_between_layers():
     model, processor, cls = tiny("qwen3_vl")
     adapter = get_adapter(model)
-    captured = capture_layer_inputs(model, adapter, prompts(processor, cls, 1), "cpu")
+    captured = capture_stack_inputs(model, adapter.decoder_stack(), prompts(processor, cls, 1), "cpu")
     state = captured.samples[0].between
     assert state is not None and len(state["deepstack_visual_embeds"]) == 2
     assert int(state["visual_pos_masks"].sum()) == int(captured.samples[0].masks["vision"].sum())
@@ -70,25 +70,25 @@ def test_qwen25vl_captured_positions_are_those_of_generate():
         if not seen:
             seen.append(dict(kwargs))
 
-    captured = capture_layer_inputs(model, adapter, [batch], "cpu").samples[0]
+    captured = capture_stack_inputs(model, adapter.decoder_stack(), [batch], "cpu").samples[0]
     h = adapter.decoder_layers()[0].register_forward_pre_hook(hook, with_kwargs=True)
     model.generate(**batch, max_new_tokens=1, do_sample=False)
     h.remove()
-    torch.testing.assert_close(seen[0]["position_embeddings"][0], captured.layer_kwargs[0]["position_embeddings"][0])
+    torch.testing.assert_close(seen[0]["position_embeddings"][0], captured.calls[0].kwargs["position_embeddings"][0])
     # without mm_token_type_ids Qwen2.5-VL silently falls back to 1-D positions: the inputs must carry it
     no_types = {k: v for k, v in batch.items() if k != "mm_token_type_ids"}
-    fallback = capture_layer_inputs(model, adapter, [no_types], "cpu").samples[0]
-    assert not torch.allclose(fallback.layer_kwargs[0]["position_embeddings"][0],
-                              captured.layer_kwargs[0]["position_embeddings"][0])
+    fallback = capture_stack_inputs(model, adapter.decoder_stack(), [no_types], "cpu").samples[0]
+    assert not torch.allclose(fallback.calls[0].kwargs["position_embeddings"][0],
+                              captured.calls[0].kwargs["position_embeddings"][0])
 
 
 def test_quantized_stream_follows_the_modified_layer_and_fp_stream_the_original():
     model, processor, cls = tiny("qwen2_5_vl")
     adapter = get_adapter(model)
-    captured = capture_layer_inputs(model, adapter, prompts(processor, cls, 2), "cpu")
-    ref = LayerWalker(adapter, captured, "cpu")
+    captured = capture_stack_inputs(model, adapter.decoder_stack(), prompts(processor, cls, 2), "cpu")
+    ref = StackWalker(adapter.decoder_stack(), captured, "cpu")
     ref_out = [step.fp_outputs for step in ref]
-    walker = LayerWalker(adapter, captured, "cpu", quantized_stream=True)
+    walker = StackWalker(adapter.decoder_stack(), captured, "cpu", quantized_stream=True)
     for i, step in enumerate(walker):
         for y, r in zip(step.fp_outputs, ref_out[i]):
             torch.testing.assert_close(y, r)  # the FP stream never sees the change
@@ -101,14 +101,14 @@ def test_quantized_stream_follows_the_modified_layer_and_fp_stream_the_original(
 def test_observers_see_each_modalitys_rows():
     model, processor, cls = tiny("qwen2_5_omni_thinker")
     adapter = get_adapter(model)
-    captured = capture_layer_inputs(model, adapter, prompts(processor, cls, 2), "cpu")
+    captured = capture_stack_inputs(model, adapter.decoder_stack(), prompts(processor, cls, 2), "cpu")
     seen = {}
 
     def observers(step):
-        seen[step.index] = RunningInputStats.for_layer(adapter, step.layer, ("text", "vision", "audio"))
+        seen[step.index] = RunningInputStats.for_block(step.stack, step.block, ("text", "vision", "audio"))
         return [seen[step.index]]
 
-    for _ in LayerWalker(adapter, captured, "cpu", fp_observers=observers):
+    for _ in StackWalker(adapter.decoder_stack(), captured, "cpu", fp_observers=observers):
         pass
     counts = captured.token_counts()
     for stats in seen.values():
@@ -126,8 +126,8 @@ def test_block_calls_replay_the_attention_and_mlp_as_the_layer_calls_them(model_
     input of the MLP); replaying them gives the block's outputs inside the layer's forward."""
     model, processor, cls = tiny(model_type)
     adapter = get_adapter(model)
-    captured = capture_layer_inputs(model, adapter, prompts(processor, cls, 2, seed=3), "cpu")
-    for step in LayerWalker(adapter, captured, "cpu"):
+    captured = capture_stack_inputs(model, adapter.decoder_stack(), prompts(processor, cls, 2, seed=3), "cpu")
+    for step in StackWalker(adapter.decoder_stack(), captured, "cpu"):
         for block in (adapter.attention(step.layer), adapter.mlp(step.layer)):
             seen = []
             h = block.register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))

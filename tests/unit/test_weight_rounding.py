@@ -12,11 +12,13 @@ from baselines.rtn.method import RTNConfig
 from baselines.smoothquant.method import SmoothQuantConfig
 from masquant.adapters import get_adapter
 from masquant.calibration.data import CalibrationSet
-from masquant.methods.base import MethodConfigError, QuantContext, quantize_layer_
-from masquant.methods.weights import layer_hessians, layer_weight_fn, rtn_weight
+from masquant.engine.context import QuantContext
+from masquant.engine.deploy import deploy_block_
+from masquant.errors import MethodConfigError
+from masquant.engine.weights import block_hessians, block_weights, rtn_weight
 from masquant.quant import ModalityRouter, QuantScheme, attach_router
 from masquant.quant.quantizer import quantize_weight, sqnr_db
-from masquant.registry import build_method
+from masquant.methods.registry import build_method
 from masquant.transforms.rotation import rotate_model_
 from support.tiny import prompts, tiny
 
@@ -59,16 +61,16 @@ def test_hessian_is_the_gram_matrix_of_the_quantized_stream_inputs(rotated):
         if step.index == 1:  # layer 0 is quantized: the quantized stream differs from the FP one
             lin = ctx.adapter.linears(step.layer)
             rows = {g: _Rows(lin[r]) for g, r in (("qkv", "q"), ("down", "down"))}
-            H = layer_hessians(step)
+            H = block_hessians(step)
             for group, r in rows.items():
                 X = r.X()
-                torch.testing.assert_close(H.H(group), 2 * X.T @ X / X.shape[0])
+                torch.testing.assert_close(H.hessian(group), 2 * X.T @ X / X.shape[0])
             fp = _Rows(lin["q"])
             step.run("fp", keep=False)
             X_fp = fp.X()
-            assert H.acc["qkv"].count == X_fp.shape[0]
-            assert not torch.allclose(H.H("qkv"), 2 * X_fp.T @ X_fp / X_fp.shape[0], rtol=1e-3)  # not the FP stream
-        quantize_layer_(ctx, step.layer)
+            assert H.grams["qkv"]["all"].count == X_fp.shape[0]
+            assert not torch.allclose(H.hessian("qkv"), 2 * X_fp.T @ X_fp / X_fp.shape[0], rtol=1e-3)  # not the FP stream
+        deploy_block_(ctx, step.layer)
 
 
 def test_gptq_lowers_the_layer_output_error_compared_with_rtn():
@@ -77,7 +79,7 @@ def test_gptq_lowers_the_layer_output_error_compared_with_rtn():
     for step in ctx.walk(quantized_stream=True, fp_stream=False):
         lin = ctx.adapter.linears(step.layer)
         recorders = {role: _Rows(lin[role]) for role in lin}
-        weights = layer_weight_fn(ctx, step)
+        weights = block_weights(ctx, step)
         assert weights.seconds > 0 and set(weights.gptq_loss) == set(lin)
         for role, linear in lin.items():
             X = recorders[role].X().float()
@@ -85,7 +87,7 @@ def test_gptq_lowers_the_layer_output_error_compared_with_rtn():
             err_gptq = (X @ (weights.weight_for(role, linear).W - W).T).pow(2).sum()
             err_rtn = (X @ (quantize_weight(W, ctx.scheme) - W).T).pow(2).sum()
             assert err_gptq < err_rtn, (step.index, role, float(err_gptq), float(err_rtn))
-        quantize_layer_(ctx, step.layer, weight_for=weights.weight_for)
+        deploy_block_(ctx, step.layer, weight_for=weights.weight_for)
 
 
 def test_plain_gptq_beats_rtn_end_to_end_on_held_out_prompts():
@@ -101,7 +103,7 @@ def test_plain_gptq_beats_rtn_end_to_end_on_held_out_prompts():
         model = copy.deepcopy(_TINY[0])
         report = build_method(RTNConfig()).run(_ctx(model, scheme, n=6))
         sqnr[name] = sqnr_db(ref, final(model))
-    assert "gptq/gptq_s_per_layer" in report
+    assert "rtn/gptq_s_per_layer" in report
     assert sqnr["gptq"] > sqnr["rtn"] + 1.0, sqnr
 
 
@@ -130,7 +132,7 @@ def test_scheme_validation_of_the_weight_options():
 
 def test_methods_that_round_to_nearest_refuse_gptq():
     method = build_method(SmoothQuantConfig())
-    with pytest.raises(MethodConfigError, match=r"does not honour quant.w_quantizer=gptq.*'quarot'.*'rtn'"):
+    with pytest.raises(MethodConfigError, match=r"does not honour quant.w_quantizer=gptq.*'rtn'.*'quarot'"):
         method.check_weight_options(QuantScheme("w4a8", 4, 8, w_quantizer="gptq"))
     with pytest.raises(MethodConfigError, match="w_mse_clip"):
         method.run(_ctx(copy.deepcopy(_TINY[0]), QuantScheme("w4a8", 4, 8, w_mse_clip=True)))
@@ -139,8 +141,8 @@ def test_methods_that_round_to_nearest_refuse_gptq():
 
 
 def test_pipeline_resolves_gptq_options(compose_cfg, tiny_overrides):
-    from masquant.pipeline import resolve
-    from masquant.validation import ConfigError
+    from masquant.app.pipeline import resolve
+    from masquant.errors import ConfigError
 
     spec = resolve(compose_cfg(*tiny_overrides, "method=rtn", "quant.w_quantizer=gptq", "quant.gptq_damp=0.05"))
     assert spec.scheme.w_quantizer == "gptq" and spec.scheme.gptq_damp == 0.05

@@ -17,12 +17,11 @@ import torch
 
 from masquant.adapters.base import INPUT_GROUPS
 from masquant.calibration.stats import RunningInputStats
-from masquant.calibration.walker import CapturedInputs, LayerWalker
+from masquant.engine.walker import CapturedInputs, StackWalker
 from masquant.methods.masquant import core
 from masquant.quant.linear import ModalityRouter
 from masquant.quant.quantizer import quantize_weight
 from masquant.quant.scheme import QuantScheme
-from masquant.reporting.plots import plot_channel_absmax  # noqa: F401  (moved to reporting.plots; kept importable)
 
 
 def _db(signal: float, noise: float) -> float:
@@ -44,8 +43,8 @@ def stream_sqnr(fp_adapter, q_adapter, captured: CapturedInputs, device, router:
     the one the quantized layers use. Keep an FP copy of the model (``copy.deepcopy`` before quantizing).
     """
     result = []
-    walks = zip(LayerWalker(fp_adapter, captured, device, desc="FP stream"),
-                LayerWalker(q_adapter, captured, device, router=router, desc="quantized stream"))
+    walks = zip(StackWalker(fp_adapter.decoder_stack(), captured, device, desc="FP stream"),
+                StackWalker(q_adapter.decoder_stack(), captured, device, router=router, desc="quantized stream"))
     for fp_step, q_step in walks:
         energy: dict[str, list[float]] = {}
         for rec, y_fp, y_q in zip(captured.samples, fp_step.fp_outputs, q_step.fp_outputs):
@@ -77,10 +76,11 @@ def channel_absmax(adapter, layer_idx: int, captured: CapturedInputs, device, gr
     def observers(step):
         if step.index != layer_idx:
             return []
-        seen[layer_idx] = RunningInputStats.for_layer(adapter, step.layer, modalities)
+        seen[layer_idx] = RunningInputStats.for_block(step.stack, step.block, modalities)
         return [seen[layer_idx]]
 
-    for _ in LayerWalker(adapter, captured, device, fp_observers=observers, layers=[layer_idx], desc="to layer"):
+    for _ in StackWalker(adapter.decoder_stack(), captured, device, fp_observers=observers, last=layer_idx,
+                         desc="to layer"):
         pass
     return {m: st.absmax for m, st in seen[layer_idx].stats[group].items() if st.count > 0}
 
@@ -98,7 +98,7 @@ def layer_input_rows(adapter, layer_idx: int, captured: CapturedInputs, device, 
                 for m, mask in masks.items():
                     rows.setdefault(m, []).append(x[mask].float().cpu())
 
-    for _ in LayerWalker(adapter, captured, device, layers=[layer_idx], desc="to layer",
+    for _ in StackWalker(adapter.decoder_stack(), captured, device, last=layer_idx, desc="to layer",
                          fp_observers=lambda step: [_Rows()] if step.index == layer_idx else []):
         pass
     return {m: torch.cat(parts) for m, parts in rows.items()}

@@ -1,6 +1,6 @@
-"""Typed configuration of MASQuant (spec: /work/shared/specs/masquant.md §3-4).
+"""Typed configuration of MASQuant (docs/methods/masquant.md).
 
-Registered in Hydra's ConfigStore by ``masquant.config.register_configs`` (group ``method``, name
+Registered in Hydra's ConfigStore by ``masquant.app.config.register_configs`` (group ``method``, name
 ``masquant_schema``), so a misspelt key fails at compose time. ``__post_init__`` checks the values
 (it runs for ``MASQuantConfig(...)`` in Python and for ``OmegaConf.to_object`` of a composed config).
 """
@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Optional
 
-SMOOTHED_ROLES = ("q", "k", "v", "o", "gate", "up")  # down_proj is quantized but never smoothed (spec §3 step 2)
+SMOOTHED_ROLES = ("q", "k", "v", "o", "gate", "up")  # down_proj is quantized but never smoothed (MAS step 2)
 ALL_ROLES = SMOOTHED_ROLES + ("down",)
 
 
 class Deploy(str, Enum):
-    """How the learned scales are deployed (spec §3 last paragraph, §4)."""
+    """How the learned scales are deployed (docs/methods/masquant.md, "Deploy")."""
 
     cmc = "cmc"  # one shared weight Q(diag(s_text) W) + low-rank L1 L2 per non-text modality
     per_modality_weights = "per_modality_weights"  # MAS alone: Q(diag(s_m) W) per modality
@@ -33,7 +33,7 @@ def _choice(enum_cls, value, key: str):
 
 @dataclass
 class CMCConfig:
-    """Cross-Modal Compensation (spec §4, paper Eq. 22-29, Theorem 2).
+    """Cross-Modal Compensation (paper Eq. 22-29, Theorem 2).
 
     The rank is either a ratio of min(D_in, D_out) (``rank_ratio``) or an absolute rank (``rank``);
     exactly one of them is set (setting ``rank`` alone clears the default ratio). The resolved rank is
@@ -45,12 +45,12 @@ class CMCConfig:
     rank_floor: int = 32
     whiten: bool = True  # False: plain truncated SVD of ΔW (ablation)
     quantized_target: bool = False  # ΔW = Q(diag(s_m) W) - W_q instead of diag(s_m) W - W_q
-    # eigenvalue floor of C_m relative to its mean eigenvalue. The spec fixes the form, not ε. A rank-r
+    # eigenvalue floor of C_m relative to its mean eigenvalue. The paper fixes the form, not ε. A rank-r
     # whitened fit leaves its residual ΔW - L1 L2 where calibration activations have little energy; the
     # quantized stream's own error reaches those directions in late layers. Measured on the testbed (phase-2
     # tower) at W4A6 (e2e vision SQNR): ε = 1e-6 -> 6.0 dB, 1e-2 -> 7.4, 1e-1 -> 7.1, 0.5 -> 6.9; full rank 10.8.
     damping: float = 1e-2
-    # linears that get a low-rank branch: every quantized linear (spec §4: one shared weight per linear,
+    # linears that get a low-rank branch: every quantized linear (one shared weight per linear,
     # ΔW_m = diag(s_m) W - W_q). down_proj has s = 1, so its ΔW_m = W - Q(W) is the weight-quantization
     # error seen through the modality's activations; leave it out (roles without down) for the ablation.
     roles: list[str] = field(default_factory=lambda: list(ALL_ROLES))
@@ -79,7 +79,7 @@ class CMCConfig:
 class MASQuantConfig:
     """MAS (modality-aware smoothing) + CMC (cross-modal compensation).
 
-    Defaults follow the spec, which follows the paper where paper and official code differ:
+    Defaults follow the paper where paper and official code differ:
     λ_text = λ_vision = 1.0 (official code: λ_vision = 0.5), untied scales (``split_scales``),
     fp32 learned scales (official: bf16).
     """

@@ -1,10 +1,10 @@
-"""MASQuant mathematics: pure tensor functions, one per equation (spec /work/shared/specs/masquant.md).
+"""MASQuant mathematics: pure tensor functions, one per equation (docs/methods/masquant.md).
 
-Layout convention. The spec and the paper write Y = X W with W [D_in, D_out]; PyTorch stores
+Layout convention. The paper writes Y = X W with W [D_in, D_out]; PyTorch stores
 ``weight`` as [D_out, D_in] and computes Y = X Wᵀ. Functions here take PyTorch weights ``W`` [out, in].
-Smoothing "diag(s) W" (spec) therefore scales the weight's INPUT columns: ``W * s[None, :]``.
-Low-rank factors follow the spec layout, as ``ModalityPath`` applies them: L1 [in, r], L2 [r, out],
-Y += (X / s) L1 L2. The CMC residual ΔW is returned in spec layout [in, out].
+Smoothing "diag(s) W" (paper) therefore scales the weight's INPUT columns: ``W * s[None, :]``.
+Low-rank factors follow the paper's layout, as ``ModalityPath`` applies them: L1 [in, r], L2 [r, out],
+Y += (X / s) L1 L2. The CMC residual ΔW is returned in the paper's layout [in, out].
 """
 
 from __future__ import annotations
@@ -17,19 +17,19 @@ import torch.nn.functional as F
 from masquant.quant.quantizer import quantize_activation, quantize_weight
 from masquant.quant.linear import scatter_rows
 from masquant.quant.scheme import QuantScheme
-# Spec §3 step 2 (smoothing factors) is shared with SmoothQuant and lives in masquant.quant.smoothing.
+# MAS step 2 (smoothing factors) is shared with SmoothQuant and lives in masquant.quant.smoothing.
 from masquant.quant.smoothing import STAT_FLOOR, smooth_factors, weight_input_absmax  # noqa: F401 (re-exported)
 
 
-# --- MAS (spec §3) ------------------------------------------------------------------------------------
+# --- MAS -------------------------------------------------------------------------------------------
 def smooth_weight(W: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """diag(s) W in spec layout = W [out, in] * s[None, :] in PyTorch layout -> [out, in]."""
+    """diag(s) W in the paper's layout = W [out, in] * s[None, :] in PyTorch layout -> [out, in]."""
     return W * s.to(W.dtype)[None, :]
 
 
 @torch.no_grad()
 def truncate_scales_(s: torch.Tensor, floor: float) -> torch.Tensor:
-    """Spec §3 step 3: |s| < floor -> sign(s)·floor (0 -> +floor), in place; s [in]."""
+    """MAS step 3: |s| < floor -> sign(s)·floor (0 -> +floor), in place; s [in]."""
     small = s.abs() < floor
     if small.any():
         sign = torch.where(s < 0, -1.0, 1.0).to(s.dtype)
@@ -79,9 +79,9 @@ def weighted_mae(Y: torch.Tensor, target: torch.Tensor, masks: dict[str, torch.T
     return (weight * err).sum() / Y.numel()
 
 
-# --- CMC (spec §4) ------------------------------------------------------------------------------------
+# --- CMC -------------------------------------------------------------------------------------------
 def cmc_residual(W: torch.Tensor, s_m: torch.Tensor, W_q: torch.Tensor, scheme: QuantScheme | None = None) -> torch.Tensor:
-    """Eq. 22: ΔW_m = diag(s_m) W − W_q, spec layout [in, out]; W, W_q [out, in].
+    """Eq. 22: ΔW_m = diag(s_m) W − W_q, the paper's layout [in, out]; W, W_q [out, in].
 
     With ``scheme`` the target is quantized too (option ``quantized_target``): ΔW_m = Q(diag(s_m) W) − W_q.
     """
@@ -135,7 +135,7 @@ def whitened_low_rank(dW: torch.Tensor, T: torch.Tensor | None, T_inv: torch.Ten
 
 def resolve_rank(d_in: int, d_out: int, rank_ratio: float | None = None, rank: int | None = None,
                  rank_floor: int = 0) -> int:
-    """Spec §4 "Rank": r = rank or floor(ρ·min(D_in, D_out)), at least rank_floor, at most min(D_in, D_out)."""
+    """CMC's rank: r = rank or floor(ρ·min(D_in, D_out)), at least rank_floor, at most min(D_in, D_out)."""
     full = min(d_in, d_out)
     if rank is not None:
         r = int(rank)

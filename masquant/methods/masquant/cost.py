@@ -1,4 +1,4 @@
-"""What CMC costs: extra parameters, ranks and prefill MACs of the low-rank branches (spec §4 "Cost")."""
+"""What CMC costs: extra parameters, ranks and prefill MACs of the low-rank branches (docs/methods/masquant.md)."""
 
 from __future__ import annotations
 

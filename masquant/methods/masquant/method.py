@@ -1,6 +1,6 @@
 """MASQuant as a method plugin: MAS (modality-aware smoothing, learned block-wise) + CMC deployment.
 
-Spec: /work/shared/specs/masquant.md. One walk of the shared layer walker, with both streams:
+The method in docs/methods/masquant.md. One walk of the shared layer walker, with both streams:
 
 1. FP pass of the layer on the FP stream (the walker's, made anyway): the targets (= next layer's FP
    inputs), the per-modality absmax statistics when the cache has none, and for CMC with whitening one
@@ -15,15 +15,15 @@ Spec: /work/shared/specs/masquant.md. One walk of the shared layer walker, with 
    loss (``masquant/loss_deployed``). The learning loss is reported as the mean of the first and of the
    last epoch's steps, so no pass is made only to report a loss.
 
-Deviations from the spec / brief, on purpose:
+Deviations from the paper and the official code, on purpose:
 - The covariance for whitening is accumulated layer by layer in the FP pass (step 1) and dropped after
   the layer is deployed, not cached with the statistics: keeping Gram matrices of every layer would cost
   ~100 GB at 3B. The data is the same (the FP model's inputs per input group and modality).
 - The learning forward divides activations by (s + ``learn_eps``) and multiplies weights by s, as the
   official code does (its ``forward_mas_train``); ``learn_eps`` = 1e-5 by default, 0 for the exact Eq. 13.
 - A modality with no calibration tokens gets no path (its tokens take the text path) and a warning,
-  instead of the spec's clamp to 1e-5, which would deploy s ≈ 1e-5^α and blow up those tokens.
-- CMC branches go on ``cmc.roles``, by default every quantized linear (spec §4 "one quantized weight per
+  instead of the official clamp to 1e-5, which would deploy s ≈ 1e-5^α and blow up those tokens.
+- CMC branches go on ``cmc.roles``, by default every quantized linear ("one quantized weight per
   linear"), down_proj included: its s = 1, so ΔW_m = W − Q(W), the weight-quantization error seen
   through modality m's activations. An earlier default left down_proj out; on the testbed at W4A6 that
   left the unsmoothed down_proj as the vision tokens' largest error (e2e vision SQNR 4.5 vs 6.4 dB at
@@ -33,16 +33,16 @@ Deviations from the spec / brief, on purpose:
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from masquant.adapters.base import INPUT_GROUPS, ROLE_TO_GROUP
-from masquant.calibration.stats import ModalityGram
-from masquant.calibration.walker import LayerStep, call_layer
-from masquant.methods.base import DeployWeight, Method, MethodConfigError, QuantContext, quantize_layer_
+from masquant.adapters.base import ROLE_TO_GROUP
+from masquant.calibration.stats import GramObserver
+from masquant.engine.deploy import DeployWeight
+from masquant.engine.walker import StackStep
+from masquant.methods.base import BlockPlan, Method, MethodConfigError, Walk
 from masquant.methods.masquant import core
 from masquant.methods.masquant.config import SMOOTHED_ROLES, Deploy, MASQuantConfig
 from masquant.methods.masquant.cost import count_lowrank
@@ -50,8 +50,8 @@ from masquant.quant.linear import DEFAULT_PATH, ModalityPath, ModalityRouter
 from masquant.quant.quantizer import quantize_weight
 from masquant.quant.scheme import QuantScheme
 from masquant.quant.smoothing import smooth_factors, weight_input_absmax
-from masquant.registry import register_method
-from masquant.resources import peak_memory_mb
+from masquant.methods.registry import register_method
+from masquant.engine.memory import peak_memory_mb
 
 log = logging.getLogger(__name__)
 
@@ -84,65 +84,74 @@ class MASLearnLinear(nn.Module):
         return core.mas_linear(xf, index, scales, self.W, self.b, self.scheme, ste=True, eps=self.eps).to(x.dtype)
 
 
-@register_method("masquant", config=MASQuantConfig)
+@register_method("masquant", config=MASQuantConfig, order=80)
 class MASQuant(Method):
+    # one shared weight Q(diag(s_text) W) per linear: another modality's scales are reconciled by CMC's rank-r branch,
+    # exact only at full rank (cmc.rank_ratio=1), so even at quant=fp16 the function changes a little
+    function_preserving = False
+
     def __init__(self, cfg: MASQuantConfig | None = None):
         super().__init__(cfg if cfg is not None else MASQuantConfig())
         # a composed DictConfig works too (attribute access only); MASQuantConfig validated it already
         self.deploy = Deploy(self.cfg.deploy)
 
     # --- plugin interface -------------------------------------------------------------------------
-    def check(self, scheme: QuantScheme, modalities: tuple[str, ...]) -> None:
-        if scheme.is_dense:
-            raise MethodConfigError("method=masquant with quant=fp16 quantizes nothing; use method=dense")
+    def check_config(self, scheme: QuantScheme, modalities: tuple[str, ...]) -> None:
         bad = [m for m in modalities if m not in KNOWN_MODALITIES]
         if bad:
             raise MethodConfigError(f"method=masquant: unknown modalities {bad}; valid: {list(KNOWN_MODALITIES)}")
         if not any(m != "text" for m in modalities):
             log.warning("method=masquant with text only: MAS reduces to smoothing with text scales, CMC adds nothing")
 
-    def apply(self, ctx: QuantContext, stats) -> dict:
+    def prepare(self, ctx):
         cfg = self.cfg
-        if ctx.calib is None:
-            raise MethodConfigError("method=masquant needs calibration data (calib.n_samples > 0)")
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(ctx.device)
-        modalities = ("text",) + tuple(m for m in ctx.modalities if m != "text")
-        use_cmc = self.deploy == Deploy.cmc
+        self.modalities = ("text",) + tuple(m for m in ctx.modalities if m != "text")
+        self.nontext = self.modalities[1:]
+        whiten = self.deploy == Deploy.cmc and cfg.cmc.whiten
+        self.cov_groups = sorted({ROLE_TO_GROUP[r] for r in cfg.cmc.roles}) if whiten else []
+        self.grams: GramObserver | None = None
+        self.ranks: list[int] = []
+        self.missing_warned: set[str] = set()
+
+    def walk(self, ctx, stack):
+        return Walk(stats=True, quantized_stream=True)
+
+    def observers(self, ctx, step) -> list:
+        """CMC's whitening: raw Gram matrices C = Σ xᵀx per (input group, non-text modality) of the FP pass."""
+        if not (self.cov_groups and self.nontext):
+            self.grams = None
+            return []
+        self.grams = GramObserver.for_block(step.stack, step.block, self.cov_groups, self.nontext, step.device,
+                                            in_place=False)
+        return [self.grams]
+
+    def plan_block(self, ctx, step) -> BlockPlan:
+        """MAS init (§3 step 2), the block-wise learning (Eq. 13-14), then the deploy plan (MAS paths, CMC)."""
+        cfg = self.cfg
+        active = self._active_modalities(step.stats, self.modalities, self.missing_warned)
+        linears = ctx.adapter.linears(step.layer)
+        scales = self.init_scales(step.stats, linears, active)
+        report = {}
+        if cfg.learn and cfg.epochs > 0:
+            report["loss_epoch1"], report["loss_last_epoch"] = self._learn_layer(ctx, step, linears, scales, active)
+        covs = {}
+        if self.grams is not None:
+            covs = {g: {m: self.grams.gram(g, m) for m in self.nontext} for g in self.grams.grams}
+            self.grams = None
+        weight_for, paths_for = self._deploy_fns(ctx, linears, scales, covs, active)
+        return BlockPlan(weight_for=weight_for, paths_for=paths_for, report=report)
+
+    def after_deploy(self, ctx, step, plan) -> dict:
+        deployed = step.quant_outputs()  # the pass that advances the quantized stream
+        return {"loss_deployed": self._mean_loss(step, deployed, self.cfg.lambdas())}
+
+    def finish(self, ctx) -> dict:
+        cfg = self.cfg
         report: dict = {"masquant/deploy": Deploy(cfg.deploy).value, "masquant/learn": cfg.learn,
                         "masquant/uniform": cfg.uniform}
-        cov_groups = sorted({ROLE_TO_GROUP[r] for r in cfg.cmc.roles}) if (use_cmc and cfg.cmc.whiten) else []
-        nontext = tuple(m for m in modalities if m != "text")
-        grams: dict[int, ModalityGram] = {}
-
-        def gram_observer(step: LayerStep):
-            if not (cov_groups and nontext):
-                return []
-            dims = {g: lin.in_features for g, lin in ctx.adapter.input_group_linears(step.layer).items()
-                    if g in cov_groups}
-            grams[step.index] = ModalityGram(dims, nontext, step.device)
-            return [grams[step.index]]
-
-        ranks: list[int] = []
-        missing_warned: set[str] = set()
-        lambdas = cfg.lambdas()
-        for step in ctx.walk(quantized_stream=True, stats=True, fp_observers=gram_observer, desc="masquant"):
-            t0 = time.perf_counter()
-            i, layer = step.index, step.layer
-            active = self._active_modalities(step.stats, modalities, missing_warned)
-            linears = ctx.adapter.linears(layer)
-            scales = self.init_scales(step.stats, linears, active)
-            if cfg.learn and cfg.epochs > 0:
-                first, last = self._learn_layer(ctx, step, linears, scales, active)
-                report[f"masquant/loss_epoch1/layer_{i}"] = first
-                report[f"masquant/loss_last_epoch/layer_{i}"] = last
-            covs = grams.pop(i).gram if i in grams else {}
-            ranks += self._deploy_layer(ctx, layer, linears, scales, covs, active)
-            del covs
-            deployed = step.quant_outputs()  # the pass that advances the quantized stream
-            report[f"masquant/loss_deployed/layer_{i}"] = self._mean_loss(step, deployed, lambdas)
-            report[f"masquant/time_s/layer_{i}"] = time.perf_counter() - t0
-        if use_cmc:
+        if self.deploy == Deploy.cmc:
             report["cmc/rank_ratio"] = cfg.cmc.rank_ratio
             report["cmc/rank"] = cfg.cmc.rank
             report["cmc/rank_floor"] = cfg.cmc.rank_floor
@@ -165,7 +174,7 @@ class MASQuant(Method):
         return tuple(active)
 
     def init_scales(self, layer_stats, linears: dict[str, nn.Module], active) -> Scales:
-        """Spec §3 step 2 for q, o, up (k, v copy q; gate copies up); ``uniform`` uses all-token statistics."""
+        """MAS step 2 for q, o, up (k, v copy q; gate copies up); ``uniform`` uses all-token statistics."""
         cfg = self.cfg
         base: dict[str, dict[str, torch.Tensor]] = {}
         for role in ("q", "o", "up"):
@@ -179,14 +188,14 @@ class MASQuant(Method):
         return {role: {m: s.clone() for m, s in base[INIT_ROLES[role]].items()} for role in SMOOTHED_ROLES}
 
     @staticmethod
-    def _mean_loss(step: LayerStep, outputs: list[torch.Tensor], lambdas: dict[str, float]) -> float:
+    def _mean_loss(step: StackStep, outputs: list[torch.Tensor], lambdas: dict[str, float]) -> float:
         total = 0.0
         for k, y in enumerate(outputs):
-            masks = step.walker.captured.samples[k].masks
+            masks = step.masks(k)
             total += float(core.weighted_mae(y.float(), step.fp_outputs[k].float(), masks, lambdas))
         return total / max(len(outputs), 1)
 
-    def _learn_layer(self, ctx, step: LayerStep, linears, scales: Scales, active) -> tuple[float, float]:
+    def _learn_layer(self, ctx, step: StackStep, linears, scales: Scales, active) -> tuple[float, float]:
         """OmniQuant-style block-wise learning of the scales (Eq. 13-14); updates ``scales`` in place.
 
         Returns the mean loss of the first and of the last epoch's steps.
@@ -218,7 +227,7 @@ class MASQuant(Method):
                             core.truncate_scales_(p.data, cfg.scale_floor)
                         s_in = step.sample("quant", k)
                         router.set_masks(s_in.masks)
-                        y = call_layer(layer, s_in.hidden, s_in.kwargs)
+                        y = s_in.run(layer)
                         loss = core.weighted_mae(y.float(), step.fp_outputs[k].to(device).float(), s_in.masks, lambdas)
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
@@ -260,12 +269,12 @@ class MASQuant(Method):
                 params[role] = {m: nn.Parameter(scales[role][m].detach().float().clone().to(device)) for m in active}
         return params
 
-    @torch.no_grad()
-    def _deploy_layer(self, ctx, layer, linears, scales: Scales, covs, active) -> list[int]:
-        """Deploy the layer's seven linears (MAS paths, CMC low-rank branches) through ``quantize_layer_``."""
+    def _deploy_fns(self, ctx, linears, scales: Scales, covs, active):
+        """``weight_for`` and ``paths_for`` of the layer's seven linears: one shared weight, MAS paths, CMC
+        low-rank branches (their ranks are collected in ``self.ranks`` as they are deployed)."""
         cfg = self.cfg
         scheme = ctx.scheme
-        ranks: list[int] = []
+        ranks = self.ranks
         smooth = {role: {m: v.to(lin.weight.device).float() for m, v in scales[role].items()}
                   for role, lin in linears.items() if role in scales}
 
@@ -297,8 +306,7 @@ class MASQuant(Method):
                     paths[m] = ModalityPath(smooth=s_m.to(dtype))
             return paths
 
-        quantize_layer_(ctx, layer, weight_for, paths_for)
-        return ranks
+        return weight_for, paths_for
 
     def cmc_factors(self, W: torch.Tensor, s_m: torch.Tensor, W_q: torch.Tensor, C: torch.Tensor | None,
                     scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,321 @@
+"""calibrate -> quantize -> evaluate -> save. One function per stage; ``run`` ties them together.
+
+Every check of the configuration happens in ``resolve`` before a model is loaded. Results go to
+``<output_root>/runs/<model>/<method>/<quant>-<hash>/``; the folder is written under a temporary
+name and renamed when complete, so an interrupted run never leaves anything that looks finished.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import random
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from masquant.adapters.registry import get_adapter
+from masquant.calibration.cache import StatsCache, model_fingerprint
+from masquant.runs.hashing import config_hash, to_plain, without_neutral_defaults
+from masquant.evaluation.fidelity import record_reference, sqnr_report
+from masquant.evaluation.text_corpus import sequences_perplexity
+from masquant.engine.context import QuantContext
+from masquant.errors import MethodConfigError
+from masquant.sources import calibration_source, loading, model_source, source_problems, source_provenance
+from masquant.quant.linear import ModalityRouter, attach_router
+from masquant.quant.scheme import QuantScheme
+from masquant.methods.registry import build_method, get_method_class
+from masquant.runs.store import (
+    RESULT_FILE,
+    clean_stale,
+    failed_dir,
+    is_finished,
+    load_result,
+    method_label,
+    partial_dir,
+    publish,
+    run_dir_for,
+    run_lock,
+    write_json_atomic,
+)
+from masquant.runs.provenance import provenance
+from masquant.engine.memory import peak_memory_mb, reset_peak_memory
+from masquant.app.validation import ConfigError
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class RunSpec:
+    cfg: DictConfig
+    scheme: QuantScheme
+    method_cfg: Any
+    modalities: tuple[str, ...]
+    video_as: str
+    device: torch.device
+    config_hash: str
+    run_dir: Path
+    timings: dict = field(default_factory=dict)
+
+
+def scheme_from_cfg(qcfg) -> QuantScheme:
+    d = to_plain(qcfg)
+    return QuantScheme(**d)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available here; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def resolve(cfg: DictConfig) -> RunSpec:
+    """Validate everything that can be validated without loading a model; every problem is a ConfigError."""
+    from masquant.app import validation as v
+
+    problems = v.unknown_keys(cfg) + v.inapplicable_keys(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    try:
+        scheme = scheme_from_cfg(cfg.quant)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    try:
+        method_cls = get_method_class(str(cfg.method.id))
+    except KeyError as err:
+        raise ConfigError(str(err.args[0])) from None
+    try:
+        method_cfg = OmegaConf.to_object(cfg.method)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"method={cfg.method.id}: {err}") from err
+    method = method_cls(method_cfg)
+    problems = v.check_values(cfg, method.requires_calibration(scheme))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    modalities = tuple(str(m.value if hasattr(m, "value") else m) for m in cfg.modality.modalities)
+    if "text" not in modalities:
+        raise ConfigError(f"modality.modalities={list(modalities)} must include 'text'")
+    video_as = str(getattr(cfg.modality.video_as, "value", cfg.modality.video_as))
+    try:
+        method.check_weight_options(scheme)
+        method.check(scheme, modalities)
+    except MethodConfigError as err:
+        raise ConfigError(f"method={cfg.method.id} quant={cfg.quant.name}: {err}") from err
+    msource, csource = model_source(cfg.model.source), calibration_source(cfg.calib.source)
+    adapter_cls = msource.adapter_class(cfg.model)
+    supported = msource.modalities(cfg.model, adapter_cls)
+    try:
+        method.check_adapter(adapter_cls)
+    except MethodConfigError as err:
+        raise ConfigError(f"method={cfg.method.id} model={cfg.model.name}: {err}") from err
+    missing = [m for m in modalities if m not in supported]
+    if missing:
+        raise ConfigError(f"modality.modalities={list(modalities)}: model {cfg.model.name} has no {missing} input; "
+                          f"it takes {list(supported)} (e.g. modality=text_vision)")
+    needs_answers = "calib.with_answers=true" if cfg.calib.with_answers else (
+        f"method={cfg.method.id}" if method.needs_answers else None)
+    if needs_answers and not csource.has_answers:
+        raise ConfigError(f"{needs_answers} needs calibration answers; calib={csource.name} has none: use "
+                          "calib=testbed or a calib=file whose rows carry an 'answer'")
+    if csource.text_only and any(m != "text" for m in modalities):
+        raise ConfigError(f"calib={csource.name} is text-only but modality.modalities={list(modalities)}; use "
+                          "modality=text_only (or a calibration set with images: calib=testbed, calib=file)")
+    csource.check(cfg, method.requires_calibration(scheme), needs_answers)
+    if cfg.eval.data_root is not None and not Path(str(cfg.eval.data_root)).expanduser().exists():
+        raise ConfigError(f"eval.data_root={cfg.eval.data_root!r} does not exist")
+    if cfg.eval.tasks:
+        from masquant.evaluation import ALL_TASKS
+
+        bad = [t for t in cfg.eval.tasks if t not in ALL_TASKS]
+        if bad:
+            raise ConfigError(f"eval.tasks: unknown task(s) {bad}; valid tasks: {list(ALL_TASKS)}")
+    problems = source_problems(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    device = resolve_device(str(cfg.device))
+    problems = v.check_placement(cfg.model, device, method)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    v.check_output_root(cfg.paths.output_root)
+    h = config_hash(cfg)
+    run_dir = run_dir_for(cfg.paths.output_root, cfg.model.name, cfg.method.id, cfg.quant.name, h)
+    return RunSpec(cfg, scheme, method_cfg, modalities, video_as, device, h, run_dir)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# --- stages ------------------------------------------------------------------------------------
+def load_model(spec: RunSpec):
+    return loading.load_model_and_processor(spec.cfg.model, spec.cfg.paths.cache_dir, spec.device)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run one configuration; returns its metrics (loaded, if a finished result already exists).
+
+    One process at a time per configuration (a lock beside the run folder; a second one waits, then
+    finds the result); the run is written under a temporary name and published by a rename, and what
+    killed runs left behind is cleaned up first.
+    """
+    spec = resolve(cfg)
+    if is_finished(spec.run_dir) and not cfg.force:
+        log.info("finished result found for config %s, skipping: %s", spec.config_hash, spec.run_dir)
+        return load_result(spec.run_dir)
+    with run_lock(spec.run_dir):
+        clean_stale(spec.run_dir)
+        if is_finished(spec.run_dir) and not cfg.force:
+            log.info("finished result found for config %s, skipping: %s", spec.config_hash, spec.run_dir)
+            return load_result(spec.run_dir)
+        return _run_locked(spec)
+
+
+def _run_locked(spec: RunSpec) -> dict:
+    cfg = spec.cfg
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    seed_everything(int(cfg.seed))
+    tmp_dir = partial_dir(spec.run_dir)
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    file_log = logging.FileHandler(tmp_dir / "run.log")
+    file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(file_log)
+    try:
+        started = time.perf_counter()
+        metrics = _execute(spec, tmp_dir)
+        metrics.update(provenance(spec.device), **{"provenance/wall_s": time.perf_counter() - started})
+        metrics.update(source_provenance(cfg))  # e.g. the system program that spoke the testbed's clips
+        (tmp_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_json_atomic(metrics, tmp_dir / RESULT_FILE)
+        logging.getLogger().removeHandler(file_log)
+        file_log.close()
+        publish(tmp_dir, spec.run_dir)
+        log.info("results: %s", spec.run_dir)
+        return metrics
+    except BaseException:
+        logging.getLogger().removeHandler(file_log)
+        file_log.close()
+        failed = failed_dir(spec.run_dir)
+        shutil.rmtree(failed, ignore_errors=True)
+        os.replace(tmp_dir, failed)  # kept for the log; never mistaken for a finished result
+        raise
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+class _Stages:
+    """Wall time and peak memory so far after each stage: ``time/<stage>_s``, ``memory/peak_after_<stage>_mb``."""
+
+    def __init__(self, device):
+        self.device = device
+        self.metrics: dict[str, float] = {}
+        reset_peak_memory(device)
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.metrics[f"time/{name}_s"] = time.perf_counter() - t0
+        self.metrics[f"memory/peak_after_{name}_mb"] = peak_memory_mb(self.device)
+
+
+def run_method_label(spec: RunSpec) -> str:
+    """The method label, with the scheme's non-default weight rounding as options, e.g. 'rtn(w_quantizer=gptq)'
+    (plain GPTQ and RTN are different rows of a table)."""
+    from masquant.reporting.paper import format_method_label, parse_method_label
+
+    method_id, options = parse_method_label(method_label(spec.method_cfg))
+    if spec.scheme.w_quantizer == "gptq":
+        options["w_quantizer"] = "gptq"
+    if spec.scheme.w_mse_clip:
+        options["w_mse_clip"] = "True"
+    return format_method_label(method_id, options)
+
+
+def _execute(spec: RunSpec, out_dir: Path) -> dict:
+    cfg = spec.cfg
+    stage = _Stages(spec.device)
+    with stage("load"):
+        model, processor = load_model(spec)
+    adapter = get_adapter(model)
+    missing = [m for m in spec.modalities if m not in adapter.supported_modalities()]
+    if missing:
+        raise ConfigError(
+            f"modality.modalities={list(spec.modalities)}: {cfg.model.name} ({model.config.model_type}) has no "
+            f"{missing} input; it supports {list(adapter.supported_modalities())}"
+        )
+    method = build_method(spec.method_cfg)
+    needs_calibration = method.requires_calibration(spec.scheme)
+    metrics: dict[str, Any] = {}
+    with stage("calib_data"):
+        calib = held_out = None
+        if needs_calibration or cfg.eval.fidelity:
+            calib, held_out, description = loading.calibration_sets(cfg, processor, adapter)
+            calib.check_modalities_present(adapter, spec.modalities, spec.video_as)
+            metrics["run/calib_set"] = description
+        router = ModalityRouter(lambda ids: adapter.modality_masks(ids, video_as=spec.video_as))
+        attach_router(model, router)
+
+    ppl_ids = ref = None
+    with stage("reference"):
+        if cfg.eval.fidelity and held_out is not None and len(held_out):
+            ref = record_reference(model, adapter, held_out.batches, spec.device, spec.video_as)
+        if cfg.eval.ppl:
+            ppl_ids = loading.ppl_sequences(processor, cfg.eval)
+            metrics["fidelity/ppl_fp"] = sequences_perplexity(model, ppl_ids, spec.device, "perplexity (FP)")
+
+    with stage("quantize"):
+        cache = StatsCache(Path(cfg.paths.cache_dir) / "stats" if cfg.calib.cache else None)
+        cache_key = {
+            "model": cfg.model.name, "model_path": cfg.model.path, "dtype": str(cfg.model.dtype),
+            # statistics cached before an option was added stay valid while it sits at its neutral default
+            "calib": without_neutral_defaults("calib", to_plain(cfg.calib)), "video_as": spec.video_as,
+            "weights": model_fingerprint(model) if cache.root is not None else None,
+        }
+        ctx = QuantContext(model, adapter, spec.scheme, router, spec.device, spec.modalities,
+                           calib if needs_calibration else None, cache, cache_key, spec.video_as)
+        try:
+            report = method.run(ctx)
+        except MethodConfigError as err:  # what only the loaded model shows (e.g. a model that cannot be rotated)
+            raise ConfigError(f"quant={cfg.quant.name}: {err}") from err
+        del ctx  # and with it the captured calibration inputs
+        gc.collect()
+    metrics.update({f"method/{k}" if "/" not in k else k: v for k, v in report.items()})
+
+    with stage("fidelity"):
+        if ref is not None:
+            metrics.update(sqnr_report(model, adapter, held_out.batches, spec.device, ref))
+        if ppl_ids is not None:
+            metrics["fidelity/ppl"] = sequences_perplexity(model, ppl_ids, spec.device)
+            metrics["fidelity/ppl_delta"] = metrics["fidelity/ppl"] - metrics["fidelity/ppl_fp"]
+
+    with stage("eval"):
+        if cfg.eval.tasks:
+            from masquant.app.benchmarks import run_benchmarks
+
+            metrics.update(run_benchmarks(cfg, model, processor, out_dir))
+    metrics.update(stage.metrics)
+    metrics["memory/peak_mb"] = peak_memory_mb(spec.device)
+    metrics.update({
+        "run/model": str(cfg.model.name), "run/method": str(cfg.method.id), "run/quant": str(cfg.quant.name),
+        "run/method_label": run_method_label(spec),
+        "run/w_quantizer": spec.scheme.w_quantizer.value, "run/w_mse_clip": spec.scheme.w_mse_clip,
+        "run/bits": spec.scheme.tag, "run/int_range": spec.scheme.int_range.value, "run/modalities": list(spec.modalities), "run/config_hash": spec.config_hash,
+        "run/eval_limit": cfg.eval.limit, "run/eval_max_new_tokens_cap": cfg.eval.get("max_new_tokens_cap"), "run/calib_samples": int(cfg.calib.n_samples),
+        "run/device": str(spec.device), "run/seed": int(cfg.seed),
+    })
+    return metrics

@@ -1,0 +1,97 @@
+"""The weights one block deploys, rounded as the scheme asks: to nearest, MSE-clipped, or by GPTQ.
+
+``quant.w_quantizer=gptq`` needs each linear's Hessian H = 2/N Σ xᵀx: one :class:`GramObserver` per block (one
+Gram matrix per input group: q/k/v share theirs, as do gate/up) fed with the block as it is before it is
+quantized, run on the walk's *quantized* stream: block i's GPTQ sees the inputs the quantized blocks 0..i-1 give
+it (GPTQ's sequential setting; within a block the input groups come from one pass, not GPTQ's "true sequential"
+passes).
+
+Methods with ``honours_weight_options`` deploy through :func:`block_weights` and so honour ``quant.w_quantizer`` and
+``quant.w_mse_clip``; the others refuse them before anything runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from masquant.calibration.stats import GramObserver
+from masquant.engine.deploy import DeployWeight, WeightFn
+from masquant.quant.gptq import gptq_quantize
+from masquant.quant.grid import rtn_quantize
+from masquant.quant.scheme import QuantScheme
+
+log = logging.getLogger(__name__)
+
+WeightSource = Callable[[str, nn.Module], torch.Tensor]  # (role, linear) -> the FP weight W [out, in] to round
+
+
+def gptq_options(scheme: QuantScheme) -> dict:
+    """``gptq_quantize`` keyword arguments for the scheme's grid and GPTQ options."""
+    return dict(bits=scheme.w_bits, symmetric=scheme.w_symmetric,
+                group_size=scheme.w_group_size if scheme.w_granularity == "group" else 0,
+                qrange=scheme.int_range.value, blocksize=scheme.gptq_block, percdamp=scheme.gptq_damp,
+                act_order=scheme.gptq_act_order, mse_clip=scheme.w_mse_clip)
+
+
+def rtn_weight(W: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """Round to nearest on the scheme's grid with the MSE-clipped range (``quant.w_mse_clip``)."""
+    opts = gptq_options(scheme)
+    return rtn_quantize(W, bits=opts["bits"], symmetric=opts["symmetric"], group_size=opts["group_size"],
+                        qrange=opts["qrange"], mse_clip=True)
+
+
+@dataclass
+class BlockWeights:
+    """``weight_for`` of :func:`~masquant.engine.deploy.deploy_block_` and what it cost."""
+
+    weight_for: WeightFn | None
+    seconds: float = 0.0  # Hessian pass + GPTQ solves of this block (0 for round to nearest)
+    gptq_loss: dict[str, float] = field(default_factory=dict)  # role -> GPTQ's ½ tr(ΔW H ΔWᵀ)
+
+
+def block_hessians(step) -> GramObserver:
+    """Hessians of the step's block (as it is now) on the walk's quantized stream; no outputs are kept."""
+    grams = GramObserver.for_block(step.stack, step.block)
+    step.run("quant", observers=[grams], keep=False)
+    return grams
+
+
+@torch.no_grad()
+def block_weights(ctx, step=None, block: nn.Module | None = None, weight_source: WeightSource | None = None,
+                  stack=None) -> BlockWeights:
+    """The deployed weights of a block, rounded as ``ctx.scheme`` says.
+
+    ``step``: the walker step of the block (needed for GPTQ, whose Hessians come from its quantized stream).
+    ``weight_source(role, linear)``: the FP weight to round (default: the linear's own; e.g. MQuant's RMS
+    zeroes the split channel). Round to nearest returns the FP weight and lets the deploy path quantize it.
+    """
+    scheme = ctx.scheme
+    block = step.block if block is None else block
+    source = weight_source or (lambda role, linear: linear.weight.data)
+    if scheme.w_quantizer == "rtn":
+        if not scheme.w_mse_clip:
+            return BlockWeights(None if weight_source is None else source)
+        return BlockWeights(lambda role, linear: DeployWeight(rtn_weight(source(role, linear), scheme), quantized=True))
+    if step is None:
+        raise ValueError("quant.w_quantizer=gptq needs the walker's step (its quantized stream feeds H)")
+    stack = step.stack if stack is None else stack
+    t0 = time.perf_counter()
+    grams = block_hessians(step)
+    opts = gptq_options(scheme)
+    deployed: dict[str, torch.Tensor] = {}
+    losses: dict[str, float] = {}
+    for role, linear in stack.linears(block).items():
+        W = source(role, linear)
+        H = grams.hessian(stack.role_group[role]).to(W.device)
+        Wq, info = gptq_quantize(W.float(), H, **opts)
+        deployed[role] = Wq.to(W.dtype)
+        losses[role] = info["loss"]
+    seconds = time.perf_counter() - t0
+    log.debug("GPTQ %s block %d: %.2f s, loss %s", stack.name, step.index, seconds, losses)
+    return BlockWeights(lambda role, linear: DeployWeight(deployed[role], quantized=True), seconds, losses)

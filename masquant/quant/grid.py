@@ -1,0 +1,170 @@
+"""The integer grids every quantizer rounds to: fake quantization of weights and activations, RTN, GPTQ, the MSE
+clip search and AWQ's clip search all go through the functions here. Pure tensor functions.
+
+Grids (:class:`IntGrid`), b bits:
+
+  symmetric narrow  q ∈ [-(2^(b-1)-1), 2^(b-1)-1], scale = r·absmax / (2^(b-1)-1)  (the paper's, official MASQuant)
+  symmetric full    q ∈ [-2^(b-1), 2^(b-1)-1],     scale = r·absmax / ((2^b-1)/2)  (compressed-tensors / vLLM kernels)
+  asymmetric        q ∈ [0, 2^b-1], range [r·min(x, 0), r·max(x, 0)], scale = range / (2^b-1), integer zero point
+
+r is the clip ratio (1 = the full range). QuaRot's and GPTQ's own symmetric weight grid is a third one: scale
+absmax/(2^(b-1)-1) with codes clamped to [-2^(b-1), 2^(b-1)-1]; "narrow" here never produces -2^(b-1). On the full
+grid ±absmax/scale = ±(2^b-1)/2 is a rounding tie: +absmax clamps to 2^(b-1)-1, -absmax rounds half-to-even to
+-2^(b-1) (or to -2^(b-1)+1 when float rounding lands just inside; the same error either way).
+
+Q(x) = (clamp(round(x / scale) + zero, qmin, qmax) - zero) · scale. With ``ste=True`` the rounding is the
+straight-through estimator and the scale keeps its gradient, so gradients reach the input and the range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+QRANGES = ("narrow", "full")
+EPS = 1e-8  # the smallest scale: an all-zero row quantizes to 0
+
+
+@dataclass(frozen=True)
+class IntGrid:
+    """The integer grid of a b-bit quantizer (see the module docstring)."""
+
+    bits: int
+    symmetric: bool = True
+    qrange: str = "narrow"  # symmetric only; the asymmetric grid is always [0, 2^b - 1]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "qrange", str(getattr(self.qrange, "value", self.qrange)))
+        if not 2 <= self.bits <= 16:
+            raise ValueError(f"bits={self.bits}: must be in [2, 16]")
+        if self.qrange not in QRANGES:
+            raise ValueError(f"qrange={self.qrange!r}: valid choices are {QRANGES}")
+
+    @property
+    def qmin(self) -> int:
+        if not self.symmetric:
+            return 0
+        return -(2 ** (self.bits - 1)) if self.qrange == "full" else -(2 ** (self.bits - 1) - 1)
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    @property
+    def half_levels(self) -> float:
+        """absmax / scale of a symmetric grid: 2^(b-1)-1 (narrow) or (2^b-1)/2 (full)."""
+        return (2**self.bits - 1) / 2 if self.qrange == "full" else float(2 ** (self.bits - 1) - 1)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward."""
+    return (x.round() - x).detach() + x
+
+
+def _round(x: torch.Tensor, ste: bool) -> torch.Tensor:
+    return round_ste(x) if ste else torch.round(x)
+
+
+def _reduce(x: torch.Tensor, fn: str, dim) -> torch.Tensor:
+    return getattr(x, fn)() if dim is None else getattr(x, fn)(dim=dim, keepdim=True)
+
+
+def symmetric_scale(absmax: torch.Tensor, grid: IntGrid, ratio: float = 1.0) -> torch.Tensor:
+    """scale = ratio · absmax / half_levels (floored at EPS), for absmax of any shape."""
+    return (absmax * ratio / grid.half_levels).clamp(min=EPS)
+
+
+def range_scale_zero(x: torch.Tensor, grid: IntGrid, ratio: float = 1.0, dim: int | tuple | None = 1,
+                     ste: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and integer zero point of ``x`` reduced over ``dim`` (kept; None = the whole tensor), with the range
+    shrunk by ``ratio``. The zero point is None on a symmetric grid."""
+    if grid.symmetric:
+        return symmetric_scale(_reduce(x.abs(), "amax", dim), grid, ratio), None
+    xmin = (_reduce(x, "amin", dim) * ratio).clamp(max=0)
+    xmax = (_reduce(x, "amax", dim) * ratio).clamp(min=0)
+    scale = ((xmax - xmin) / grid.qmax).clamp(min=EPS)
+    return scale, _round(-xmin / scale, ste)
+
+
+def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, grid: IntGrid,
+                   ste: bool = False) -> torch.Tensor:
+    """Integer codes clamp(round(x / scale) + zero, qmin, qmax) (float tensor, same shape as x)."""
+    q = _round(x / scale, ste)
+    return torch.clamp(q if zero is None else q + zero, grid.qmin, grid.qmax)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """(codes - zero) · scale."""
+    return codes * scale if zero is None else (codes - zero) * scale
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, grid: IntGrid,
+                  ste: bool = False) -> torch.Tensor:
+    """Quantize then dequantize ``x`` on the grid with the given scale and zero (broadcast against x)."""
+    return dequantize(quantize_codes(x, scale, zero, grid, ste), scale, zero)
+
+
+def fake_quantize_range(x: torch.Tensor, grid: IntGrid, ratio: float = 1.0, dim: int | tuple | None = -1,
+                        ste: bool = False) -> torch.Tensor:
+    """Fake quantization of ``x`` with the range of each slice over ``dim`` (None = the whole tensor)."""
+    scale, zero = range_scale_zero(x, grid, ratio, dim, ste)
+    return fake_quantize(x, scale, zero, grid, ste)
+
+
+def mse_clip_scale_zero(W: torch.Tensor, grid: IntGrid, grid_points: int = 100, maxshrink: float = 0.8,
+                        norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per row of W [rows, cols], the range shrink p = 1 - i/grid_points (i < maxshrink·grid_points) minimising
+    Σ|w - Q(w)|^norm (the official GPTQ / QuaRot search: 80 factors 1, 0.99, ..., 0.21)."""
+    best = torch.full((W.shape[0], 1), float("inf"), dtype=W.dtype, device=W.device)
+    best_scale, best_zero = range_scale_zero(W, grid)
+    for i in range(int(maxshrink * grid_points)):
+        scale, zero = range_scale_zero(W, grid, 1 - i / grid_points)
+        err = (fake_quantize(W, scale, zero, grid) - W).abs().pow(norm).sum(dim=1, keepdim=True)
+        better = err < best
+        best = torch.where(better, err, best)
+        best_scale = torch.where(better, scale, best_scale)
+        if zero is not None:
+            best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def find_scale_zero(W: torch.Tensor, grid: IntGrid, mse_clip: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero of each row of W [rows, cols]: the full range, or the MSE-clipped range."""
+    return mse_clip_scale_zero(W, grid) if mse_clip else range_scale_zero(W, grid)
+
+
+def group_slices(width: int, group_size: int) -> list[slice]:
+    """Consecutive groups of ``group_size`` columns (0 = one group of every column); a smaller last group when
+    ``width`` is not a multiple (its own scale over its columns; no padding)."""
+    g = min(group_size, width) if group_size else width
+    return [slice(j, min(j + g, width)) for j in range(0, width, g)]
+
+
+def quantize_groups(W: torch.Tensor, group_size: int, fq) -> torch.Tensor:
+    """Apply ``fq`` to groups of ``group_size`` input columns of W [out, in], reducing over the last dim.
+
+    When ``in`` is not a multiple of the group size, the last group is smaller (its own scale over its
+    ``in % group_size`` columns; no padding, so no column is rounded against zeros it does not have).
+    Testbed widths 576 and 1536 with group 128: 4 full groups + one of 64 at 576.
+    """
+    out_f, in_f = W.shape
+    g = min(group_size, in_f)
+    full = (in_f // g) * g
+    parts = [fq(W[:, :full].reshape(out_f, in_f // g, g)).reshape(out_f, full)]
+    if full < in_f:
+        parts.append(fq(W[:, full:].reshape(out_f, 1, in_f - full)).reshape(out_f, in_f - full))
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def rtn_quantize(W: torch.Tensor, *, bits: int, symmetric: bool = True, group_size: int = 0, qrange: str = "narrow",
+                 mse_clip: bool = False) -> torch.Tensor:
+    """Round-to-nearest W [out, in] per output channel (group_size 0) or per group of inputs -> Wq, W's dtype;
+    the range of each row of a group is its full range or, with ``mse_clip``, the MSE-clipped one."""
+    grid = IntGrid(bits, symmetric, qrange)
+    Wf = W.detach().to(torch.float64 if W.dtype == torch.float64 else torch.float32)
+    Q = torch.empty_like(Wf)
+    for cols in group_slices(Wf.shape[1], group_size):
+        scale, zero = find_scale_zero(Wf[:, cols], grid, mse_clip)
+        Q[:, cols] = fake_quantize(Wf[:, cols], scale, zero, grid)
+    return Q.to(W.dtype)

@@ -1,0 +1,56 @@
+"""The config hash: which keys make a configuration, and a stable hash of anything JSON-like.
+
+A run's results live under a folder named by the hash of its composed configuration, minus the keys that do not
+change results (:data:`NON_SEMANTIC`); a job that finds a finished result for its hash skips itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from omegaconf import DictConfig, OmegaConf
+
+from masquant.runs.store import RESULTS_FORMAT
+
+# Keys that do not change results and are left out of the config hash.
+NON_SEMANTIC = ("logger", "paths", "force", "threads", "device", "reference", "sweep")
+NON_SEMANTIC_MODEL = ("placement", "max_memory_gib")  # where the weights live, not what they compute
+# Keys added after results existed, each with the default that reproduces the earlier behaviour: left out of
+# the hash at that default, so finished results keep their hash (sweeps resume) across the upgrade; any other
+# value is a new configuration. Add a key here when you add an option whose default changes nothing.
+ADDED_WITH_NEUTRAL_DEFAULT: dict[tuple[str, str], object] = {
+    ("eval", "max_new_tokens_cap"): None,
+    ("calib", "with_answers"): False,
+}
+
+
+
+def stable_hash(obj, length: int = 12) -> str:
+    """sha256 of the sorted-key JSON of ``obj`` (non-JSON values by ``str``), first ``length`` hex digits."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def to_plain(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def without_neutral_defaults(group: str, values: dict) -> dict:
+    """``values`` of config group ``group`` without the later-added keys that sit at their neutral default."""
+    return {k: v for k, v in values.items()
+            if not ((group, k) in ADDED_WITH_NEUTRAL_DEFAULT and v == ADDED_WITH_NEUTRAL_DEFAULT[(group, k)])}
+
+
+def config_hash(cfg: DictConfig) -> str:
+    plain = to_plain(cfg)
+    for key in NON_SEMANTIC:
+        plain.pop(key, None)
+    plain.pop("hydra", None)
+    for key in NON_SEMANTIC_MODEL:
+        plain.get("model", {}).pop(key, None)
+    for group in {g for g, _ in ADDED_WITH_NEUTRAL_DEFAULT}:
+        if group in plain:
+            plain[group] = without_neutral_defaults(group, plain[group])
+    plain["_results_format"] = RESULTS_FORMAT  # a new format is a new configuration: stale results are re-run
+    return stable_hash(plain, 10)
