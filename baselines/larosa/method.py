@@ -216,7 +216,7 @@ class LaRoSA(Method):
         # C = Σ xᵀx (float64) over every calibration token of the attention and MLP inputs: their rotations
         self.grams = None
         if self.cfg.rotate:
-            self.grams = GramObserver.for_block(step.stack, step.block, groups=("qkv", "gate_up"), in_place=False)
+            self.grams = GramObserver.for_block(step.stack, step.block, groups=("qkv", "gate_up"))
         return [self.grams] if self.grams is not None else []
 
     def plan_block(self, ctx, step) -> BlockPlan:

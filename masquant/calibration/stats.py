@@ -98,10 +98,9 @@ class Gram:
     """Running C = Σ xᵀx over the rows x [N, D] seen so far and their count N, in float64, accumulated in place
     (no D × D temporary: at D = 18944 a temporary would be another 2.9 GB)."""
 
-    def __init__(self, dim: int, device=None, in_place: bool = True):
+    def __init__(self, dim: int, device=None):
         self.dim = dim
         self.device = device  # None: the device of the first rows
-        self.in_place = in_place
         self.count = 0
         self.gram: torch.Tensor | None = None
 
@@ -116,10 +115,7 @@ class Gram:
             self.gram = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=device)
         if x2.shape[0]:
             x2 = x2.to(self.gram.device, torch.float64)
-            if self.in_place:
-                self.gram.addmm_(x2.T, x2)
-            else:
-                self.gram += x2.T @ x2
+            self.gram.addmm_(x2.T, x2)
             self.count += x2.shape[0]
 
     @property
@@ -135,17 +131,16 @@ class GramObserver:
     """Walker observer: a :class:`Gram` per (input group, modality) of one block, for ``groups`` and
     ``modalities`` ("all" = every row, a modality = the rows of its mask; a row of no listed mask adds nothing)."""
 
-    def __init__(self, dims: dict[str, int], modalities: tuple[str, ...] = (ALL,), device=None, in_place: bool = True):
+    def __init__(self, dims: dict[str, int], modalities: tuple[str, ...] = (ALL,), device=None):
         self.modalities = tuple(modalities)
-        self.grams = {g: {m: Gram(d, device, in_place) for m in self.modalities} for g, d in dims.items()}
+        self.grams = {g: {m: Gram(d, device) for m in self.modalities} for g, d in dims.items()}
 
     @classmethod
-    def for_block(cls, stack, block, groups=None, modalities: tuple[str, ...] = (ALL,), device=None,
-                  in_place: bool = True) -> "GramObserver":
+    def for_block(cls, stack, block, groups=None, modalities: tuple[str, ...] = (ALL,), device=None) -> "GramObserver":
         """Over the input groups ``groups`` (default: every group) of ``block`` in ``stack``."""
         dims = {g: lin.in_features for g, lin in stack.input_group_linears(block).items()
                 if groups is None or g in groups}
-        return cls(dims, modalities, device, in_place)
+        return cls(dims, modalities, device)
 
     def observe(self, group: str, x: torch.Tensor, masks: dict[str, torch.Tensor]) -> None:
         for m, acc in self.grams.get(group, {}).items():
