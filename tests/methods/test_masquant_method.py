@@ -153,6 +153,23 @@ def test_smoothing_is_invariant_without_quantization(mllm_case, cfg):
     assert all(isinstance(m, QuantLinear) for m in adapter.linears(adapter.decoder_layers()[0]).values())
 
 
+@pytest.mark.parametrize("uniform", [False, True])
+def test_tied_scales_are_learned_once_for_k_v_with_q_and_gate_with_up(mllm_case, uniform):
+    """tie_scales (the official merged_scales): k and v deploy q's learned smoothing vectors, gate deploys up's, per
+    modality; with uniform every modality shares one vector too."""
+    model, adapter, report = quantize(mllm_case, MASQuantConfig(tie_scales=True, uniform=uniform, epochs=1, lr=5e-3))
+    assert report["masquant/loss_epoch1/layer_0"] > 0
+    for layer in adapter.decoder_layers():
+        lin = adapter.linears(layer)
+        for tied, owner in (("k", "q"), ("v", "q"), ("gate", "up")):
+            for m, path in lin[owner].paths.items():
+                assert torch.equal(lin[tied].paths[m].smooth, path.smooth), (tied, m)
+        s = {m: p.smooth for m, p in lin["q"].paths.items()}
+        assert not torch.equal(s["text"], lin["o"].paths["text"].smooth)  # o keeps its own
+        if uniform:
+            assert torch.equal(s["text"], s["vision"])
+
+
 def test_check_refuses_fp16():
     from masquant.errors import MethodConfigError
 

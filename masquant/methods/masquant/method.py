@@ -123,8 +123,7 @@ class MASQuant(Method):
         if not (self.cov_groups and self.nontext):
             self.grams = None
             return []
-        self.grams = GramObserver.for_block(step.stack, step.block, self.cov_groups, self.nontext, step.device,
-                                            in_place=False)
+        self.grams = GramObserver.for_block(step.stack, step.block, self.cov_groups, self.nontext, step.device)
         return [self.grams]
 
     def plan_block(self, ctx, step) -> BlockPlan:
@@ -257,7 +256,7 @@ class MASQuant(Method):
         """Trainable fp32 scales; ``tie_scales`` shares k, v with q and gate with up, ``uniform`` shares modalities."""
         cfg = self.cfg
         params: dict[str, dict[str, nn.Parameter]] = {}
-        for role in SMOOTHED_ROLES:
+        for role in sorted(SMOOTHED_ROLES, key=lambda r: r in TIED_TO):  # owners (q, o, up) before the tied roles
             owner = TIED_TO.get(role) if cfg.tie_scales else None
             if owner is not None:
                 params[role] = params[owner]
