@@ -177,10 +177,37 @@ def evaluate_lmms(model, processor, tasks: list[str], *, limit: int | float | No
         if not task_metrics:
             raise EvaluationError(f"task {task}: lmms-eval reported no numeric metric ({results['results'][task]})")
         metrics.update(task_metrics)
+        metrics.update(document_scores(task, samples, task_metrics))
         metrics[f"eval/{task}/n_docs"] = len(samples)
         log.info("eval %s: %d docs in %.1f s: %s", task, len(samples), time.perf_counter() - started,
                  {k.rsplit("/", 1)[-1]: round(v, 4) for k, v in task_metrics.items()})
     return metrics
+
+
+def document_scores(task: str, samples: list[dict], task_metrics: dict) -> dict:
+    """The task's per-document scores (for paired comparisons of runs) and the 95 % interval of its headline value
+    over the documents, in lmms-eval's unit: ``eval/<task>/doc_ids``, ``doc_values``, ``doc_weights`` (ratio
+    metrics only), ``ci95`` [low, high] and ``ci_method`` (masquant.evaluation.intervals)."""
+    from masquant.evaluation.intervals import interval
+    from masquant.evaluation.metrics import metric_value
+    from masquant.evaluation.tasks import TASKS, doc_scores
+
+    if task not in TASKS:
+        return {}
+    ids, values, weights = doc_scores(task, samples)
+    spec = TASKS[task]
+    ratio = sum(values) / (sum(weights) if weights is not None else len(values))
+    headline = metric_value(task_metrics, spec.metric_keys)
+    if headline is not None and not math.isclose(ratio * spec.unit, float(headline), rel_tol=1e-6, abs_tol=1e-4):
+        log.warning("task %s: the per-document scores give %.6g, lmms-eval's %s is %.6g; its interval is left out",
+                    task, ratio * spec.unit, spec.metrics[0], float(headline))
+        return {}
+    lo, hi, method = interval(values, weights)
+    out = {f"eval/{task}/doc_ids": ids, f"eval/{task}/doc_values": values,
+           f"eval/{task}/ci95": [lo * spec.unit, hi * spec.unit], f"eval/{task}/ci_method": method}
+    if weights is not None:
+        out[f"eval/{task}/doc_weights"] = weights
+    return out
 
 
 def format_eval_table(metrics: dict) -> str:

@@ -38,6 +38,13 @@ class Task:
     percent: bool = False  # lmms-eval reports it in percent already (else a fraction, x100 in tables)
     higher_is_better: bool = True  # accuracies; error rates (WER) are lower-is-better and never averaged
     reference: str | None = None  # its column in the published tables (masquant/reporting/reference)
+    # per-document scores (doc_scores): values v_i and weights w_i with Σ v / Σ w x unit = the headline metric
+    scorer: str = "exact_match"
+
+    @property
+    def unit(self) -> float:
+        """lmms-eval's metric = the ratio Σ v / Σ w x unit (100 for metrics it reports in percent)."""
+        return 100.0 if self.percent else 1.0
 
     @property
     def metric_keys(self) -> tuple[str, ...]:
@@ -64,25 +71,87 @@ TASKS: dict[str, Task] = {t.name: t for t in (
         reference="scienceqa"),
     Task("ocrbench", "OCRBench", ("hit_rate", "ocrbench_accuracy"), TaskSource(
         "ocrbench/ocrbench.yaml", "test", ("question", "answer", "dataset", "question_type"), ("image",)),
-        reference="ocrbench"),
+        reference="ocrbench", scorer="ocrbench_hit"),
     Task("mmmu_val", "MMMU", ("mmmu_acc",), TaskSource(
         "mmmu/mmmu_val.yaml", "validation", ("id", "question", "options", "answer", "question_type"),
-        tuple(f"image_{k}" for k in range(1, 8))), reference="mmmu"),
+        tuple(f"image_{k}" for k in range(1, 8))), reference="mmmu", scorer="mmmu_judge"),
     # the Omni rows of the paper: OmniBench (image + audio + text) and speech recognition (WER / MER)
     Task("omni_bench", "OmniBench", ("accuracy",), TaskSource(
         "omni_bench/omni_bench.yaml", "train", ("question", "options", "answer", "task type"), ("image",),
-        ("audio",)), percent=True, reference="omnibench"),
+        ("audio",)), percent=True, reference="omnibench", scorer="omnibench_overall"),
     Task("librispeech_test_other", "LibriSpeech WER", ("wer",), TaskSource(
         "librispeech/librispeech_test_other.yaml", "librispeech_test_other", ("gt", "source", "task"), (),
-        ("audio",)), percent=True, higher_is_better=False, reference="librispeech_wer"),
+        ("audio",)), percent=True, higher_is_better=False, reference="librispeech_wer", scorer="librispeech_edits"),
     Task("wenet_speech_test_net", "WenetSpeech WER", ("mer",), TaskSource(
         "wenet_speech/wenet_speech_test_net.yaml", "test_net", ("text",), (), ("audio",)),
-        percent=True, higher_is_better=False, reference="wenetspeech_wer"),
+        percent=True, higher_is_better=False, reference="wenetspeech_wer", scorer="wenet_mer"),
 )}
 EVAL_TASKS: tuple[str, ...] = ("textvqa_val", "vizwiz_vqa_val", "scienceqa_img", "ocrbench", "mmmu_val")  # Table 1
 AUDIO_EVAL_TASKS: tuple[str, ...] = tuple(t for t, task in TASKS.items() if task.source.audio_columns)
 ALL_TASKS: tuple[str, ...] = tuple(TASKS)
 TASK_SOURCES: dict[str, TaskSource] = {name: task.source for name, task in TASKS.items()}
+
+
+Scores = tuple[list[float], list[float] | None]  # per-document values v_i, weights w_i (None: every w_i = 1)
+
+
+def _exact_match(samples: list[dict]) -> Scores:
+    return [float(s["exact_match"]) for s in samples], None
+
+
+def _ocrbench_hit(samples: list[dict]) -> Scores:
+    return [float(s["ocrbench_accuracy"]["score"]) for s in samples], None
+
+
+def _mmmu_judge(samples: list[dict]) -> Scores:
+    """lmms-eval's own MMMU judgement of each document (multiple choice and open answers)."""
+    from lmms_eval.tasks.mmmu.utils import evaluate_mmmu
+
+    return [float(evaluate_mmmu([s["mmmu_acc"]])[0].get(s["mmmu_acc"]["id"]) == "Correct") for s in samples], None
+
+
+def _omnibench_overall(samples: list[dict]) -> Scores:
+    return [float(s["accuracy"]["overall"]) for s in samples], None
+
+
+def _librispeech_edits(samples: list[dict]) -> Scores:
+    """Per document, the word edits and reference words that lmms-eval's corpus WER sums (its normalisers and
+    tokenizer, as ``librispeech_wer`` -> ``compute_wer``): WER = Σ edits / Σ words."""
+    import editdistance
+    from lmms_eval.tasks import asr_wer_utils
+    from lmms_eval.tasks.librispeech import utils
+
+    tokenizer = asr_wer_utils.EvaluationTokenizer(tokenizer_type="none", lowercase=True, punctuation_removal=True,
+                                                  character_tokenization=False)
+    kw = dict(yue_languages={"yue"}, english_languages={"en"}, chinese_languages={"zh"},
+              yue_converter=utils.zhconv_convert, english_normalizer=utils.english_normalizer,
+              chinese_normalizer=utils.chinese_normalizer, basic_normalizer=utils.basic_normalizer)
+    edits, words = [], []
+    for s in samples:
+        record = s["wer"]
+        language = record["task"][4:]
+        items = []
+        for text in (record["gt"], record["pred"]):
+            text = asr_wer_utils._normalize(utils.remove_sp(text, language), language, **kw)
+            text_items = tokenizer.tokenize(text).split()
+            items.append([c for c in "".join(text_items)] if language in {"zh", "yue"} else text_items)
+        edits.append(float(editdistance.eval(items[0], items[1])))
+        words.append(float(len(items[0])))
+    return edits, words
+
+
+def _wenet_mer(samples: list[dict]) -> Scores:
+    return [float(s["mer"]) / 100.0 for s in samples], None
+
+
+SCORERS = {"exact_match": _exact_match, "ocrbench_hit": _ocrbench_hit, "mmmu_judge": _mmmu_judge,
+           "omnibench_overall": _omnibench_overall, "librispeech_edits": _librispeech_edits, "wenet_mer": _wenet_mer}
+
+
+def doc_scores(task: str, samples: list[dict]) -> tuple[list[int], list[float], list[float] | None]:
+    """(document ids, values, weights) of a task's scored documents (see :class:`Task`.scorer)."""
+    values, weights = SCORERS[TASKS[task].scorer](samples)
+    return [int(s["doc_id"]) for s in samples], values, weights
 
 
 def headline_value(metrics: dict, task: str) -> float | None:
