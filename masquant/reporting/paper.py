@@ -47,6 +47,7 @@ class Column:
     higher_is_better: bool = True
     decimals: int = 1
     average_of: tuple[str, ...] = ()  # labels of the columns this one averages, per run (the Avg column)
+    task: str | None = None  # the benchmark task of the column: its per-document scores give intervals and tests
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,8 @@ class Layout:
 def task_column(task: str) -> Column:
     """The column of a registered benchmark task (masquant.evaluation.tasks.TASKS)."""
     t = TASKS[task]
-    return Column(t.label, t.metric_keys, scale=t.scale, reference=t.reference, higher_is_better=t.higher_is_better)
+    return Column(t.label, t.metric_keys, scale=t.scale, reference=t.reference, higher_is_better=t.higher_is_better,
+                  task=task)
 
 
 MMMU, OCRBENCH, VIZWIZ, SQA, TEXTVQA = (task_column(t) for t in
@@ -124,6 +126,7 @@ BITS_ORDER = ("FP16", "W4A16-g128", "W8A8", "W4A8", "W4A6")
 # registered methods is their registration's (masquant.methods.registry.method_order).
 PAPER_METHODS = ("dense", "rtn", "smoothquant", "awq", "mbq", "quarot", "mquant", "masquant")
 MISSING = "-"
+COMPARED_WITH = "rtn"  # the method label of the row a paper table's paired tests compare every row with
 
 # (setting, model, method, bits, reference column) -> published number
 ReferenceKey = tuple[tuple[str, str], str, str, str, str]
@@ -382,14 +385,70 @@ def _sortable(value) -> tuple[int, float, str]:
     return (0, number, "") if number is not None and not math.isnan(number) else (1, 0.0, text)
 
 
-def _cells(runs: Sequence[Mapping], columns: Sequence[Column],
-           published: Mapping[str, float | None]) -> dict[str, float | None]:
-    """Ours (mean, std) and, where the column has a reference, the published number and the delta."""
+SIGNIFICANCE = 0.05  # a cell differs from its reference row when the paired test's p is below this
+
+
+def run_interval(result: Mapping, column: Column) -> tuple[float, float] | None:
+    """The 95 % interval over documents of one run's value in the table's unit (None when not recorded)."""
+    ci = result.get(f"eval/{column.task}/ci95") if column.task else None
+    if not isinstance(ci, (list, tuple)) or len(ci) != 2:
+        return None
+    return float(ci[0]) * column.scale, float(ci[1]) * column.scale
+
+
+def _documents(result: Mapping, task: str) -> dict[int, tuple[float, float]]:
+    """{doc id: (value, weight)} of one run's scored documents of ``task`` (empty when not recorded)."""
+    ids, values = result.get(f"eval/{task}/doc_ids"), result.get(f"eval/{task}/doc_values")
+    if not isinstance(ids, list) or not isinstance(values, list) or len(ids) != len(values):
+        return {}
+    weights = result.get(f"eval/{task}/doc_weights") or [1.0] * len(values)
+    return {int(i): (float(v), float(w)) for i, v, w in zip(ids, values, weights)}
+
+
+def paired_p(runs: Sequence[Mapping], reference: Sequence[Mapping], task: str) -> float | None:
+    """The paired test's p-value of a row against its reference row on ``task``: runs matched by seed, each on the
+    documents both scored (pooled over the matched seeds); None without per-document scores."""
+    from masquant.evaluation.intervals import paired_p_value
+
+    by_seed = {seed_of(r): r for r in reference}
+    a_v, a_w, b_v, b_w = [], [], [], []
+    for run in runs:
+        if seed_of(run) not in by_seed:
+            continue
+        mine, theirs = _documents(run, task), _documents(by_seed[seed_of(run)], task)
+        for doc in sorted(set(mine) & set(theirs)):
+            a_v.append(mine[doc][0]), a_w.append(mine[doc][1])
+            b_v.append(theirs[doc][0]), b_w.append(theirs[doc][1])
+    if not a_v:
+        return None
+    ratio = any(w != 1.0 for w in a_w + b_w)
+    return paired_p_value(a_v, b_v, a_w if ratio else None, b_w if ratio else None)[0]
+
+
+def _cells(runs: Sequence[Mapping], columns: Sequence[Column], published: Mapping[str, float | None],
+           reference: Sequence[Mapping] | None = None) -> dict[str, float | None]:
+    """Ours (mean, std over the row's runs), its interval over documents (one run) and the p-value of the paired
+    test against the ``reference`` row's runs; and, where the column has a reference, the published number and the
+    delta."""
     row: dict[str, float | None] = {}
+    half: dict[str, float | None] = {}
     for column in columns:
         values = [v for v in (run_value(r, column, columns) for r in runs) if v is not None]
         mean, std = mean_and_std(values)
         row[column.label], row[f"{column.label} std"] = mean, std
+        lo = hi = p = None
+        if len(runs) == 1 and mean is not None:
+            if column.average_of:  # independent tasks: the half-widths add in quadrature, divided by their number
+                parts = [half.get(label) for label in column.average_of]
+                if all(h is not None for h in parts):
+                    h = math.sqrt(sum(x * x for x in parts)) / len(parts)
+                    lo, hi = mean - h, mean + h
+            elif (ci := run_interval(runs[0], column)) is not None:
+                lo, hi = ci
+        half[column.label] = None if lo is None else (hi - lo) / 2
+        if reference and column.task:
+            p = paired_p(runs, reference, column.task)
+        row[f"{column.label} ci_low"], row[f"{column.label} ci_high"], row[f"{column.label} p"] = lo, hi, p
         if column.reference is not None:
             paper = published.get(column.reference)
             row[f"{column.label} paper"] = paper
@@ -398,8 +457,10 @@ def _cells(runs: Sequence[Mapping], columns: Sequence[Column],
 
 
 def frame_names(column: Column) -> list[str]:
-    """The frame's columns for one metric column: ours, std, and paper, delta where it has a reference."""
-    names = [column.label, f"{column.label} std"]
+    """The frame's columns for one metric column: ours, std, the interval, the paired test's p, and paper, delta
+    where it has a reference."""
+    names = [column.label, f"{column.label} std", f"{column.label} ci_low", f"{column.label} ci_high",
+             f"{column.label} p"]
     return names + ([f"{column.label} paper", f"{column.label} delta"] if column.reference is not None else [])
 
 
@@ -427,8 +488,10 @@ def paper_table(results: Iterable[Mapping], layout: Layout = TABLE1,
     for key in sorted(groups, key=order):
         published = {c.reference: published_value(references, {PAPER_SETTING: {}}, key, {}, c.reference, stand_in)
                      for c in layout.columns if c.reference is not None}
+        rtn = (key[0], key[1], COMPARED_WITH, key[3], key[4])  # the paired tests' reference: RTN at the same bits
+        reference = groups.get(rtn) if key != rtn else None
         rows.append({"model": key[0], "bits": key[1], "method": key[2], "calib": key[3], "limit": key[4],
-                     "n": len(groups[key]), **_cells(groups[key], layout.columns, published)})
+                     "n": len(groups[key]), **_cells(groups[key], layout.columns, published, reference)})
     return PaperTable(keys, layout.columns, _frame(rows, keys, layout.columns),
                       f"{layout.title}, reference/{layout.reference_file}{stand_in.note()}")
 
@@ -491,13 +554,17 @@ def ablation_table(results: Iterable[Mapping], pivot: Sequence[str], defaults: M
 
     keys = ("model", "bits", "method", *pivot, "calib", "limit", "n")
     rows = []
+    previous: dict[tuple, RowKey] = {}  # block -> its last row: the paired tests compare each step with the one before
     for key in sorted(groups, key=order):
         method_defaults = defaults.get(parse_method_label(key[2])[0], {})
         published = {c.reference: published_value(references, settings, key, method_defaults, c.reference,
                                                   stand_in)
                      for c in ABLATION.columns if c.reference is not None}
+        block = (key[0], key[1], described(key)["method"], key[3], key[4])
+        reference = groups[previous[block]] if block in previous else None
+        previous[block] = key
         rows.append({**described(key), "calib": key[3], "limit": key[4], "n": len(groups[key]),
-                     **_cells(groups[key], ABLATION.columns, published)})
+                     **_cells(groups[key], ABLATION.columns, published, reference)})
     frame = _frame(rows, keys, ABLATION.columns)
     columns = tuple(c for c in (_non_empty(frame, c) for c in ABLATION.columns) if c is not None)
     frame = frame[[*keys, *(name for c in columns for name in frame_names(c))]]
@@ -537,17 +604,26 @@ def _key_text(name: str, value) -> str:
     return str(value)
 
 
-def _ours_text(mean, std, decimals: int, pm: str) -> str:
+def _ours_text(row: Mapping, column: Column, pm: str, star: str) -> str:
+    """Ours: the mean, ± the seeds' std (several runs) or the half-width of the interval over documents (one run),
+    and ``star`` when the paired test against the row's reference gives p < 5 %."""
+    label, decimals = column.label, column.decimals
+    mean, std = row[label], row[f"{label} std"]
     if _is_missing(mean):
         return MISSING
-    if _is_missing(std):
-        return _fixed(mean, decimals)
-    return f"{_fixed(mean, decimals)}{pm}{_fixed(std, decimals)}"
+    text = _fixed(mean, decimals)
+    lo, hi = row.get(f"{label} ci_low"), row.get(f"{label} ci_high")
+    if not _is_missing(std):
+        text += f"{pm}{_fixed(std, decimals)}"
+    elif not (_is_missing(lo) or _is_missing(hi)):
+        text += f"{pm}{_fixed((hi - lo) / 2, decimals)}"
+    p = row.get(f"{label} p")
+    return text + (star if not _is_missing(p) and p < SIGNIFICANCE else "")
 
 
-def _row_cells(row: Mapping, column: Column, pm: str, number: str = "{}") -> list[str]:
+def _row_cells(row: Mapping, column: Column, pm: str, number: str = "{}", star: str = "*") -> list[str]:
     """Ours, and paper and delta where the column has a reference, as text (``number`` wraps numbers, e.g. math)."""
-    ours = _ours_text(row[column.label], row[f"{column.label} std"], column.decimals, pm)
+    ours = _ours_text(row, column, pm, star)
     cells = [ours if ours == MISSING else number.format(ours)]
     if column.reference is not None:
         paper, delta = row[f"{column.label} paper"], row[f"{column.label} delta"]
@@ -557,7 +633,11 @@ def _row_cells(row: Mapping, column: Column, pm: str, number: str = "{}") -> lis
 
 
 def _legend(table: PaperTable, pm: str = "±", delta: str = "Δ", minus: str = "−", arrows: str = "↑/↓") -> str:
-    return (f"ours: mean {pm} sample std over the n runs (seeds) of a row; paper: {table.source}; "
+    return (f"ours: the mean over the n runs (seeds) of a row, {pm} their sample std when n > 1, else {pm} the "
+            f"half-width of the 95 % interval over the scored documents (Wilson for right/wrong scores, bootstrap "
+            f"otherwise; Avg: the tasks' half-widths added in quadrature); *: differs from the row's reference (the "
+            f"RTN row of the same bits; in ablations the row before) at 5 % by a paired test on the same documents "
+            f"(exact McNemar for right/wrong scores, permutation otherwise); paper: {table.source}; "
             f"{delta} = ours {minus} paper; {arrows}: higher/lower is better.")
 
 
@@ -609,18 +689,21 @@ def format_paper_latex(table: PaperTable) -> str:
     for row in table.frame.to_dict("records"):
         cells = [latex_escape(_key_text(k, row[k])) for k in table.keys]
         for column in table.columns:
-            cells += _row_cells(row, column, r" \pm ", number="${}$")
+            cells += _row_cells(row, column, r" \pm ", number="${}$", star="^{*}")
         lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", "% " + _legend(table, "+-", "Delta", "-", "up/down arrow")]
     return "\n".join(lines)
 
 
 def format_paper_csv(table: PaperTable) -> str:
-    """The frame as CSV: the keys, then per metric column ours, std, paper, delta with the column's decimals
-    (empty where there is nothing); ``delta`` is ours − paper whatever the direction of the column."""
+    """The frame as CSV: the keys, then per metric column ours, std, the interval's ends, the paired test's p and
+    paper, delta with the column's decimals (p with three significant digits; empty where there is nothing);
+    ``delta`` is ours − paper whatever the direction of the column."""
     decimals = {name: c.decimals for c in table.columns for name in frame_names(c)}
 
     def text(name: str, value) -> str:
+        if name in decimals and name.endswith(" p"):  # a p-value: three significant digits
+            return "" if _is_missing(value) else f"{float(value):.3g}"
         if name in decimals:
             return "" if _is_missing(value) else _fixed(value, decimals[name])
         return _key_text(name, value)

@@ -13,6 +13,7 @@ from masquant.evaluation.metrics import benchmark_average, task_scores
 from masquant.evaluation.tasks import TASKS
 
 log = logging.getLogger(__name__)
+HALF_WIDTH = "±"  # results_frame's column of a task's interval half-width: "<task> ±"
 
 
 def collect_results(root: str | Path, skipped: list[str] | None = None) -> list[dict]:
@@ -54,11 +55,19 @@ def results_frame(results: list[dict]) -> pd.DataFrame:
         row = {"model": m.get("run/model"), "method": m.get("run/method_label", m.get("run/method")), "bits": m.get("run/bits"),
                "calib": m.get("run/calib_samples"), "limit": m.get("run/eval_limit")}
         scores = task_scores(m)
-        row.update({TASKS[t].label: v for t, v in scores.items() if TASKS[t].higher_is_better})
-        average = benchmark_average(m)
-        if average is not None:
-            row["Avg"] = average
-        row.update({TASKS[t].label: v for t, v in scores.items() if not TASKS[t].higher_is_better})
+        for accuracy in (True, False):  # accuracies, their average, then error rates
+            for t, v in scores.items():
+                if TASKS[t].higher_is_better == accuracy:
+                    row[TASKS[t].label] = v
+                    ci = m.get(f"eval/{t}/ci95")
+                    if isinstance(ci, list) and len(ci) == 2:
+                        row[f"{TASKS[t].label} {HALF_WIDTH}"] = (ci[1] - ci[0]) / 2 * TASKS[t].scale
+            average = benchmark_average(m) if accuracy else None
+            if average is not None:
+                row["Avg"] = average
+                halves = [row.get(f"{TASKS[t].label} {HALF_WIDTH}") for t in scores if TASKS[t].higher_is_better]
+                if halves and all(h is not None for h in halves):  # independent tasks: in quadrature
+                    row[f"Avg {HALF_WIDTH}"] = math.sqrt(sum(h * h for h in halves)) / len(halves)
         for mod in ("text", "vision", "audio"):
             v = m.get(f"fidelity/sqnr/{mod}/e2e")
             if v is not None:
@@ -82,8 +91,15 @@ def _fmt(v) -> str:
 
 
 def format_markdown(df: pd.DataFrame) -> str:
-    cols = list(df.columns)
+    """One row per run; a ``<task> ±`` column (the half-width of the task's 95 % interval over its documents) is
+    shown inside its task's cell, ``45.00 ± 9.80``."""
+    cols = [c for c in df.columns if not str(c).endswith(f" {HALF_WIDTH}")]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for _, r in df.iterrows():
-        lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+        cells = []
+        for c in cols:
+            half = r.get(f"{c} {HALF_WIDTH}")
+            text = _fmt(r[c])
+            cells.append(text if half is None or text == "-" or _fmt(half) == "-" else f"{text} ± {_fmt(half)}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -185,8 +185,9 @@ def test_runner_keeps_lmms_evals_ocrbench_accuracy_and_adds_hit_rate():
 
 def test_csv_has_one_numeric_column_per_quantity():
     lines = format_paper_csv(paper_table(TABLE1_RESULTS[:3], TABLE1)).splitlines()
-    assert lines[0].startswith("model,bits,method,calib,limit,n,MMMU,MMMU std,MMMU paper,MMMU delta,OCRBench,")
-    assert lines[2].startswith(f"{VL3B},W4A8,masquant,128,0.1,2,46.0,1.4,46.7,-0.7,67.0,1.4,67.2,-0.2,")
+    assert lines[0].startswith("model,bits,method,calib,limit,n,MMMU,MMMU std,MMMU ci_low,MMMU ci_high,MMMU p,"
+                               "MMMU paper,MMMU delta,OCRBench,")
+    assert lines[2].startswith(f"{VL3B},W4A8,masquant,128,0.1,2,46.0,1.4,,,,46.7,-0.7,67.0,1.4,,,,67.2,-0.2,")
 
 
 def test_numbers_round_half_away_from_zero_and_never_show_minus_zero():
@@ -307,7 +308,8 @@ def test_cli_ablation_pivot(tmp_path, capsys):
     write_runs(root, ABLATION_RESULTS)
     assert report_main([str(root), "--pivot", "cmc.rank_ratio", "--format", "csv"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("model,bits,method,cmc.rank_ratio,calib,limit,n,TextVQA,TextVQA std,MMMU,")
+    assert lines[0].startswith("model,bits,method,cmc.rank_ratio,calib,limit,n,TextVQA,TextVQA std,TextVQA ci_low,"
+                               "TextVQA ci_high,TextVQA p,MMMU,")
     # the registry's MASQuantConfig gives the default that the label leaves out
     assert [line.split(",")[3] for line in lines[1:4]] == ["0.05", "0.2 (default)", "1.0"]
     assert report_main([str(root), "--pivot", "alpha"]) == 1
@@ -350,3 +352,61 @@ def test_stand_in_values():
     assert "stand-in: testbed-vl beside Qwen2.5-VL-3B" in table.source
     plain = paper_table(TESTBED_RESULTS, TABLE1)  # without a stand-in the testbed has no published numbers
     assert plain.frame["MMMU paper"].isna().all()
+
+
+# ------------------------------------------------------------------------------------------ uncertainty
+
+def _with_documents(result: dict, task: str, values: list[float]) -> dict:
+    """A result carrying what the runner writes per task: per-document scores and the interval over them."""
+    from masquant.evaluation.intervals import interval
+
+    lo, hi, method = interval(values)
+    return {**result, f"eval/{task}/doc_ids": list(range(len(values))), f"eval/{task}/doc_values": values,
+            f"eval/{task}/ci95": [lo, hi], f"eval/{task}/ci_method": method}
+
+
+def test_cells_carry_the_interval_and_a_star_where_the_paired_test_separates_a_row_from_rtn():
+    from masquant.evaluation.intervals import wilson
+
+    rtn_docs = [1.0] * 30 + [0.0] * 70
+    better = [1.0] * 60 + [0.0] * 40  # every RTN hit and 30 more: McNemar 30 vs 0 discordant
+    same = [0.0] * 30 + [1.0] * 30 + [0.0] * 40  # as many hits as RTN, on other documents: 30 vs 30
+    rows = [_with_documents(vl_result(m, "W4A8", (None, None, None, None, sum(d) / 100)), "textvqa_val", d)
+            for m, d in (("rtn", rtn_docs), ("masquant", better), ("smoothquant", same))]
+    table = paper_table(rows, TABLE1)
+    frame = table.frame.set_index("method")
+    lo, hi = wilson(60, 100)
+    assert frame.loc["masquant", "TextVQA ci_low"] == pytest.approx(100 * lo)
+    assert frame.loc["masquant", "TextVQA ci_high"] == pytest.approx(100 * hi)
+    assert frame.loc["masquant", "TextVQA p"] < 1e-8 and frame.loc["smoothquant", "TextVQA p"] == pytest.approx(1.0)
+    assert pd.isna(frame.loc["rtn", "TextVQA p"])  # the reference row itself
+    md = format_paper_markdown(table)
+    half = _fixed(100 * (hi - lo) / 2, 1)
+    assert f"| 60.0 ± {half}* |" in md and "| 30.0 ± " in md and "*" not in md.split("smoothquant")[1].split("\n")[0]
+    assert f"60.0 \\pm {half}^{{*}}" in format_paper_latex(table)
+
+
+def test_the_average_interval_adds_the_tasks_half_widths_in_quadrature():
+    docs = {"textvqa_val": [1.0] * 40 + [0.0] * 60, "scienceqa_img": [1.0] * 70 + [0.0] * 30}
+    result = vl_result("rtn", "W4A8", (0.3, 0.2, 0.5, 0.7, 0.4))
+    for task, values in docs.items():
+        result = _with_documents(result, task, values)
+    table = paper_table([result], TABLE1)
+    row = table.frame.iloc[0]
+    assert pd.isna(row["Avg ci_low"])  # MMMU, OCRBench and VizWiz carry no interval: no Avg interval either
+    for task in ("mmmu_val", "ocrbench", "vizwiz_vqa_val"):
+        result = _with_documents(result, task, [1.0] * 50 + [0.0] * 50)
+    row = paper_table([result], TABLE1).frame.iloc[0]
+    halves = [(row[f"{c} ci_high"] - row[f"{c} ci_low"]) / 2 for c in ("MMMU", "OCRBench", "VizWiz", "SQA", "TextVQA")]
+    assert (row["Avg ci_high"] - row["Avg ci_low"]) / 2 == pytest.approx(sum(h * h for h in halves) ** 0.5 / 5)
+
+
+def test_ablation_rows_are_tested_against_the_row_before():
+    base = vl_result("masquant", "W4A8", None, label="masquant(epochs=1)")
+    runs = [_with_documents({**base, "run/method_label": f"masquant(epochs={e})"}, "textvqa_val", d)
+            for e, d in ((1, [1.0] * 20 + [0.0] * 80), (2, [1.0] * 50 + [0.0] * 50), (5, [1.0] * 51 + [0.0] * 49))]
+    for r, d in zip(runs, (0.2, 0.5, 0.51)):
+        r["eval/textvqa_val/exact_match"] = d
+    frame = ablation_table(runs, ["epochs"], DEFAULTS).frame
+    assert pd.isna(frame["TextVQA p"].iloc[0])
+    assert frame["TextVQA p"].iloc[1] < 1e-6 and frame["TextVQA p"].iloc[2] == pytest.approx(1.0)

@@ -63,3 +63,13 @@ def test_methods_register_themselves_and_unknown_ids_list_the_valid_ones():
     assert get_config_class("masquant").__name__ == "MASQuantConfig"
     with pytest.raises(KeyError, match="valid methods: .*masquant"):
         get_method_class("quarrot")
+
+
+def test_run_table_shows_each_tasks_interval_in_its_cell_and_keeps_it_apart_in_the_frame():
+    m = {**_metrics("rtn", 20.0, 0.5, 0.25), "eval/textvqa_val/ci95": [0.40, 0.60], "eval/ocrbench/ci95": [0.15, 0.35]}
+    df = results_frame([m])
+    assert math.isclose(df["TextVQA ±"].iloc[0], 10.0) and math.isclose(df["OCRBench ±"].iloc[0], 10.0)
+    assert math.isclose(df["Avg ±"].iloc[0], math.sqrt(200) / 2)  # two tasks' half-widths in quadrature, halved
+    md = format_markdown(df)
+    assert "| 50.00 ± 10.00 | 25.00 ± 10.00 | 37.50 ± 7.07 |" in md and "TextVQA ±" not in md
+    assert "TextVQA ±" in df.to_csv()  # CSV keeps the interval in its own column
