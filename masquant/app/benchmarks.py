@@ -47,4 +47,5 @@ def run_benchmarks(cfg, model, processor, out_dir: Path) -> dict:
         batch_size=int(cfg.eval.batch_size), max_new_tokens=int(cfg.eval.max_new_tokens),
         min_pixels=cfg.eval.min_pixels, max_pixels=cfg.eval.max_pixels,
         max_new_tokens_cap=cfg.eval.get("max_new_tokens_cap"),
+        max_new_tokens_per_task=dict(cfg.eval.get("max_new_tokens_per_task") or {}),
     )

@@ -92,6 +92,9 @@ class EvalConfig:
     max_new_tokens: int = 128
     # a cap on every task's own max_new_tokens (LibriSpeech asks for 256); None = the tasks' values
     max_new_tokens_cap: Optional[int] = None
+    # per task, a cap on its max_new_tokens fitted to its answers (a broken model otherwise generates to the limit
+    # on every document); {} = the tasks' own values
+    max_new_tokens_per_task: dict[str, int] = field(default_factory=dict)
     min_pixels: Optional[int] = None  # image budget of the processor; None = the processor's own
     max_pixels: Optional[int] = None
     fidelity: bool = True  # SQNR vs FP per layer and per modality on held-out samples
@@ -200,6 +203,17 @@ def testbed_generation_cap(model_source: str) -> int | None:
         return None
 
 
+def testbed_answer_tokens(model_source: str) -> dict[str, int]:
+    """eval=testbed's per-task caps on new tokens for a model (its source's), or {}."""
+    from masquant.errors import ConfigError
+    from masquant.sources import model_source as source
+
+    try:
+        return dict(source(model_source).testbed_answer_tokens)
+    except ConfigError:  # an unknown model.source: pipeline.resolve names it, with the valid ones
+        return {}
+
+
 def register_configs() -> None:
     from masquant.methods.registry import get_config_class, method_ids
 
@@ -209,6 +223,8 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("masquant_hydra_dir", hydra_dir)
     if not OmegaConf.has_resolver("masquant_testbed_tasks"):
         OmegaConf.register_new_resolver("masquant_testbed_tasks", testbed_tasks)
+    if not OmegaConf.has_resolver("masquant_testbed_answer_tokens"):
+        OmegaConf.register_new_resolver("masquant_testbed_answer_tokens", testbed_answer_tokens)
     if not OmegaConf.has_resolver("masquant_testbed_generation_cap"):
         OmegaConf.register_new_resolver("masquant_testbed_generation_cap", testbed_generation_cap)
     if not OmegaConf.has_resolver("masquant_direction"):  # hydra/sweeper=optuna: direction of sweep.objective

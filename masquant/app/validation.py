@@ -98,6 +98,11 @@ def check_values(cfg: DictConfig, needs_calibration: bool) -> list[str]:
             problems.append(f"eval.{key}={e[key]}: must be >= 1")
     if int(e.testbed_docs) < 0:
         problems.append(f"eval.testbed_docs={e.testbed_docs}: must be >= 0")
+    for task, cap in (e.get("max_new_tokens_per_task") or {}).items():
+        if int(cap) < 1:
+            problems.append(f"eval.max_new_tokens_per_task.{task}={cap}: must be >= 1")
+        if e.tasks and task not in e.tasks:
+            problems.append(f"eval.max_new_tokens_per_task.{task}: {task!r} is not in eval.tasks={list(e.tasks)}")
     return problems
 
 

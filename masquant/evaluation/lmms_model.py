@@ -74,6 +74,7 @@ class MasquantHF(lmms):
     model, processor: the loaded objects (or ``pretrained``: a local folder to load them from, for use by name).
     max_new_tokens: used when the task's generation_kwargs give none (the paper: 128).
     max_new_tokens_cap: an upper bound on any task's max_new_tokens (None: the task's own value).
+    max_new_tokens_per_task: {task: an upper bound on that task's max_new_tokens} (answer lengths).
     system_prompt: None keeps the chat template's default (Qwen2.5-VL: "You are a helpful assistant.").
     min_pixels, max_pixels: the image-token budget for processors with Qwen-style ``size``
         (lmms-eval's Qwen2.5-VL model uses 256*28*28 and 1605632); None keeps the processor's own.
@@ -86,7 +87,8 @@ class MasquantHF(lmms):
 
     def __init__(self, model=None, processor=None, *, pretrained: str | None = None, batch_size: int | str = 1,
                  max_new_tokens: int = 128, system_prompt: str | None = None, min_pixels: int | None = None,
-                 max_pixels: int | None = None, max_new_tokens_cap: int | None = None, ignore_stop_strings: tuple[str, ...] = ("\n\n",),
+                 max_pixels: int | None = None, max_new_tokens_cap: int | None = None,
+                 max_new_tokens_per_task: dict[str, int] | None = None, ignore_stop_strings: tuple[str, ...] = ("\n\n",),
                  device: str | None = None, max_batch_size: int | None = None, dtype: str = "auto") -> None:
         super().__init__()
         if model is None or processor is None:
@@ -104,6 +106,7 @@ class MasquantHF(lmms):
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
         self.max_new_tokens_cap = int(max_new_tokens_cap) if max_new_tokens_cap else None
+        self.max_new_tokens_per_task = {str(k): int(v) for k, v in (max_new_tokens_per_task or {}).items()}
         self.system_prompt = system_prompt
         self.ignore_stop_strings = tuple(ignore_stop_strings)
         self.accelerator = None  # keeps lmms-eval from creating one; this wrapper runs in one process
@@ -216,7 +219,7 @@ class MasquantHF(lmms):
             contexts, all_gen_kwargs, doc_to_visual, doc_ids, tasks, splits = zip(*chunk)
             gen_kwargs = dict(all_gen_kwargs[0])
             visuals = [self._visuals(doc_to_visual[0], i, tasks[0], splits[0]) for i in doc_ids]
-            answers = self._generate(list(contexts), visuals, gen_kwargs)
+            answers = self._generate(list(contexts), visuals, gen_kwargs, tasks[0])
             for context, answer in zip(contexts, answers):
                 results.append(answer)
                 self.cache_hook.add_partial("generate_until", (context, gen_kwargs), answer)
@@ -225,7 +228,7 @@ class MasquantHF(lmms):
         return order.get_original(results)
 
     @torch.no_grad()
-    def _generate(self, contexts: list[str], visuals: list[list], gen_kwargs: dict) -> list[str]:
+    def _generate(self, contexts: list[str], visuals: list[list], gen_kwargs: dict, task: str | None = None) -> list[str]:
         sampling = (gen_kwargs.get("temperature") or 0) > 0 or gen_kwargs.get("do_sample")
         if sampling or (gen_kwargs.get("num_beams") or 1) > 1:
             if not self._warned_sampling:
@@ -239,6 +242,8 @@ class MasquantHF(lmms):
         max_new = int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens)
         if self.max_new_tokens_cap:
             max_new = min(max_new, self.max_new_tokens_cap)
+        if task in self.max_new_tokens_per_task:
+            max_new = min(max_new, self.max_new_tokens_per_task[task])
         out = self.model.generate(
             **inputs,
             max_new_tokens=max_new,

@@ -21,6 +21,7 @@ NON_SEMANTIC_MODEL = ("placement", "max_memory_gib")  # where the weights live, 
 # value is a new configuration. Add a key here when you add an option whose default changes nothing.
 ADDED_WITH_NEUTRAL_DEFAULT: dict[tuple[str, str], object] = {
     ("eval", "max_new_tokens_cap"): None,
+    ("eval", "max_new_tokens_per_task"): {},
     ("calib", "with_answers"): False,
 }
 

@@ -33,6 +33,8 @@ class ModelSource:
     # eval=testbed's tasks and generation cap for this model (None: the default five image tasks, no cap)
     testbed_tasks: ClassVar[tuple[str, ...] | None] = None
     testbed_generation_cap: ClassVar[int | None] = None
+    # eval=testbed's cap on each task's new tokens: its answers' length in tokens with a margin ({}: none)
+    testbed_answer_tokens: ClassVar[dict[str, int]] = {}
 
     def adapter_class(self, mcfg) -> type:
         """The model's adapter class, known before loading (ConfigError for a bad path or type)."""

@@ -31,9 +31,16 @@ def _value(x) -> str:
     return str(getattr(x, "value", x))
 
 
+# the synthetic answers are at most 3 tokens (a word, a colour) or a letter (SQA, MMMU, OmniBench), a LibriSpeech
+# transcript at most 9: the caps leave room for a prefix or a period, and stop a broken model's rambling early
+VL_ANSWER_TOKENS = {"textvqa_val": 8, "vizwiz_vqa_val": 8, "scienceqa_img": 4, "ocrbench": 8, "mmmu_val": 4}
+OMNI_ANSWER_TOKENS = {"librispeech_test_other": 16, "omni_bench": 4, "mmmu_val": 4}
+
+
 @register_model_source
 class TestbedVL(ModelSource):
     name = "testbed"
+    testbed_answer_tokens = VL_ANSWER_TOKENS
 
     def adapter_class(self, mcfg) -> type:
         return adapter_class_for("qwen2_5_vl")
@@ -52,6 +59,7 @@ class TestbedVL(ModelSource):
 class TestbedOmni(ModelSource):
     name = "testbed_omni"
     testbed_tasks = OMNI_TASKS
+    testbed_answer_tokens = OMNI_ANSWER_TOKENS
     # answers are at most three words or a letter; LibriSpeech's 256 new tokens would let a broken quantized
     # model ramble for a minute per document on a CPU
     testbed_generation_cap = 24
