@@ -17,6 +17,7 @@ class DenseConfig:
 class Dense(Method):
     needs_calibration = False
     fp16 = "required"
+    leaves_model_unchanged = True
 
     def walk(self, ctx, stack):
         return None

@@ -31,7 +31,7 @@ def masquant_figures(cfg: DictConfig, out_dir: str | Path, layer: int | None = N
     from masquant.sources import calibration_sets
     from masquant.quant.smoothing import smooth_factors, weight_input_absmax
     from masquant.reporting.plots import plot_channel_absmax, plot_rank_energy
-    from masquant.app.main import reference_config
+    from masquant.app.pipeline import reference_config
     from masquant.engine.walker import capture_stack_inputs
 
     out_dir = Path(out_dir)

@@ -19,21 +19,10 @@ log = logging.getLogger("masquant")
 register_configs()
 
 
-def reference_config(cfg: DictConfig) -> DictConfig:
-    """The dense reference of a run: same model, calibration and evaluation; method=dense, quant=fp16."""
-    from masquant.app.config import QuantConfig
-    from masquant.methods.registry import get_config_class
-
-    ref = cfg.copy()
-    OmegaConf.set_struct(ref, False)
-    ref.method = OmegaConf.structured(get_config_class("dense")())
-    ref.quant = OmegaConf.structured(QuantConfig(name="fp16"))
-    ref.force = False
-    return ref
-
-
 def invocation_configs(cfg: DictConfig) -> list[DictConfig]:
     """What one invocation runs: the dense reference (unless disabled or dense itself), then the run."""
+    from masquant.app.pipeline import reference_config
+
     configs = [reference_config(cfg)] if cfg.reference and cfg.method.id != "dense" else []
     return configs + [cfg]
 

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from masquant.adapters.registry import get_adapter
 from masquant.calibration.cache import StatsCache, model_fingerprint
 from masquant.runs.hashing import config_hash, to_plain, without_neutral_defaults
-from masquant.evaluation.fidelity import record_reference, sqnr_report
+from masquant.evaluation.fidelity import record_reference, sqnr_report, unchanged_sqnr_report
 from masquant.evaluation.text_corpus import sequences_perplexity
 from masquant.engine.context import QuantContext
 from masquant.errors import MethodConfigError
@@ -151,6 +151,30 @@ def resolve(cfg: DictConfig) -> RunSpec:
     return RunSpec(cfg, scheme, method_cfg, modalities, video_as, device, h, run_dir)
 
 
+def reference_config(cfg: DictConfig) -> DictConfig:
+    """The dense reference of a run: same model, calibration and evaluation; method=dense, quant=fp16."""
+    from masquant.app.config import QuantConfig
+    from masquant.methods.registry import get_config_class
+
+    ref = cfg.copy()
+    OmegaConf.set_struct(ref, False)
+    ref.method = OmegaConf.structured(get_config_class("dense")())
+    ref.quant = OmegaConf.structured(QuantConfig(name="fp16"))
+    ref.force = False
+    return ref
+
+
+def finished_reference_ppl(spec: RunSpec) -> tuple[float, str] | None:
+    """The FP perplexity of this run's model and text, from its dense reference's finished result (same model,
+    same perplexity settings: the reference differs only in method and quant), and that result's config hash;
+    None when there is none yet or this run is the reference."""
+    ref = resolve(reference_config(spec.cfg))
+    if ref.config_hash == spec.config_hash or not is_finished(ref.run_dir):
+        return None
+    value = load_result(ref.run_dir).get("fidelity/ppl_fp")
+    return None if value is None else (float(value), ref.config_hash)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -218,7 +242,9 @@ def _run_locked(spec: RunSpec) -> dict:
 
 
 class _Stages:
-    """Wall time and peak memory so far after each stage: ``time/<stage>_s``, ``memory/peak_after_<stage>_mb``."""
+    """Wall time, CPU time (all threads of the process) and peak memory so far after each stage:
+    ``time/<stage>_s``, ``time/<stage>_cpu_s``, ``memory/peak_after_<stage>_mb``. CPU time is the figure to
+    compare on a shared machine; wall time is what a user waits."""
 
     def __init__(self, device):
         self.device = device
@@ -227,9 +253,10 @@ class _Stages:
 
     @contextmanager
     def __call__(self, name: str):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         yield
         self.metrics[f"time/{name}_s"] = time.perf_counter() - t0
+        self.metrics[f"time/{name}_cpu_s"] = time.process_time() - c0
         self.metrics[f"memory/peak_after_{name}_mb"] = peak_memory_mb(self.device)
 
 
@@ -270,13 +297,20 @@ def _execute(spec: RunSpec, out_dir: Path) -> dict:
         router = ModalityRouter(lambda ids: adapter.modality_masks(ids, video_as=spec.video_as))
         attach_router(model, router)
 
+    # A method that leaves the model as loaded (dense) is its own reference: its SQNR is +inf by definition and
+    # its perplexity is measured once. A quantized run takes the FP perplexity from its dense reference's result.
+    unchanged = method.leaves_model_unchanged
     ppl_ids = ref = None
     with stage("reference"):
-        if cfg.eval.fidelity and held_out is not None and len(held_out):
+        if cfg.eval.fidelity and held_out is not None and len(held_out) and not unchanged:
             ref = record_reference(model, adapter, held_out.batches, spec.device, spec.video_as)
         if cfg.eval.ppl:
             ppl_ids = loading.ppl_sequences(processor, cfg.eval)
-            metrics["fidelity/ppl_fp"] = sequences_perplexity(model, ppl_ids, spec.device, "perplexity (FP)")
+            reused = finished_reference_ppl(spec)
+            if reused is not None:
+                metrics["fidelity/ppl_fp"], metrics["fidelity/ppl_fp_from"] = reused
+            else:
+                metrics["fidelity/ppl_fp"] = sequences_perplexity(model, ppl_ids, spec.device, "perplexity (FP)")
 
     with stage("quantize"):
         cache = StatsCache(Path(cfg.paths.cache_dir) / "stats" if cfg.calib.cache else None)
@@ -299,8 +333,11 @@ def _execute(spec: RunSpec, out_dir: Path) -> dict:
     with stage("fidelity"):
         if ref is not None:
             metrics.update(sqnr_report(model, adapter, held_out.batches, spec.device, ref))
+        elif unchanged and cfg.eval.fidelity and held_out is not None and len(held_out):
+            metrics.update(unchanged_sqnr_report(adapter, held_out.batches, spec.video_as))
         if ppl_ids is not None:
-            metrics["fidelity/ppl"] = sequences_perplexity(model, ppl_ids, spec.device)
+            metrics["fidelity/ppl"] = (metrics["fidelity/ppl_fp"] if unchanged
+                                       else sequences_perplexity(model, ppl_ids, spec.device))
             metrics["fidelity/ppl_delta"] = metrics["fidelity/ppl"] - metrics["fidelity/ppl_fp"]
 
     with stage("eval"):

@@ -86,3 +86,14 @@ def sqnr_report(model, adapter, batches, device, ref: FidelityReference) -> dict
         key = "e2e" if l == n_layers - 1 else f"layer_{l}"
         report[f"fidelity/sqnr/{m}/{key}"] = db
     return report
+
+
+def unchanged_sqnr_report(adapter, batches, video_as="vision") -> dict:
+    """What :func:`sqnr_report` returns for a model equal to its reference, without running it: the same keys
+    (every modality present in ``batches`` and ``all``, every decoder layer and the final norm), every value +inf."""
+    n_layers = len(list(adapter.decoder_layers())) + 1
+    present = {"all"}
+    for b in batches:
+        present |= {m for m, mask in adapter.modality_masks(b["input_ids"], video_as=video_as).items() if mask.any()}
+    return {f"fidelity/sqnr/{m}/{'e2e' if l == n_layers - 1 else f'layer_{l}'}": float("inf")
+            for m in present for l in range(n_layers)}

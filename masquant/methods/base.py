@@ -50,6 +50,9 @@ class Method(ABC):
     # the transforms alone (quant=fp16) leave the model's function unchanged: folds, rotations, smoothing paths;
     # False for a method that changes the function by design (sparsity, a low-rank approximation)
     function_preserving: ClassVar[bool] = True
+    # the method returns the model exactly as loaded (the dense reference): the run reports SQNR +inf and
+    # perplexity = FP perplexity without measuring them twice
+    leaves_model_unchanged: ClassVar[bool] = False
 
     def __init__(self, cfg: Any = None):
         self.cfg = cfg if cfg is not None else self.config_class()

@@ -9,12 +9,21 @@ from masquant.app.pipeline import ConfigError, resolve
 from masquant.app.main import run_with_reference
 
 
-def test_end_to_end_dense_and_rtn_rows_then_skip(compose_cfg, tiny_overrides):
+def test_end_to_end_dense_and_rtn_rows_then_skip(compose_cfg, tiny_overrides, tmp_path):
     cfg = compose_cfg(*tiny_overrides, "method=rtn", "quant=w4a8")
     dense, rtn = run_with_reference(cfg)
     assert dense["run/method"] == "dense" and rtn["run/method"] == "rtn"
     assert dense["fidelity/sqnr/all/e2e"] == float("inf")  # the reference against itself
     assert 0 < rtn["fidelity/sqnr/text/e2e"] < 60 and 0 < rtn["fidelity/sqnr/vision/e2e"] < 60
+    # measured once: the dense run's perplexity is its FP perplexity, and the RTN run takes it from the dense result
+    assert dense["fidelity/ppl"] == dense["fidelity/ppl_fp"] and "fidelity/ppl_fp_from" not in dense
+    assert rtn["fidelity/ppl_fp"] == dense["fidelity/ppl_fp"]
+    assert rtn["fidelity/ppl_fp_from"] == dense["run/config_hash"]
+    # and the reused value is what a measurement gives (another output folder: no dense result to reuse)
+    alone = pipeline.run(compose_cfg(*tiny_overrides, "method=rtn", "quant=w4a8", "reference=false",
+                                     f"paths.output_root={tmp_path / 'alone'}"))
+    assert "fidelity/ppl_fp_from" not in alone
+    assert alone["fidelity/ppl_fp"] == pytest.approx(dense["fidelity/ppl_fp"], rel=1e-6)
     spec = resolve(cfg)
     files = sorted(p.name for p in spec.run_dir.iterdir())
     assert {"metrics.json", "config.yaml", "run.log"} <= set(files)
@@ -67,6 +76,8 @@ def test_rtn_sqnr_falls_as_bits_fall(compose_cfg, tiny_overrides):
     (["eval.limit=0"], "eval.limit"),
     (["eval.tasks=[textvqa_val,imagenet]"], "imagenet"),
     (["eval.data_root=/nonexistent/data"], "/nonexistent/data"),
+    (["+eval.max_new_tokens_per_task.textvqa_vall=8"], r"max_new_tokens_per_task.textvqa_vall: 'textvqa_vall' is neither"),
+    (["+eval.max_new_tokens_per_task.textvqa_val=0"], r"max_new_tokens_per_task.textvqa_val=0: must be >= 1"),
 ])
 def test_config_errors_before_any_work(compose_cfg, tiny_overrides, overrides, match):
     with pytest.raises(ConfigError, match=match):
