@@ -72,6 +72,8 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 
 
 def check_values(cfg: DictConfig, needs_calibration: bool) -> list[str]:
+    from masquant.evaluation.tasks import TASKS
+
     problems = []
     if not _DEVICE.match(str(cfg.device)):
         problems.append(f"device={cfg.device!r}: valid choices are auto, cpu, cuda, cuda:<index>, mps")
@@ -101,8 +103,10 @@ def check_values(cfg: DictConfig, needs_calibration: bool) -> list[str]:
     for task, cap in (e.get("max_new_tokens_per_task") or {}).items():
         if int(cap) < 1:
             problems.append(f"eval.max_new_tokens_per_task.{task}={cap}: must be >= 1")
-        if e.tasks and task not in e.tasks:
-            problems.append(f"eval.max_new_tokens_per_task.{task}: {task!r} is not in eval.tasks={list(e.tasks)}")
+        known = {*TASKS, *(e.tasks or [])}  # a cap for a registered task that is not run is ignored
+        if task not in known:
+            problems.append(f"eval.max_new_tokens_per_task.{task}: {task!r} is neither in eval.tasks="
+                            f"{list(e.tasks or [])} nor a registered task {sorted(TASKS)}")
     return problems
 
 

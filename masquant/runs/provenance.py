@@ -64,6 +64,22 @@ def device_description(device) -> str:
     return f"{device.type} {platform.machine()}, {torch.get_num_threads()} threads"
 
 
+def numerics_settings() -> dict[str, object]:
+    """What decides whether a result reproduces bit for bit: torch's intra-op threads (a reduction split over
+    another number of threads sums in another order), the deterministic-algorithms switch, cuDNN's flags, the
+    float32 matmul precision (TF32 on GPUs) and the CPU's vector ISA."""
+    record: dict[str, object] = {
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+    return {f"provenance/numerics/{k}": v for k, v in record.items()}
+
+
 def provenance(device) -> dict[str, object]:
     """The ``provenance/*`` keys of a result (the wall time is added by the pipeline when the run ends)."""
     git = git_state()
@@ -77,6 +93,7 @@ def provenance(device) -> dict[str, object]:
         "provenance/slurm_job": os.environ.get("SLURM_JOB_ID", ""),
     }
     record.update({f"provenance/version/{name}": v for name, v in package_versions().items()})
+    record.update(numerics_settings())
     return record
 
 
