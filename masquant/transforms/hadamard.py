@@ -372,8 +372,13 @@ def random_signs(n: int, seed: int) -> torch.Tensor:
 
 
 def random_hadamard_matrix(n: int, seed: int) -> torch.Tensor:
-    """QuaRot's random Hadamard Q = H_n · diag(s) / √n, s random ±1; orthogonal, [n, n] float64."""
-    return _hadamard(n) * random_signs(n, seed)[None, :] / math.sqrt(n)
+    """QuaRot's random Hadamard Q = diag(s) · H_n / √n, s random ±1; orthogonal, [n, n] float64.
+
+    The signs act before the Hadamard (x Q = (x ⊙ s) H), as in the official code (the Hadamard applied to the rows
+    of diag(s)). Signs after it, H · diag(s), would only flip the signs of the rotated channels, which a symmetric
+    quantizer of activations (per token) and of weights (per output row) reproduces exactly: every seed would give
+    the same quantized model."""
+    return random_signs(n, seed)[:, None] * _hadamard(n) / math.sqrt(n)
 
 
 # --- fast transforms ---------------------------------------------------------------------------------
@@ -456,7 +461,8 @@ def block_hadamard_transform(x: torch.Tensor, normalize: bool = True) -> torch.T
 
 @dataclass(frozen=True)
 class RotationPlan:
-    """Orthogonal rotation of a width-n channel axis: M = P · blockdiag(H_b) · diag(s) / √b.
+    """Orthogonal rotation of a width-n channel axis: M = P · diag(s) · blockdiag(H_b) / √b (signs before the
+    Hadamard, see :func:`random_hadamard_matrix`).
 
     width: n, the model's width. size: the rotated width (n for "block", the padded size for "pad").
     block: the Hadamard size b (size itself unless block-diagonal). P = [I_n 0] (identity unless padded).
@@ -479,7 +485,7 @@ class RotationPlan:
         M = torch.block_diag(*[_hadamard(self.block)] * (self.size // self.block)) / math.sqrt(self.block)
         s = self.signs()
         if s is not None:
-            M = M * s[None, :]
+            M = s[:, None] * M
         return M[: self.width]
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
@@ -488,9 +494,10 @@ class RotationPlan:
             raise ValueError(f"expected last dim {self.width}, got {x.shape[-1]}")
         if self.size != self.width:
             x = pad_last_dim(x, self.size)
-        y = hadamard_transform(x, n=self.block)
         s = self.signs()
-        return y if s is None else y * s.to(device=y.device, dtype=y.dtype)
+        if s is not None:
+            x = x * s.to(device=x.device, dtype=x.dtype)
+        return hadamard_transform(x, n=self.block)
 
 
 def rotation_for_width(n: int, mode: str = "pad", seed: int | None = None) -> RotationPlan:

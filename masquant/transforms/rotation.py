@@ -65,7 +65,7 @@ from masquant.transforms.hadamard import (
 
 log = logging.getLogger(__name__)
 
-ROTATION_VERSION = 1  # bump when a step changes what it computes (part of the statistics cache key)
+ROTATION_VERSION = 2  # 2: random signs before the Hadamard (the seed had no effect); bump when a step changes what it computes (part of the statistics cache key)
 
 
 class RotationMode(str, Enum):

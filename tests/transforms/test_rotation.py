@@ -110,6 +110,41 @@ def test_rotation_is_deterministic_in_its_seed():
     assert torch.equal(Q0, residual_rotation(64, 0)) and not torch.equal(Q0, Q1)
 
 
+@pytest.mark.parametrize("n,mode", [(64, "pad"), (96, "pad"), (96, "block")])
+def test_random_signs_act_before_the_hadamard(n, mode):
+    """QuaRot's Q = diag(s) · H / √n (the official code applies the Hadamard to the rows of diag(s)): x Q is the
+    Hadamard transform of x ⊙ s, so the signs mix into every rotated channel. Signs after H would only flip the
+    rotated channels' signs, which symmetric quantization reproduces exactly (the seed would change nothing)."""
+    from masquant.transforms.hadamard import hadamard_transform, random_signs, rotation_for_width
+
+    plan = rotation_for_width(n, mode, seed=3)
+    x = torch.randn(5, n, dtype=torch.float64)
+    xs = x * random_signs(plan.size, 3)[:n]
+    unsigned = rotation_for_width(n, mode, seed=None)
+    torch.testing.assert_close(plan.apply(x), unsigned.apply(xs))
+    torch.testing.assert_close(x @ plan.matrix(), unsigned.apply(xs))
+    if n == 64:
+        torch.testing.assert_close(x @ residual_rotation(n, 3), hadamard_transform(x * random_signs(n, 3), n=n))
+
+
+def test_the_rotation_seed_changes_the_quantized_model():
+    """Two seeds are two samples of QuaRot's randomness: at W4A8 (symmetric) they quantize to different models."""
+    from masquant.methods.registry import get_config_class
+    from masquant.quant import QuantScheme
+    from support.tiny import run_method
+
+    logits = []
+    for seed in (0, 1):
+        model, processor, cls = tiny("qwen2_5_vl")
+        held = prompts(processor, cls, 1, seed=9)
+        cfg = get_config_class("quarot")()
+        cfg.seed = seed
+        run_method(model, cls, processor, cfg, QuantScheme("w4a8", 4, 8))
+        with torch.no_grad():
+            logits.append(model(**held[0]).logits)
+    assert not torch.allclose(logits[0], logits[1], rtol=0, atol=1e-6)
+
+
 def test_gemma3_is_refused_with_the_reason():
     model, _, _ = tiny("gemma3")
     adapter = get_adapter(model)

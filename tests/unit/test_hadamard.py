@@ -173,9 +173,9 @@ def test_random_hadamard_is_orthogonal_and_seeded(n):
     torch.testing.assert_close(Q @ Q.T, torch.eye(n, dtype=F64), atol=1e-12, rtol=0)
     assert torch.equal(Q, random_hadamard_matrix(n, seed=3))
     assert not torch.equal(Q, random_hadamard_matrix(n, seed=4))
-    s = (Q * math.sqrt(n))[0] / hadamard_matrix(n)[0]  # H · diag(s) / √n with s = ±1
+    s = (Q * math.sqrt(n))[:, 0] / hadamard_matrix(n)[:, 0]  # diag(s) · H / √n with s = ±1: signs on the rows
     assert ((s == 1) | (s == -1)).all() and 0 < (s == 1).sum() < n
-    torch.testing.assert_close(Q, hadamard_matrix(n) * s / math.sqrt(n), atol=1e-15, rtol=0)
+    torch.testing.assert_close(Q, s[:, None] * hadamard_matrix(n) / math.sqrt(n), atol=1e-15, rtol=0)
 
 
 # --- fast transforms -------------------------------------------------------------------------------------
@@ -278,16 +278,16 @@ def test_rotation_plan_qwen_mlp_width_18944(mode):
     s = plan.signs()
     cols = torch.tensor([0, 1, 511, 512, 9000, 18943] + ([18944, 19967] if mode == "pad" else []))
     rows = torch.arange(n)
-    if mode == "block":  # M[i, c] = H_512[i % 512, c % 512] s[c] / √512 within block c // 512, else 0
+    if mode == "block":  # M[i, c] = s[i] H_512[i % 512, c % 512] / √512 within block c // 512, else 0
         assert plan.size == n
         same_block = rows[:, None] // 512 == cols[None, :] // 512
         Mc = torch.where(same_block, sylvester_entry(rows[:, None] % 512, cols[None, :] % 512), 0.0) / math.sqrt(512)
-    else:  # M[i, c] = H_156[i // 128, c // 128] (-1)^popcount(i % 128 & c % 128) s[c] / √19968
+    else:  # M[i, c] = s[i] H_156[i // 128, c // 128] (-1)^popcount(i % 128 & c % 128) / √19968
         assert plan.size == 19968
         H156 = base_hadamard_matrix(156)
         Mc = H156[rows[:, None] // 128, cols[None, :] // 128]
         Mc = Mc * sylvester_entry(rows[:, None] % 128, cols[None, :] % 128) / math.sqrt(19968)
-    torch.testing.assert_close(y[:, cols], x @ (Mc * s[cols]), atol=1e-12, rtol=0)
+    torch.testing.assert_close(y[:, cols], x @ (s[:n, None] * Mc), atol=1e-12, rtol=0)
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), atol=1e-10, rtol=0)
     W = x64(3, n, seed=2)  # consuming linear folded as W M = apply(W): x Wᵀ = (x M)(W M)ᵀ
     torch.testing.assert_close(y @ plan.apply(W).T, x @ W.T, atol=1e-9, rtol=0)
