@@ -142,6 +142,7 @@ class PaperTable:
     columns: tuple[Column, ...]
     frame: pd.DataFrame
     source: str  # where the published numbers come from, for the legend
+    varied: tuple[str, ...] = ()  # the sources of randomness that differ between the runs of a row (varied_sources)
 
 
 # ---------------------------------------------------------------------------------------------- labels
@@ -240,11 +241,41 @@ def seed_of(result: Mapping) -> int:
     return int(result.get("run/seed") or 0)
 
 
+# Method options that only draw randomness (QuaRot's and MQuant's rotation signs): runs that differ in them are the
+# seeds of one row, not two rows (the sweeper's ``seeds`` option sets them with ``seed``).
+SEED_OPTIONS = ("seed",)
+
+
+def row_label(result: Mapping) -> str:
+    """The method label of a result's table row: its label without the seed options."""
+    method_id, options = parse_method_label(method_label_of(result))
+    return format_method_label(method_id, {k: v for k, v in options.items() if k not in SEED_OPTIONS})
+
+
+def variance_sources(result: Mapping) -> dict[str, object]:
+    """What a result's randomness came from: ``seed`` (torch's generator: learned parts, data order), each seed
+    option of its method (``method.seed``: random rotation signs) and ``calib.seed`` (which samples calibrate)."""
+    options = parse_method_label(method_label_of(result))[1]
+    calib = result.get("run/calib_set")
+    return {"seed": seed_of(result),
+            **{f"method.{k}": options.get(k, "default") for k in SEED_OPTIONS},
+            "calib.seed": calib.get("seed") if isinstance(calib, Mapping) else None}
+
+
+def varied_sources(groups: Mapping[object, Sequence[Mapping]]) -> tuple[str, ...]:
+    """The sources of randomness that differ between the runs of at least one row (what its ± covers)."""
+    varied: set[str] = set()
+    for runs in groups.values():
+        sources = [variance_sources(r) for r in runs]
+        varied |= {k for k in sources[0] if len({repr(s[k]) for s in sources}) > 1}
+    return tuple(sorted(varied))
+
+
 RowKey = tuple[str, str, str, object, object]  # model, bits, method label, calibration samples, eval limit
 
 
 def row_key(result: Mapping) -> RowKey:
-    return (str(result.get("run/model")), str(result.get("run/bits")), method_label_of(result),
+    return (str(result.get("run/model")), str(result.get("run/bits")), row_label(result),
             result.get("run/calib_samples"), result.get("run/eval_limit"))
 
 
@@ -493,7 +524,7 @@ def paper_table(results: Iterable[Mapping], layout: Layout = TABLE1,
         rows.append({"model": key[0], "bits": key[1], "method": key[2], "calib": key[3], "limit": key[4],
                      "n": len(groups[key]), **_cells(groups[key], layout.columns, published, reference)})
     return PaperTable(keys, layout.columns, _frame(rows, keys, layout.columns),
-                      f"{layout.title}, reference/{layout.reference_file}{stand_in.note()}")
+                      f"{layout.title}, reference/{layout.reference_file}{stand_in.note()}", varied_sources(groups))
 
 
 def _non_empty(frame: pd.DataFrame, column: Column) -> Column | None:
@@ -571,7 +602,7 @@ def ablation_table(results: Iterable[Mapping], pivot: Sequence[str], defaults: M
     tables = sorted({table for table, _ in settings})
     source = (f"MASQuant Table{'s' if len(tables) > 1 else ''} {', '.join(tables)}, reference/{ABLATION.reference_file}"
               if tables else f"none: the paper has no ablation over {', '.join(pivot)}")
-    return PaperTable(keys, columns, frame, source + (stand_in.note() if tables else ""))
+    return PaperTable(keys, columns, frame, source + (stand_in.note() if tables else ""), varied_sources(groups))
 
 
 # ---------------------------------------------------------------------------------------------- formats
@@ -633,7 +664,9 @@ def _row_cells(row: Mapping, column: Column, pm: str, number: str = "{}", star: 
 
 
 def _legend(table: PaperTable, pm: str = "±", delta: str = "Δ", minus: str = "−", arrows: str = "↑/↓") -> str:
-    return (f"ours: the mean over the n runs (seeds) of a row, {pm} their sample std when n > 1, else {pm} the "
+    over = (f" (they differ in {', '.join(table.varied)}: that is the variance it covers, not the documents')"
+            if table.varied else "")
+    return (f"ours: the mean over the n runs (seeds) of a row, {pm} their sample std when n > 1{over}, else {pm} the "
             f"half-width of the 95 % interval over the scored documents (Wilson for right/wrong scores, bootstrap "
             f"otherwise; Avg: the tasks' half-widths added in quadrature); *: differs from the row's reference (the "
             f"RTN row of the same bits; in ablations the row before) at 5 % by a paired test on the same documents "

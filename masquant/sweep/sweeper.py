@@ -14,6 +14,9 @@
    list of failed jobs and their errors (exit status 1). Re-running the command runs only what is missing
    (finished jobs skip themselves).
    ``dry_run=true`` stops there and lists the jobs.
+   ``seeds=[0,1,2]`` runs every job once per seed, setting each of ``seed_keys`` the job has (``seed``: torch's
+   generator, i.e. learned parts and data order; ``method.seed``: a method's random rotation signs) to it; the
+   table then shows each row's mean ± std over those runs and names what varied.
 4. When the jobs end, the sweep's results make one table (``sweep.table``: a paper layout, or one row per
    run) written with its plots into the sweep folder: ``table.{md,tex,csv}``, ``plots/*.png``, ``sweep.json``.
 """
@@ -33,6 +36,9 @@ from omegaconf import OmegaConf, open_dict
 log = logging.getLogger(__name__)
 
 
+SEED_KEYS = ("seed", "method.seed")  # what the ``seeds`` option sets, where a job's configuration has the key
+
+
 @dataclass
 class MasquantSweeperConf:
     _target_: str = "hydra_plugins.masquant_sweeper.masquant_sweeper.MasquantSweeper"
@@ -43,9 +49,29 @@ class MasquantSweeperConf:
     drop_inapplicable: bool = False  # drop jobs whose method cannot run the scheme (named)
     report: bool = True  # write the sweep's table and plots into the sweep folder when the jobs end
     dry_run: bool = False  # validate every job, list the jobs that would run and the dropped ones, run nothing
+    seeds: Optional[list] = None  # run every job once per seed (mean ± std over them per table row)
+    seed_keys: list = field(default_factory=lambda: list(SEED_KEYS))  # set to the seed where the job has them
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="masquant", node=MasquantSweeperConf)
+
+
+def seeded_jobs(jobs: Sequence[Sequence[str]], seeds: Sequence[int] | None) -> list[list[str]]:
+    """Every job once per seed (``seed=<s>`` appended; the seed's other keys are added when the job is composed,
+    where its configuration has them); ``jobs`` unchanged without seeds."""
+    if not seeds:
+        return [list(j) for j in jobs]
+    return [[*j, f"seed={int(s)}"] for j in jobs for s in seeds]
+
+
+def seed_overrides(job_cfg, overrides: Sequence[str], keys: Sequence[str]) -> list[str]:
+    """``key=<the job's seed>`` for each of ``keys`` (other than ``seed``) that the job's configuration has and
+    its overrides do not set."""
+    from omegaconf import OmegaConf as _OC
+
+    seed = int(job_cfg.seed)
+    return [f"{k}={seed}" for k in keys if k != "seed" and _OC.select(job_cfg, k, default=None) is not None
+            and not any(o.split("=", 1)[0].lstrip("+~") == k for o in overrides)]
 
 
 class SweepError(SystemExit):
@@ -161,13 +187,20 @@ class SweeperLogic(Sweeper):
 
     def __init__(self, max_batch_size: Optional[int] = None, params: Optional[dict] = None,
                  grids: Optional[list] = None, drop_unregistered: bool = False, drop_inapplicable: bool = False,
-                 report: bool = True, dry_run: bool = False):
+                 report: bool = True, dry_run: bool = False, seeds: Optional[list] = None,
+                 seed_keys: Optional[list] = None):
         super().__init__()
         self.max_batch_size = max_batch_size
         self.params = params or {}
         self.grids = grids
         self.drop_unregistered, self.drop_inapplicable, self.report = drop_unregistered, drop_inapplicable, report
         self.dry_run = dry_run
+        self.seeds = [int(x) for x in seeds] if seeds else None
+        self.seed_keys = list(seed_keys) if seed_keys is not None else list(SEED_KEYS)
+        unknown = [k for k in self.seed_keys if k not in ("seed", "method.seed", "calib.seed")]
+        if unknown:
+            raise SweepError(f"masquant: hydra.sweeper.seed_keys={self.seed_keys}: {unknown} cannot be varied as a seed; "
+                             "valid keys: ['seed', 'method.seed', 'calib.seed']")
         self.hydra_context = self.config = self.launcher = None
 
     def setup(self, *, hydra_context, task_function, config) -> None:
@@ -195,6 +228,10 @@ class SweeperLogic(Sweeper):
                 continue
             try:
                 job_cfg = loader.load_sweep_config(master_config=self.config, sweep_overrides=overrides)
+                extra = seed_overrides(job_cfg, overrides, self.seed_keys) if self.seeds else []
+                if extra:
+                    overrides += extra
+                    job_cfg = loader.load_sweep_config(master_config=self.config, sweep_overrides=overrides)
             except Exception as err:  # noqa: BLE001 - composition errors name the key and the valid choices
                 plan.bad.append((overrides, [f"{type(err).__name__}: {err}"]))
                 continue
@@ -223,7 +260,7 @@ class SweeperLogic(Sweeper):
         and the finished results make the sweep's table."""
         from masquant.reporting.sweep_report import write_sweep_record
 
-        jobs = sweep_jobs(self.params, self.grids, arguments)
+        jobs = seeded_jobs(sweep_jobs(self.params, self.grids, arguments), self.seeds)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")

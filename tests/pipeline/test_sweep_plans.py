@@ -200,3 +200,40 @@ def test_reproduce_killed_mid_sweep_resumes_with_each_result_once(tmp_path):
     assert final.stdout.count("finished result found") + final.stderr.count("finished result found") >= 2
     table = (out / "tables" / "table1_testbed" / "table.md").read_text()
     assert table.count("| tiny-qwen2.5-vl |") == 4 and "beside Qwen2.5-VL-3B" in table
+
+
+# --- seeds ---------------------------------------------------------------------------------------------------
+def test_seeds_run_every_job_per_seed_and_set_the_method_seed_where_it_has_one(cli, tmp_path):
+    code, out = cli("-m", *TINY, f"paths.output_root={tmp_path}/o", "method=rtn,quarot", "quant=w4a8",
+                    "hydra.sweeper.seeds=[0,1]", "hydra.sweeper.dry_run=true", f"hydra.sweep.dir={tmp_path}/sw")
+    assert code == 0, out[-3000:]
+    listed = out[out.index("dry run: "):]
+    assert "dry run: 4 jobs valid" in listed
+    for job in ("method=rtn seed=0", "method=rtn seed=1", "method=quarot seed=0 method.seed=0",
+                "method=quarot seed=1 method.seed=1"):
+        assert job in listed, listed
+
+
+def test_a_seeded_sweep_makes_one_row_per_configuration_with_what_varied(cli, tmp_path):
+    from masquant.reporting.paper import format_paper_markdown, paper_table
+    from masquant.reporting.table import collect_results
+
+    code, out = cli("-m", *TINY, f"paths.output_root={tmp_path}/o", "method=quarot", "quant=w4a8",
+                    "hydra.sweeper.seeds=[0,1]", f"hydra.sweep.dir={tmp_path}/sw")
+    assert code == 0, out[-3000:]
+    results = collect_results(tmp_path / "o" / "runs")
+    quarot = [r for r in results if r["run/method"] == "quarot"]
+    assert sorted(r["run/method_label"] for r in quarot) == ["quarot", "quarot(seed=1)"]
+    assert quarot[0]["fidelity/sqnr/all/e2e"] != quarot[1]["fidelity/sqnr/all/e2e"]  # other signs, other result
+    table = paper_table(results)
+    row = table.frame[table.frame["method"] == "quarot"]
+    assert list(row["n"]) == [2]  # the two seeds are one row, not quarot and quarot(seed=1)
+    assert table.varied == ("method.seed", "seed")
+    assert "they differ in method.seed, seed" in format_paper_markdown(table)
+
+
+def test_seed_keys_outside_the_randomness_sources_are_refused(cli, tmp_path):
+    code, out = cli("-m", *TINY, f"paths.output_root={tmp_path}/o", "method=rtn", "quant=w4a8",
+                    "hydra.sweeper.seeds=[0,1]", "hydra.sweeper.seed_keys=[seed,quant.w_bits]",
+                    f"hydra.sweep.dir={tmp_path}/sw")
+    assert code != 0 and "seed_keys" in out and "quant.w_bits" in out and "calib.seed" in out
