@@ -11,7 +11,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 from pathlib import Path  # noqa: E402
 
 import hydra  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 from masquant.app.config import register_configs  # noqa: E402
 
