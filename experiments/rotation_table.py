@@ -24,7 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from masquant.app.config import register_configs  # noqa: E402
-from masquant.reporting.table import format_markdown, results_frame  # noqa: E402
+from masquant.reporting.table import add_paired_tests, format_markdown, results_frame  # noqa: E402
 from masquant.app.main import CONF_DIR  # noqa: E402
 
 GPTQ = ["quant.w_quantizer=gptq"]
@@ -38,6 +38,19 @@ VARIANTS = {
     "mquant +msq+aifs": ["method=mquant", "method.rms=false", *STATIC],
     "mquant +msq+aifs+rms": ["method=mquant", *STATIC],
 }
+
+
+# each row's paired test is against this row (same bits): the baselines against RTN, each MQuant step the one before
+COMPARED_WITH = {
+    "gptq": "rtn", "quarot-rtn": "rtn", "quarot-gptq": "rtn", "mquant static gptq+hadamard": "rtn",
+    "mquant +msq+aifs": "mquant static gptq+hadamard", "mquant +msq+aifs+rms": "mquant +msq+aifs",
+}
+
+
+def reference_rows(rows: list[dict]) -> list[int | None]:
+    """For each row, the index of the row it is compared with (same bits), or None."""
+    where = {(r.get("run/bits"), r.get("run/method_label")): i for i, r in enumerate(rows)}
+    return [where.get((r.get("run/bits"), COMPARED_WITH.get(r.get("run/method_label")))) for r in rows]
 
 
 def gptq_seconds_per_layer(m: dict) -> float | None:
@@ -70,14 +83,17 @@ def main() -> None:
                     rows.append(run_cell([*overrides[:-len(VARIANTS[name]) - 1], "method=dense", "quant=fp16"]))
                 rows.append({**run_cell(overrides), "run/method_label": name})
         out = Path(compose(config_name="config", overrides=args.overrides).paths.output_root) / "tables"
-    df = results_frame(rows)
+    df = add_paired_tests(results_frame(rows), rows, reference_rows(rows))
     df["quantize s"] = [m.get("time/quantize_s") for m in rows]
     df["peak MB"] = [m.get("memory/peak_mb") for m in rows]
     df["GPTQ s/layer"] = [gptq_seconds_per_layer(m) for m in rows]
     df = df.drop(columns=[c for c in ("calib", "limit") if c in df.columns])
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "rotation_table.csv", index=False, float_format="%.2f")
-    print("\n" + format_markdown(df) + f"\n\nCSV: {out / 'rotation_table.csv'}")
+    legend = ("task cells: score ± the half-width of its 95 % interval over the documents; *: differs at 5 % from its "
+              "reference row on the same documents (paired: exact McNemar; the baselines against RTN, each MQuant "
+              "step against the one before)")
+    print("\n" + format_markdown(df) + f"\n\n{legend}\n\nCSV: {out / 'rotation_table.csv'}")
 
 
 if __name__ == "__main__":

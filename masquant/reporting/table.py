@@ -14,6 +14,8 @@ from masquant.evaluation.tasks import TASKS
 
 log = logging.getLogger(__name__)
 HALF_WIDTH = "±"  # results_frame's column of a task's interval half-width: "<task> ±"
+P_VALUE = "p"  # add_paired_tests' column of the paired test's p-value against the row's reference: "<task> p"
+SIGNIFICANT = 0.05
 
 
 def collect_results(root: str | Path, skipped: list[str] | None = None) -> list[dict]:
@@ -80,6 +82,20 @@ def results_frame(results: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def add_paired_tests(df: pd.DataFrame, results: list[dict], references: list[int | None]) -> pd.DataFrame:
+    """``df`` (``results_frame(results)``) with ``<task> p``: the paired test's p-value of row i against row
+    ``references[i]`` on the documents both scored (None: no reference); format_markdown marks p < 0.05 with *."""
+    from masquant.reporting.paper import paired_p
+
+    out = df.copy()
+    for t, task in TASKS.items():
+        if task.label not in out.columns:
+            continue
+        out[f"{task.label} {P_VALUE}"] = [
+            None if ref is None else paired_p([results[i]], [results[ref]], t) for i, ref in enumerate(references)]
+    return out
+
+
 def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
@@ -92,14 +108,16 @@ def _fmt(v) -> str:
 
 def format_markdown(df: pd.DataFrame) -> str:
     """One row per run; a ``<task> ±`` column (the half-width of the task's 95 % interval over its documents) is
-    shown inside its task's cell, ``45.00 ± 9.80``."""
-    cols = [c for c in df.columns if not str(c).endswith(f" {HALF_WIDTH}")]
+    shown inside its task's cell, ``45.00 ± 9.80``, and a ``<task> p`` below 0.05 as a mark, ``45.00 ± 9.80*``."""
+    cols = [c for c in df.columns if not str(c).endswith((f" {HALF_WIDTH}", f" {P_VALUE}"))]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for _, r in df.iterrows():
         cells = []
         for c in cols:
-            half = r.get(f"{c} {HALF_WIDTH}")
+            half, p = r.get(f"{c} {HALF_WIDTH}"), r.get(f"{c} {P_VALUE}")
             text = _fmt(r[c])
-            cells.append(text if half is None or text == "-" or _fmt(half) == "-" else f"{text} ± {_fmt(half)}")
+            text = text if half is None or text == "-" or _fmt(half) == "-" else f"{text} ± {_fmt(half)}"
+            significant = p is not None and not (isinstance(p, float) and math.isnan(p)) and p < SIGNIFICANT
+            cells.append(text + "*" if significant and text != "-" else text)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,5 +1,7 @@
 import math
 
+import pandas as pd
+
 from masquant.reporting.table import format_markdown, results_frame
 from masquant.reporting.cli import main as report_main
 import json
@@ -73,3 +75,22 @@ def test_run_table_shows_each_tasks_interval_in_its_cell_and_keeps_it_apart_in_t
     md = format_markdown(df)
     assert "| 50.00 ± 10.00 | 25.00 ± 10.00 | 37.50 ± 7.07 |" in md and "TextVQA ±" not in md
     assert "TextVQA ±" in df.to_csv()  # CSV keeps the interval in its own column
+
+
+def test_run_table_marks_a_task_that_differs_from_its_reference_row_by_a_paired_test():
+    from masquant.reporting.table import add_paired_tests
+
+    def run(method: str, right: list[int]) -> dict:
+        n = len(right)
+        return {**_metrics(method, 20.0, sum(right) / n, 0.25), "eval/textvqa_val/doc_ids": list(range(n)),
+                "eval/textvqa_val/doc_values": [float(x) for x in right]}
+
+    ref = run("rtn", [0] * 40)
+    better = run("awq", [1] * 12 + [0] * 28)  # 12 discordant documents, all one way: McNemar p = 2 / 2^12
+    same = run("mbq", [1] * 2 + [0] * 38)  # 2 discordant: p = 0.5
+    results = [ref, better, same]
+    df = add_paired_tests(results_frame(results), results, [None, 0, 0])
+    assert pd.isna(df["TextVQA p"].iloc[0])
+    assert math.isclose(df["TextVQA p"].iloc[1], 2 / 2 ** 12) and math.isclose(df["TextVQA p"].iloc[2], 0.5)
+    lines = format_markdown(df).splitlines()
+    assert "| 30.00* |" in lines[3] and "| 5.00 |" in lines[4] and "*" not in lines[2]
