@@ -3,6 +3,7 @@
     python -m masquant.reporting [outputs/runs] [--format md|csv|latex]            one row per run
     python -m masquant.reporting outputs/runs --paper table1                      the paper's layout, its numbers, deltas
     python -m masquant.reporting outputs/runs --paper ablation --pivot epochs     rows = the values of a label option
+    python -m masquant.reporting outputs/runs --paper table1 --compared-with mbq    the paired tests against MBQ's rows
     python -m masquant.reporting outputs/runs --paper table1 --reference-model Qwen2.5-VL-3B --reference-ignore lr
                                                   the testbed's rows beside a paper model's numbers (a stand-in)
     python -m masquant.reporting --stale [outputs/runs]        results made by another commit or results format
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   "beside runs of a model the paper lacks (the testbed)")
     parser.add_argument("--reference-ignore", default="", help="with --reference-model: label options, comma-"
                                                                 "separated, that do not block the comparison (lr)")
+    parser.add_argument("--compared-with", default="rtn", help="table1/table2: the method label of the row every "
+                        "row of the same bits is compared with by the paired tests (default rtn), e.g. mbq")
     parser.add_argument("--stale", action="store_true", help="list the results made by another commit or another "
                                                              "results format (or with no provenance) and exit")
     args = parser.parse_args(argv)
@@ -149,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         text = format_paper(table, args.format)
     else:
-        text = format_paper(paper_table(results, LAYOUTS[paper], stand_in=stand_in), args.format)
+        text = format_paper(paper_table(results, LAYOUTS[paper], stand_in=stand_in, compared_with=args.compared_with),
+                            args.format)
     if args.out:
         write_text_atomic(args.out, text)
         print(f"wrote {args.out}", file=sys.stderr)

@@ -143,6 +143,7 @@ class PaperTable:
     frame: pd.DataFrame
     source: str  # where the published numbers come from, for the legend
     varied: tuple[str, ...] = ()  # the sources of randomness that differ between the runs of a row (varied_sources)
+    compared_with: str = COMPARED_WITH  # the method label of each row's reference row (paired tests), same bits
 
 
 # ---------------------------------------------------------------------------------------------- labels
@@ -500,7 +501,8 @@ def _frame(rows: list[dict], keys: Sequence[str], columns: Sequence[Column]) -> 
 
 
 def paper_table(results: Iterable[Mapping], layout: Layout = TABLE1,
-                references: Mapping[ReferenceKey, float] | None = None, stand_in: StandIn = StandIn()) -> PaperTable:
+                references: Mapping[ReferenceKey, float] | None = None, stand_in: StandIn = StandIn(),
+                compared_with: str = COMPARED_WITH) -> PaperTable:
     """Rows model × bits × method in the paper's order (FP16 first, then W4A16, W8A8, W4A8, W4A6, then other
     bits; methods in their registered order, then unregistered ones), one per
     (model, bits, method label, calib samples, eval limit), columns the layout's; ``references`` defaults to
@@ -519,12 +521,13 @@ def paper_table(results: Iterable[Mapping], layout: Layout = TABLE1,
     for key in sorted(groups, key=order):
         published = {c.reference: published_value(references, {PAPER_SETTING: {}}, key, {}, c.reference, stand_in)
                      for c in layout.columns if c.reference is not None}
-        rtn = (key[0], key[1], COMPARED_WITH, key[3], key[4])  # the paired tests' reference: RTN at the same bits
+        rtn = (key[0], key[1], compared_with, key[3], key[4])  # the paired tests' reference: RTN at the same bits
         reference = groups.get(rtn) if key != rtn else None
         rows.append({"model": key[0], "bits": key[1], "method": key[2], "calib": key[3], "limit": key[4],
                      "n": len(groups[key]), **_cells(groups[key], layout.columns, published, reference)})
     return PaperTable(keys, layout.columns, _frame(rows, keys, layout.columns),
-                      f"{layout.title}, reference/{layout.reference_file}{stand_in.note()}", varied_sources(groups))
+                      f"{layout.title}, reference/{layout.reference_file}{stand_in.note()}", varied_sources(groups),
+                      compared_with)
 
 
 def _non_empty(frame: pd.DataFrame, column: Column) -> Column | None:
@@ -669,7 +672,7 @@ def _legend(table: PaperTable, pm: str = "±", delta: str = "Δ", minus: str = "
     return (f"ours: the mean over the n runs (seeds) of a row, {pm} their sample std when n > 1{over}, else {pm} the "
             f"half-width of the 95 % interval over the scored documents (Wilson for right/wrong scores, bootstrap "
             f"otherwise; Avg: the tasks' half-widths added in quadrature); *: differs from the row's reference (the "
-            f"RTN row of the same bits; in ablations the row before) at 5 % by a paired test on the same documents "
+            f"{table.compared_with} row of the same bits; in ablations the row before) at 5 % by a paired test on the same documents "
             f"(exact McNemar for right/wrong scores, permutation otherwise); paper: {table.source}; "
             f"{delta} = ours {minus} paper; {arrows}: higher/lower is better.")
 

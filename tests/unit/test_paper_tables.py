@@ -384,6 +384,11 @@ def test_cells_carry_the_interval_and_a_star_where_the_paired_test_separates_a_r
     half = _fixed(100 * (hi - lo) / 2, 1)
     assert f"| 60.0 ± {half}* |" in md and "| 30.0 ± " in md and "*" not in md.split("smoothquant")[1].split("\n")[0]
     assert f"60.0 \\pm {half}^{{*}}" in format_paper_latex(table)
+    # another reference row: against MASQuant, RTN is the one that differs and MASQuant has no test
+    against = paper_table(rows, TABLE1, compared_with="masquant")
+    frame = against.frame.set_index("method")
+    assert frame.loc["rtn", "TextVQA p"] < 1e-8 and pd.isna(frame.loc["masquant", "TextVQA p"])
+    assert "the masquant row of the same bits" in format_paper_markdown(against)
 
 
 def test_the_average_interval_adds_the_tasks_half_widths_in_quadrature():
