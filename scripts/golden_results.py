@@ -76,7 +76,7 @@ CASES.update({
 RENAMED = {"gptq/gptq_loss/": "rtn/gptq_loss/"}  # plain GPTQ's report is under its method id, as every method's
 # measurements of the machine, not of the method: never compared
 VOLATILE_PREFIXES = ("time/", "memory/", "provenance/", "mem/")
-VOLATILE_PARTS = ("/time_s", "_s_per_layer", "_s_total", "gptq_s", "/time/")
+VOLATILE_PARTS = ("/time_s", "_time_s/", "_s_per_layer", "_s_total", "gptq_s", "/time/")
 
 
 def volatile(key: str) -> bool:
