@@ -11,11 +11,11 @@ import pandas as pd
 
 from masquant.evaluation.metrics import benchmark_average, task_scores
 from masquant.evaluation.tasks import TASKS
+from masquant.reporting.paper import SIGNIFICANCE, paired_p
 
 log = logging.getLogger(__name__)
 HALF_WIDTH = "±"  # results_frame's column of a task's interval half-width: "<task> ±"
 P_VALUE = "p"  # add_paired_tests' column of the paired test's p-value against the row's reference: "<task> p"
-SIGNIFICANT = 0.05
 
 
 def collect_results(root: str | Path, skipped: list[str] | None = None) -> list[dict]:
@@ -85,8 +85,6 @@ def results_frame(results: list[dict]) -> pd.DataFrame:
 def add_paired_tests(df: pd.DataFrame, results: list[dict], references: list[int | None]) -> pd.DataFrame:
     """``df`` (``results_frame(results)``) with ``<task> p``: the paired test's p-value of row i against row
     ``references[i]`` on the documents both scored (None: no reference); format_markdown marks p < 0.05 with *."""
-    from masquant.reporting.paper import paired_p
-
     out = df.copy()
     for t, task in TASKS.items():
         if task.label not in out.columns:
@@ -117,7 +115,7 @@ def format_markdown(df: pd.DataFrame) -> str:
             half, p = r.get(f"{c} {HALF_WIDTH}"), r.get(f"{c} {P_VALUE}")
             text = _fmt(r[c])
             text = text if half is None or text == "-" or _fmt(half) == "-" else f"{text} ± {_fmt(half)}"
-            significant = p is not None and not (isinstance(p, float) and math.isnan(p)) and p < SIGNIFICANT
+            significant = p is not None and not (isinstance(p, float) and math.isnan(p)) and p < SIGNIFICANCE
             cells.append(text + "*" if significant and text != "-" else text)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
