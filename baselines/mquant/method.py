@@ -16,6 +16,17 @@ on down_proj). ``apply`` walks the layers with the FP statistics and the quantiz
   check it): it is the deployment order that lets a kernel use one scale per contiguous block.
 
 Static scales need ``quant.a_dynamic=false quant.a_granularity=tensor`` (the scheme says what is deployed).
+
+``scales`` says where the static scales come from: ``fp_prompts`` (the default) takes them from the FP model's
+statistics over the calibration prompts, in the walk; ``generation`` (the official code's, and its
+``recipe=official`` preset) fixes them after every weight is quantized, from the weight-quantized model with its
+activations unquantized, over the prompts and the ``scale_new_tokens`` tokens (20) it generates greedily from each
+(:mod:`baselines.mquant.calibrate`; decoded tokens are text tokens). The official recipe also runs GPTQ
+true-sequential, with act-order and the MSE weight clip (``recipe=official`` sets them).
+
+``vision_rms`` (with ``quantize_vision``; official ``--visual_split``): RMS on the encoder MLP's output linear
+(fc2) in every block, unconditionally, as the released code splits it; our detector (``rms``) only looks at the
+language model's points.
 Where the released code differs, this follows the paper: MSQ is implemented (the code keeps one scale
 for all tokens) and calibration uses the run's calibration set, never an evaluation benchmark.
 
@@ -34,18 +45,27 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from enum import Enum
+
+import torch.nn as nn
 
 from baselines.mquant.aifs import AIFS
+from baselines.mquant.calibrate import ScaleObserver, observe_generation
 from baselines.mquant.core import channel0_outlier, msq_scale, split_channel0
 from baselines.quarot.method import refuse_unrotatable, rotate_or_refuse_
 from masquant.adapters.base import INPUT_GROUPS, ROLE_TO_GROUP
 from masquant.engine.weights import block_weights
 from masquant.methods.base import BlockPlan, Method, MethodConfigError, Walk
 from masquant.methods.registry import register_method
-from masquant.quant.linear import DEFAULT_PATH, ModalityPath
+from masquant.quant.linear import DEFAULT_PATH, ModalityPath, QuantLinear
 from masquant.transforms.rotation import RotationMode, rotate_vision_encoder_
 
 log = logging.getLogger(__name__)
+
+
+class ScaleSource(str, Enum):
+    fp_prompts = "fp_prompts"  # the FP model's statistics over the calibration prompts (in the walk)
+    generation = "generation"  # official: the weight-quantized model over the prompts and its generated tokens
 
 
 @dataclass
@@ -58,6 +78,13 @@ class MQuantConfig:
     rotation_mode: RotationMode = RotationMode.pad  # widths without a Hadamard matrix
     online_down: bool = True  # online Hadamard on down_proj's input
     quantize_vision: bool = False  # also quantize the vision encoder (MQuant's setting; off: MASQuant's)
+    scales: ScaleSource = ScaleSource.fp_prompts  # where the static scales come from (official: generation)
+    scale_new_tokens: int = 20  # scales=generation: tokens generated from each calibration prompt
+    vision_rms: bool = False  # RMS on the encoder MLP's output linear in every block (official --visual_split)
+
+    def __post_init__(self):
+        if self.scale_new_tokens < 0:
+            raise ValueError(f"method.scale_new_tokens={self.scale_new_tokens}: must be >= 0")
 
 
 def group_scales(layer_stats, group: str, modalities, scheme, msq: bool, skip_channel0: bool) -> dict:
@@ -85,6 +112,9 @@ class MQuant(Method):
     activation_scales = "static"
 
     def check_config(self, scheme, modalities) -> None:
+        if self.cfg.vision_rms and not self.cfg.quantize_vision:
+            raise MethodConfigError("method.vision_rms=true splits the vision encoder's fc2 input, which only "
+                                    "method.quantize_vision=true quantizes")
         if self.cfg.quantize_vision and "vision" not in modalities:
             raise MethodConfigError(f"method.quantize_vision=true calibrates the vision encoder on images; "
                                     f"modality.modalities={list(modalities)} has no vision")
@@ -132,11 +162,31 @@ class MQuant(Method):
         v["images"] = step.n_samples
         v["patches"] = sum(int(r.hidden.shape[0]) for r in step.walker.captured.samples)
 
+        split = set(ctx.adapter.vision_encoder.mlp_output) if self.cfg.vision_rms else set()
+        for role in split:  # RMS (--visual_split): the scale leaves channel 0 out, a rank-1 FP product carries it
+            group = step.stack.role_group[role]
+            scales[group] = msq_scale(step.stats[group]["all"].absmax, scheme.a_bits, scheme.a_clip_ratio,
+                                      scheme.int_range.value, skip_channel0=True)
+        v["split"] = v.get("split", 0) + len(split)
+        rest = {}
+
+        def source(role, linear):
+            if role not in split:
+                return linear.weight.data
+            rest[role] = split_channel0(linear.weight.data)
+            return rest[role][0]
+
         def paths_for(role, linear, W_q):
-            return {DEFAULT_PATH: ModalityPath(act_scale=scales[step.stack.role_group[role]].to(linear.weight.device))}
+            extra = {}
+            if role in split:
+                _, L1, L2 = rest[role] if role in rest else split_channel0(linear.weight.data)
+                extra = {"L1": L1, "L2": L2}
+            return {DEFAULT_PATH: ModalityPath(act_scale=scales[step.stack.role_group[role]].to(linear.weight.device),
+                                               **extra)}
 
         gptq = scheme.w_quantizer == "gptq"
-        return BlockPlan(weights=block_weights(ctx, step if gptq else None, step.block, stack=step.stack),
+        return BlockPlan(weights=block_weights(ctx, step if gptq else None, step.block, stack=step.stack,
+                                               weight_source=source if split else None),
                          paths_for=paths_for)
 
     def plan_decoder_layer(self, ctx, step) -> BlockPlan:
@@ -169,15 +219,55 @@ class MQuant(Method):
 
         return BlockPlan(weights=weights, paths_for=paths_for)
 
+    def deployed_linears(self, ctx) -> dict[str, nn.Module]:
+        """{"<role>/layer_<i>": QuantLinear} of the deployed decoder, and {"vision_<role>/block_<i>": ...} of the
+        deployed encoder."""
+        adapter = ctx.adapter
+        found = {f"{role}/layer_{i}": lin for i, layer in enumerate(adapter.decoder_layers())
+                 for role, lin in adapter.linears(layer).items()}
+        if self.cfg.quantize_vision:
+            found.update({f"vision_{role}/block_{i}": lin for i, block in enumerate(adapter.vision_blocks())
+                          for role, lin in adapter.vision_linears(block).items()})
+        return {name: lin for name, lin in found.items() if isinstance(lin, QuantLinear)}
+
+    def calibrate_scales_by_generation(self, ctx) -> dict:
+        """The official calibration (module docstring): every deployed path's static scale (the decoder's per
+        modality, the encoder's one) from the weight-quantized model over the calibration prompts and its generated
+        tokens. Returns report entries."""
+        scheme, cfg = ctx.scheme, self.cfg
+        linears = self.deployed_linears(ctx)
+        observer = ScaleObserver(linears, ctx.router)
+        try:
+            observe_generation(ctx.model, ctx.require_calibration().batches, observer, cfg.scale_new_tokens, ctx.device)
+        finally:
+            observer.remove()
+        kw = dict(bits=scheme.a_bits, clip_ratio=scheme.a_clip_ratio, int_range=scheme.int_range.value)
+        for name, linear in linears.items():
+            seen = observer.absmax[name]
+            for path_name, path in linear.paths.items():
+                rows = seen.get(path_name if cfg.msq else "all")
+                if rows is None:  # a modality the generation did not show (the walk gave it a path): all tokens
+                    rows = seen["all"]
+                scale = msq_scale(rows, skip_channel0=path.L1 is not None, **kw)
+                path.act_scale = scale.to(device=path.act_scale.device, dtype=path.act_scale.dtype)
+        tokens = observer.tokens
+        return {"mquant/scales": "generation", "mquant/scale_new_tokens": cfg.scale_new_tokens,
+                "mquant/scale_calib_tokens": tokens.get("all", 0),
+                "mquant/scale_calib_text_tokens": tokens.get("text", 0)}
+
     def finish(self, ctx) -> dict:
-        report = {"mquant/rms_split_points": len(self.split), "mquant/rms_split": self.split,
-                  "mquant/channel0_ratio_max": max(self.ratios.values()) if self.ratios else 0.0,
-                  "run/quantize_vision": bool(self.cfg.quantize_vision)}
+        report = {}
+        if self.cfg.scales == ScaleSource.generation:
+            report.update(self.calibrate_scales_by_generation(ctx))
+        report.update({"mquant/rms_split_points": len(self.split), "mquant/rms_split": self.split,
+                       "mquant/channel0_ratio_max": max(self.ratios.values()) if self.ratios else 0.0,
+                       "run/quantize_vision": bool(self.cfg.quantize_vision)})
         if self.vision:
             report.update({"mquant/vision_blocks": len(ctx.adapter.vision_blocks()),
                            "mquant/vision_calib_images": self.vision["images"],
                            "mquant/vision_calib_patches": self.vision["patches"],
-                           "mquant/vision_act_scale_max": max(self.vision["scales"])})
+                           "mquant/vision_act_scale_max": max(self.vision["scales"]),
+                           "mquant/vision_rms_split": self.vision.get("split", 0)})
         if self.cfg.aifs and any(m != "text" for m in ctx.modalities):
             AIFS(ctx.adapter, ctx.router).attach()
             report["mquant/aifs"] = True

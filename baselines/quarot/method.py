@@ -1,12 +1,16 @@
 """QuaRot (spcl/QuaRot) on the adapters: rotations, GPTQ or RTN weights, dynamic per-token activations.
 
 ``transform_model_`` runs QuaRot's offline steps (:func:`masquant.transforms.rotation.rotate_model_`): norm
-fusion, the residual rotation Q (random Hadamard, ``seed``), a Hadamard per head between v and o, and the
-online Hadamard on down_proj's input (``rotation_mode`` for widths without a Hadamard matrix: pad, the
-default, or block). Then every decoder linear is deployed: weights as ``quant.w_quantizer`` says (rtn, or
-gptq on the walker's quantized stream; QuaRot's paper default is GPTQ, the project's scheme default RTN:
-pass ``quant.w_quantizer=gptq``), activations dynamic per token with clip ``a_clip_ratio`` (0.9, QuaRot's;
-applied as the scheme's ``a_clip_ratio``). lm_head stays 16-bit (it is never a decoder linear).
+fusion, the residual rotation Q (random Hadamard, ``seed``), a Hadamard per head between v and o made a full
+Hadamard of o_proj's input by an online transform across heads (``o_rotation=full``, official QuaRot;
+``per_head`` keeps it within each head, MQuant's choice), and the online Hadamard on down_proj's input
+(``rotation_mode`` for widths without a Hadamard matrix: pad, the default, or block). Then every decoder linear
+is deployed: weights as ``quant.w_quantizer`` says (rtn, or gptq on the walker's quantized stream; QuaRot's
+paper default is GPTQ with the MSE weight clip, the project's scheme default RTN: ``recipe=official`` sets
+QuaRot's own), activations dynamic per token with QuaRot's clip where its recipe uses one: ``a_clip_ratio``
+null (the default) clips at 0.9 of the per-token abs-max when activations have 4 bits or fewer (the W4A4
+recipe) and not at all above (the official code's default, 1.0); a number applies at every bit width.
+lm_head stays 16-bit (it is never a decoder linear).
 Optional KV cache: ``kv_bits`` < 16 quantizes K (after RoPE and an online Hadamard, ``k_hadamard``) and V
 asymmetrically per token and head, groups of ``kv_group_size``, clip ``kv_clip_ratio``.
 
@@ -23,7 +27,14 @@ from baselines.quarot.core import KVQuantizer
 from masquant.engine.weights import block_weights
 from masquant.methods.base import BlockPlan, Method, MethodConfigError, Walk
 from masquant.methods.registry import register_method
-from masquant.transforms.rotation import RotationMode, RotationUnsupported, rotate_model_
+from masquant.transforms.rotation import ORotation, RotationMode, RotationUnsupported, rotate_model_
+
+LOW_BIT_ACT_CLIP = 0.9  # QuaRot's activation clip in its 4-bit-activation recipe (--a_clip_ratio 0.9)
+
+
+def official_act_clip(a_bits: int) -> float:
+    """QuaRot's activation clip ratio for a bit width: 0.9 at 4 bits or fewer, none (1.0) above."""
+    return LOW_BIT_ACT_CLIP if a_bits <= 4 else 1.0
 
 
 @dataclass
@@ -32,7 +43,10 @@ class QuaRotConfig:
     seed: int = 0  # random signs of the residual rotation Q
     rotation_mode: RotationMode = RotationMode.pad  # widths without a Hadamard matrix (down_proj's input)
     online_down: bool = True  # online Hadamard on down_proj's input
-    a_clip_ratio: Optional[float] = 0.9  # per-token activation clip (QuaRot's); null = keep quant.a_clip_ratio
+    o_rotation: ORotation = ORotation.full  # o_proj's input: full (official, online across heads) | per_head
+    # per-token activation clip: null = QuaRot's rule (0.9 at a_bits <= 4, none above; quant.a_clip_ratio when set);
+    # a number = that clip at every bit width
+    a_clip_ratio: Optional[float] = None
     kv_bits: int = 16  # < 16: quantize the KV cache
     kv_group_size: int = 128
     kv_clip_ratio: float = 0.95
@@ -47,10 +61,10 @@ class QuaRotConfig:
             raise ValueError("method.kv_group_size must be >= 1 and method.kv_clip_ratio in (0, 1]")
 
 
-def rotate_or_refuse_(adapter, seed: int, mode, online_down: bool, method: str) -> dict:
+def rotate_or_refuse_(adapter, seed: int, mode, online_down: bool, method: str, o_rotation="per_head") -> dict:
     """QuaRot's offline transform, or a MethodConfigError naming why the model cannot be rotated."""
     try:
-        return rotate_model_(adapter, seed=seed, mode=mode, online_down=online_down)
+        return rotate_model_(adapter, seed=seed, mode=mode, online_down=online_down, o_rotation=o_rotation)
     except RotationUnsupported as err:
         raise MethodConfigError(f"method={method}: {err}") from None
 
@@ -80,14 +94,20 @@ class QuaRot(Method):
     def check_adapter(self, adapter_cls) -> None:
         refuse_unrotatable(self.id, adapter_cls)
 
+    def act_clip(self, scheme) -> float:
+        """The activation clip deployed: method.a_clip_ratio, else quant.a_clip_ratio when set, else QuaRot's rule."""
+        if self.cfg.a_clip_ratio is not None:
+            return self.cfg.a_clip_ratio
+        return scheme.a_clip_ratio if scheme.a_clip_ratio != 1.0 else official_act_clip(scheme.a_bits)
+
     def deploy_scheme(self, scheme):
-        clip = self.cfg.a_clip_ratio
-        if clip is None or not scheme.quantize_acts:
+        if not scheme.quantize_acts:
             return scheme
-        return dataclasses.replace(scheme, a_clip_ratio=clip)
+        return dataclasses.replace(scheme, a_clip_ratio=self.act_clip(scheme))
 
     def transform_model_(self, ctx) -> dict:
-        return rotate_or_refuse_(ctx.adapter, self.cfg.seed, self.cfg.rotation_mode, self.cfg.online_down, self.id)
+        cfg = self.cfg
+        return rotate_or_refuse_(ctx.adapter, cfg.seed, cfg.rotation_mode, cfg.online_down, self.id, cfg.o_rotation)
 
     def prepare(self, ctx):
         ctx.scheme = self.deploy_scheme(ctx.scheme)
@@ -107,4 +127,5 @@ class QuaRot(Method):
         return BlockPlan(weights=block_weights(ctx, step if gptq else None, step.block))
 
     def finish(self, ctx) -> dict:
-        return {"quarot/a_clip_ratio": ctx.scheme.a_clip_ratio, "quarot/kv_bits": self.cfg.kv_bits}
+        return {"quarot/a_clip_ratio": ctx.scheme.a_clip_ratio, "quarot/kv_bits": self.cfg.kv_bits,
+                "quarot/o_rotation": str(getattr(self.cfg.o_rotation, "value", self.cfg.o_rotation))}

@@ -148,6 +148,7 @@ class Config:
     force: bool = False  # re-run even if a finished result exists for this config hash
     threads: Optional[int] = None  # torch CPU threads
     reference: bool = True  # also run (or reuse) the dense FP reference of the same model/calib/eval
+    recipe: str = "ours"  # ours | official: each method's preset (conf/recipes/<method>-<recipe>.yaml)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
@@ -214,6 +215,12 @@ def testbed_answer_tokens(model_source: str) -> dict[str, int]:
         return {}
 
 
+def gptq_option(w_quantizer, value):
+    """A recipe's value of a GPTQ-only option: ``value`` when the weights are GPTQ's, else the option's default
+    (``recipe=official quant.w_quantizer=rtn`` is the official RTN recipe, e.g. QuaRot's --w_rtn)."""
+    return value if str(getattr(w_quantizer, "value", w_quantizer)) == "gptq" else False
+
+
 def register_configs() -> None:
     from masquant.methods.registry import get_config_class, method_ids
 
@@ -227,6 +234,8 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("masquant_testbed_answer_tokens", testbed_answer_tokens)
     if not OmegaConf.has_resolver("masquant_testbed_generation_cap"):
         OmegaConf.register_new_resolver("masquant_testbed_generation_cap", testbed_generation_cap)
+    if not OmegaConf.has_resolver("masquant_gptq_option"):  # a recipe's GPTQ option, off when the weights are RTN
+        OmegaConf.register_new_resolver("masquant_gptq_option", gptq_option)
     if not OmegaConf.has_resolver("masquant_direction"):  # hydra/sweeper=optuna: direction of sweep.objective
         from masquant.app.objective import direction
 

@@ -30,6 +30,7 @@ from masquant.evaluation.text_corpus import sequences_perplexity
 from masquant.engine.context import QuantContext
 from masquant.errors import MethodConfigError
 from masquant.sources import calibration_source, loading, model_source, source_problems, source_provenance
+from masquant.app.recipes import OURS, check_recipe, recipe_values
 from masquant.quant.linear import ModalityRouter, attach_router
 from masquant.quant.scheme import QuantScheme
 from masquant.methods.registry import build_method, get_method_class
@@ -93,6 +94,7 @@ def resolve(cfg: DictConfig) -> RunSpec:
         method_cls = get_method_class(str(cfg.method.id))
     except KeyError as err:
         raise ConfigError(str(err.args[0])) from None
+    check_recipe(str(cfg.method.id), str(cfg.get("recipe", OURS)))
     try:
         method_cfg = OmegaConf.to_object(cfg.method)
     except (ValueError, TypeError) as err:
@@ -262,14 +264,30 @@ class _Stages:
 
 def run_method_label(spec: RunSpec) -> str:
     """The method label, with the scheme's non-default weight rounding as options, e.g. 'rtn(w_quantizer=gptq)'
-    (plain GPTQ and RTN are different rows of a table)."""
+    (plain GPTQ and RTN are different rows of a table). Under a recipe other than ``ours`` the label names it, and
+    the options are what differs from the preset, e.g. 'quarot(recipe=official)' or
+    'quarot(recipe=official,w_quantizer=rtn)'."""
     from masquant.reporting.paper import format_method_label, parse_method_label
 
     method_id, options = parse_method_label(method_label(spec.method_cfg))
-    if spec.scheme.w_quantizer == "gptq":
-        options["w_quantizer"] = "gptq"
-    if spec.scheme.w_mse_clip:
-        options["w_mse_clip"] = "True"
+    scheme = spec.scheme
+    actual = {"w_quantizer": scheme.w_quantizer.value, "w_mse_clip": scheme.w_mse_clip,
+              "gptq_act_order": scheme.gptq_act_order, "gptq_true_sequential": scheme.gptq_true_sequential}
+    reference = {"w_quantizer": "rtn", "w_mse_clip": False, "gptq_act_order": False, "gptq_true_sequential": False}
+    recipe = str(spec.cfg.get("recipe", OURS))
+    preset = recipe_values(spec.cfg, method_id, recipe)
+    if preset:
+        reference.update({k: v for k, v in preset.get("quant", {}).items() if k in reference})
+        method_values = OmegaConf.to_container(spec.cfg.method, resolve=True, enum_to_str=True)
+        for key, value in preset.get("method", {}).items():
+            if str(method_values.get(key)) == str(value):
+                options.pop(key, None)  # as the preset says: not an option of the row
+            else:
+                options[key] = str(method_values.get(key))
+        options = {"recipe": recipe, **options}
+    for key, value in actual.items():
+        if str(value) != str(reference[key]):
+            options[key] = str(value)
     return format_method_label(method_id, options)
 
 

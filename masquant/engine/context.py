@@ -74,7 +74,7 @@ class QuantContext:
 
     def walk(self, stack: str = DECODER, *, quantized_stream: bool = False, fp_stream: bool = True,
              stats: bool = False, fp_observers: Callable[[StackStep], list[InputObserver]] | None = None,
-             desc: str | None = None) -> Iterator[StackStep]:
+             desc: str | None = None, quantized_activations: bool = True) -> Iterator[StackStep]:
         """The walker over ``stack``'s blocks on the calibration set, with the model's router.
 
         ``stats=True`` puts each block's FP input statistics (:class:`LayerStats`) in ``step.stats``: from the
@@ -99,7 +99,7 @@ class QuantContext:
 
         walker = StackWalker(blocks, self.captured(stack), self.device, quantized_stream=quantized_stream,
                              fp_stream=fp_stream, router=self.router if blocks.routed else None,
-                             fp_observers=observers, desc=desc)
+                             fp_observers=observers, desc=desc, quantized_activations=quantized_activations)
         for step in walker:
             if stats:
                 step.stats = cached[step.index] if cached is not None else computed[step.index].stats

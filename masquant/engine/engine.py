@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -34,6 +34,9 @@ class Walk:
 
     fp_stream: bool = True  # the FP model's block outputs (targets; statistics are observed in this pass)
     quantized_stream: bool = False  # the outputs of the blocks as deployed so far (GPTQ, learning, measurements)
+    # the quantized stream with the deployed blocks' activation quantizers on (False: weights only; the engine sets
+    # it for quant.gptq_true_sequential, official GPTQ's stream)
+    quantized_activations: bool = True
     stats: bool = True  # each block's FP input statistics in ``step.stats`` (cached)
 
 
@@ -101,12 +104,15 @@ def quantize_stack_(method, ctx, name: str) -> dict:
     """One stack, block by block: plan (the method), deploy, measure (the method), time, report."""
     stack = ctx.stack(name)
     walk = method.walk(ctx, stack)
+    if walk is not None and ctx.scheme.gptq_true_sequential and walk.quantized_stream:
+        walk = replace(walk, quantized_activations=False)
     desc = method.id if name == DECODER else f"{method.id} {name}"
     if walk is None:
         steps = (_Visit(stack, i, b) for i, b in enumerate(tqdm(stack.blocks, desc=desc, leave=False)))
     else:
         steps = ctx.walk(name, fp_stream=walk.fp_stream, quantized_stream=walk.quantized_stream, stats=walk.stats,
-                         fp_observers=lambda step: method.observers(ctx, step), desc=desc)
+                         fp_observers=lambda step: method.observers(ctx, step), desc=desc,
+                         quantized_activations=walk.quantized_activations)
     report: dict[str, Any] = {}
     linears, gptq_seconds = 0, []
     for step in steps:

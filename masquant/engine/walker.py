@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from masquant.adapters.stack import BlockStack
 from masquant.engine.placement import resident
+from masquant.quant.linear import activations_unquantized
 
 _DROP_KWARGS = ("past_key_values", "past_key_value", "use_cache", "cache_position", "hidden_states")
 
@@ -313,9 +314,14 @@ class StackStep:
         return calls
 
     def quant_outputs(self) -> list[torch.Tensor]:
-        """Outputs of the block as it is now on the quantized stream (computed once; the walk advances with them)."""
+        """Outputs of the block as it is now on the quantized stream (computed once; the walk advances with them).
+        With the walker's ``quantized_activations=False`` its QuantLinears leave their inputs unquantized."""
         if self._quant_outputs is None:
-            self._quant_outputs = self.run("quant")
+            if self.walker.quantized_activations:
+                self._quant_outputs = self.run("quant")
+            else:
+                with activations_unquantized(self.block):
+                    self._quant_outputs = self.run("quant")
         return self._quant_outputs
 
 
@@ -323,7 +329,8 @@ class StackWalker:
     """Iterate :class:`StackStep` s over a stack, reproducing the model's forward block by block.
 
     ``quantized_stream``: also keep a second stream fed by the blocks as the caller leaves them (each block sees
-    the previous quantized blocks' outputs, as GPTQ and block-wise learning need).
+    the previous quantized blocks' outputs, as GPTQ and block-wise learning need); ``quantized_activations=False``:
+    that stream runs the deployed blocks with unquantized activations (weights only: official GPTQ's stream).
     ``fp_observers(step)``: observers of the FP pass of each block (running statistics, Gram matrices).
     ``router``: the modality router of the model's QuantLinears; its masks are set for every sample.
     ``last``: stop after this block index.
@@ -332,13 +339,14 @@ class StackWalker:
     def __init__(self, stack: BlockStack, captured: CapturedInputs, device, *, quantized_stream: bool = False,
                  fp_stream: bool = True, router=None,
                  fp_observers: Callable[[StackStep], Sequence[InputObserver]] | None = None,
-                 desc: str | None = None, last: int | None = None):
+                 desc: str | None = None, last: int | None = None, quantized_activations: bool = True):
         if not (fp_stream or quantized_stream):
             raise ValueError("a walk needs at least one stream (fp_stream or quantized_stream)")
         self.stack = stack
         self.captured = captured
         self.device = torch.device(device)
         self.router = router
+        self.quantized_activations = quantized_activations
         self.fp_observers = fp_observers
         self.desc = desc or stack.name
         start = [s.hidden for s in captured.samples]

@@ -55,6 +55,46 @@ class BlockWeights:
     gptq_loss: dict[str, float] = field(default_factory=dict)  # role -> GPTQ's ½ tr(ΔW H ΔWᵀ)
 
 
+def group_call_order(step, block: nn.Module) -> list[str]:
+    """The stack's input groups of ``block`` in the order the block calls them (one call on sample 0)."""
+    order: list[str] = []
+    handles = [lin.register_forward_pre_hook(lambda m, a, g=group: order.append(g) if g not in order else None)
+               for group, lin in step.stack.input_group_linears(block).items()]
+    try:
+        step.run("quant", layer=block, keep=False, samples=[0])
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [g for g in step.stack.input_groups if g not in order]
+    return order + missing  # a group the block did not call (none in the supported models) goes last
+
+
+def true_sequential_gptq(step, block: nn.Module, stack, source: WeightSource, opts: dict):
+    """GPTQ group by group (see the module docstring): ({role: W_q}, {role: loss}). The block's weights are
+    restored when done (the deploy path takes the GPTQ weights)."""
+    linears = stack.linears(block)
+    originals = {role: lin.weight.data for role, lin in linears.items()}
+    deployed: dict[str, torch.Tensor] = {}
+    losses: dict[str, float] = {}
+    try:
+        for group in group_call_order(step, block):
+            grams = GramObserver.for_block(stack, block, groups=[group])
+            step.run("quant", layer=block, observers=[grams], keep=False)
+            H = grams.hessian(group)
+            for role in stack.input_groups[group]:
+                linear = linears[role]
+                W = source(role, linear)
+                Wq, info = gptq_quantize(W.float(), H.to(W.device), **opts)
+                deployed[role] = Wq.to(W.dtype)
+                losses[role] = info["loss"]
+                # later groups see this one as deployed: the GPTQ weight plus what the source kept out (RMS's column)
+                linear.weight.data = deployed[role] + (originals[role] - W)
+    finally:
+        for role, linear in linears.items():
+            linear.weight.data = originals[role]
+    return deployed, losses
+
+
 def block_hessians(step) -> GramObserver:
     """Hessians of the step's block (as it is now) on the walk's quantized stream; no outputs are kept."""
     grams = GramObserver.for_block(step.stack, step.block)
@@ -82,10 +122,14 @@ def block_weights(ctx, step=None, block: nn.Module | None = None, weight_source:
         raise ValueError("quant.w_quantizer=gptq needs the walker's step (its quantized stream feeds H)")
     stack = step.stack if stack is None else stack
     t0 = time.perf_counter()
-    grams = block_hessians(step)
     opts = gptq_options(scheme)
-    deployed: dict[str, torch.Tensor] = {}
-    losses: dict[str, float] = {}
+    if scheme.gptq_true_sequential:
+        deployed, losses = true_sequential_gptq(step, block, stack, source, opts)
+        seconds = time.perf_counter() - t0
+        return BlockWeights(lambda role, linear: DeployWeight(deployed[role], quantized=True), seconds, losses)
+    grams = block_hessians(step)
+    deployed = {}
+    losses = {}
     for role, linear in stack.linears(block).items():
         W = source(role, linear)
         H = grams.hessian(stack.role_group[role]).to(W.device)

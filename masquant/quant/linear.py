@@ -10,7 +10,8 @@ of work in total, never a full matmul per modality.
 
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -166,13 +167,14 @@ class QuantLinear(nn.Module):
         if DEFAULT_PATH not in self.paths:
             self.paths[DEFAULT_PATH] = ModalityPath()
         self.lowrank_tokens = 0  # rows that went through a low-rank branch (cost accounting, tests)
+        self.quantize_inputs = True  # False inside activations_unquantized (weights only, e.g. GPTQ's stream)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, scheme={self.scheme.tag}, paths={list(self.paths)}"
 
     def _path_forward(self, x: torch.Tensor, path: ModalityPath) -> torch.Tensor:
         xs = x / path.smooth if path.smooth is not None else x
-        xq = quantize_activation(xs, self.scheme, static_scale=path.act_scale)
+        xq = quantize_activation(xs, self.scheme, static_scale=path.act_scale) if self.quantize_inputs else xs
         W = path.weight if path.weight is not None else self.weight
         y = F.linear(xq, W, self.bias)
         if path.L1 is not None:
@@ -196,3 +198,18 @@ class QuantLinear(nn.Module):
         return out.reshape(*lead, self.out_features)
 
 
+
+
+@contextmanager
+def activations_unquantized(module: nn.Module) -> Iterator[None]:
+    """Within the block, every :class:`QuantLinear` under ``module`` leaves its inputs unquantized (its weight, paths
+    and low-rank branches unchanged): the weight-only model GPTQ's official code calibrates on."""
+    linears = [m for m in module.modules() if isinstance(m, QuantLinear)]
+    saved = [q.quantize_inputs for q in linears]
+    for q in linears:
+        q.quantize_inputs = False
+    try:
+        yield
+    finally:
+        for q, flag in zip(linears, saved):
+            q.quantize_inputs = flag

@@ -67,6 +67,10 @@ class QuantScheme:
     gptq_damp: float = 0.01  # dampening, relative to mean(diag H)
     gptq_block: int = 128  # lazy-update block of columns
     gptq_act_order: bool = False  # quantize columns by decreasing H[i, i]
+    # GPTQ as the official QuaRot/MQuant code runs it: a block's input groups in the order the block runs them
+    # (q/k/v, o, gate/up, down), each group's Hessian from its own pass after the previous groups are quantized, on a
+    # stream whose activations are not quantized. False: one pass per block for every group, on the deployed stream
+    gptq_true_sequential: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "int_range", _enum(IntRange, self.int_range, "int_range"))
@@ -81,6 +85,9 @@ class QuantScheme:
         for key, r in (("w_clip_ratio", self.w_clip_ratio), ("a_clip_ratio", self.a_clip_ratio)):
             if not 0.0 < r <= 1.0:
                 raise ValueError(f"quant.{key}={r}: must be in (0, 1]")
+        if self.gptq_true_sequential and self.w_quantizer != "gptq":
+            raise ValueError("quant.gptq_true_sequential=true is an option of quant.w_quantizer=gptq "
+                             f"(quant.w_quantizer={self.w_quantizer.value})")
         if self.w_quantizer == "gptq" or self.w_mse_clip:
             what = "quant.w_quantizer=gptq" if self.w_quantizer == "gptq" else "quant.w_mse_clip=true"
             if not self.quantize_weights:

@@ -48,6 +48,7 @@ def config_hash(cfg: DictConfig) -> str:
     for key in NON_SEMANTIC:
         plain.pop(key, None)
     plain.pop("hydra", None)
+    plain.pop("recipe", None)  # a recipe is a preset of quant.* and method.* values, which are hashed themselves
     for key in NON_SEMANTIC_MODEL:
         plain.get("model", {}).pop(key, None)
     for group in {g for g, _ in ADDED_WITH_NEUTRAL_DEFAULT}:

@@ -12,7 +12,11 @@ that supports rotation); all folds are computed in float64 and cast back to each
    outputs, which the model merges into inputs_embeds; Qwen3-VL's DeepStack mergers) and every reader of it
    (q, k, v, gate, up W Q with their biases unchanged; lm_head W Q).
 3. :func:`rotate_ov_`: a Hadamard per head between v_proj's output and o_proj's input (v's rows and bias,
-   o's input columns; one H for every head, so grouped-query attention is fine).
+   o's input columns; one H for every head, so grouped-query attention is fine). With ``o_rotation="full"``
+   (official QuaRot) :func:`rotate_o_input_full_` then makes o's input a Hadamard of its whole width: the
+   cross-head factor H_heads ⊗ I is folded into o's weight and applied online (x (H_heads ⊗ I_hd), reshaped per
+   head); a head count with no Hadamard matrix (the testbed's 9) undoes the per-head H online and applies a full
+   Hadamard of the width instead (the same function, more work).
 4. :func:`rotate_down_input_`: an online Hadamard on down_proj's input: one half folded into the weight
    (W M), the other applied to the activations at run time (``input_transform`` of
    :class:`OnlineRotatedLinear`, kept by the deploy path as the QuantLinear's input transform).
@@ -58,6 +62,8 @@ from masquant.adapters.norms import NormKind, norm_scale
 from masquant.transforms.hadamard import (
     RotationPlan,
     block_hadamard_size,
+    hadamard_matrix,
+    hadamard_transform,
     is_hadamard_size,
     random_hadamard_matrix,
     rotation_for_width,
@@ -73,6 +79,13 @@ class RotationMode(str, Enum):
 
     pad = "pad"  # zero-pad to the next Hadamard size (recommended)
     block = "block"  # block-diagonal Hadamard of the largest valid block dividing the width
+
+
+class ORotation(str, Enum):
+    """How o_proj's input is rotated (step 3 of the module docstring)."""
+
+    full = "full"  # a Hadamard of o's whole input width: per head offline in V, across heads online (official QuaRot)
+    per_head = "per_head"  # a Hadamard within each head only, all offline (MQuant's released code)
 
 
 class RotationUnsupported(ValueError):
@@ -341,6 +354,59 @@ def rotate_heads_(v: nn.Module, o: nn.Module, hd: int, H: torch.Tensor, chunk: i
     _set(o.weight, (Wo @ H.to(o.weight.device, torch.float64)).reshape(o.out_features, o.in_features))
 
 
+class CrossHeadHadamard(nn.Module):
+    """o_proj's online transform after :func:`rotate_ov_` (its input already carries H_hd within each head).
+
+    x [..., heads·hd] -> x (H_heads ⊗ I_hd) / √heads when ``heads`` has a Hadamard matrix (official QuaRot's online
+    partial Hadamard: the per-head H_hd is in V already, so o's input ends up x_orig (H_heads ⊗ H_hd), a full
+    Hadamard). Otherwise, for any head count: the per-head H_hd is undone and a full Hadamard of the width
+    (``plan``, padded where the width has none) applied, x (I ⊗ H_hdᵀ) M."""
+
+    def __init__(self, heads: int, head_dim: int, head_H: torch.Tensor, plan: RotationPlan | None):
+        super().__init__()
+        self.heads, self.head_dim, self.plan = heads, head_dim, plan
+        self.register_buffer("head_H", head_H.float() if plan is not None else None, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        h = x.reshape(*lead, self.heads, self.head_dim)
+        if self.plan is None:  # across heads: the Hadamard of size `heads` on the head axis
+            y = hadamard_transform(h.transpose(-1, -2).contiguous(), n=self.heads).transpose(-1, -2)
+            return y.reshape(*lead, self.heads * self.head_dim)
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        undone = (h.to(work) @ self.head_H.to(x.device, work).T).to(x.dtype)
+        return self.plan.apply(undone.reshape(*lead, self.heads * self.head_dim))
+
+    def extra_repr(self) -> str:
+        how = "across heads" if self.plan is None else f"undo per head, full width {self.plan.width}->{self.plan.size}"
+        return f"heads={self.heads}, head_dim={self.head_dim}, {how}"
+
+
+def cross_head_rotation(heads: int, head_dim: int, head_H: torch.Tensor, mode: str = "pad"):
+    """(the online module, the matrix T [n, size] it computes, float64) of o_proj's full rotation after the
+    per-head H_hd: x_r T = x_orig M_full (see :class:`CrossHeadHadamard`)."""
+    n = heads * head_dim
+    if is_hadamard_size(heads):
+        T = torch.kron(hadamard_matrix(heads), torch.eye(head_dim, dtype=torch.float64)) / heads**0.5
+        return CrossHeadHadamard(heads, head_dim, head_H, None), T
+    plan = rotation_for_width(n, mode)
+    undo = torch.block_diag(*[head_H.to(torch.float64).T] * heads)  # (I ⊗ H_hd)ᵀ
+    return CrossHeadHadamard(heads, head_dim, head_H, plan), undo @ plan.matrix()
+
+
+@torch.no_grad()
+def rotate_o_input_full_(adapter, layer: nn.Module, head_H: torch.Tensor, mode: str = "pad") -> None:
+    """After :func:`rotate_ov_`: o_proj -> :class:`OnlineRotatedLinear` with W_o T offline and T online
+    (:func:`cross_head_rotation`), so o's input is a full Hadamard of the attention output, as official QuaRot."""
+    o = adapter.linears(layer)["o"]
+    if getattr(o, "input_transform", None) is not None:
+        raise RotationUnsupported("o_proj already has an online rotation")
+    hd = adapter.head_dim()
+    online, T = cross_head_rotation(o.in_features // hd, hd, head_H, mode)
+    W = (o.weight.data.double() @ T.to(o.weight.device)).to(o.weight.dtype)
+    adapter.set_linear(layer, "o", OnlineRotatedLinear(W, None if o.bias is None else o.bias.data, online))
+
+
 # --- 4. online Hadamard on down_proj's input ------------------------------------------------------------
 @torch.no_grad()
 def rotate_down_input_(adapter, layer: nn.Module, mode: str = "pad") -> RotationPlan:
@@ -365,13 +431,18 @@ def online_rotated_(linear: nn.Module, mode: str = "pad") -> tuple[OnlineRotated
 
 # --- all steps ------------------------------------------------------------------------------------------
 @torch.no_grad()
-def rotate_model_(adapter, *, seed: int = 0, mode: str = "pad", online_down: bool = True) -> dict:
+def rotate_model_(adapter, *, seed: int = 0, mode: str = "pad", online_down: bool = True,
+                  o_rotation: str = "per_head") -> dict:
     """QuaRot's offline transform: fuse norms, rotate the residual (Q), v→o per head, online Hadamard on down.
+
+    ``o_rotation``: ``per_head`` keeps o_proj's input rotated within each head; ``full`` adds the online transform
+    across heads (:func:`rotate_o_input_full_`), as official QuaRot.
 
     Returns the transform's identity (for the statistics cache key). Raises :class:`RotationUnsupported`
     before changing anything when the adapter cannot be rotated exactly.
     """
     mode = str(getattr(mode, "value", mode))
+    o_rotation = ORotation(getattr(o_rotation, "value", o_rotation))
     check_residual_rotation(adapter)
     fuse_norms_(adapter)
     n = adapter.text_config().hidden_size
@@ -380,9 +451,13 @@ def rotate_model_(adapter, *, seed: int = 0, mode: str = "pad", online_down: boo
     plans = []
     for layer in adapter.decoder_layers():
         rotate_ov_(adapter, layer, H)
+        if o_rotation == ORotation.full:
+            rotate_o_input_full_(adapter, layer, H, mode)
         if online_down:
             plans.append(rotate_down_input_(adapter, layer, mode))
     ident = {"rotation": "quarot", "version": ROTATION_VERSION, "seed": seed, "mode": mode, "online_down": online_down}
+    if o_rotation == ORotation.full:  # (per head: the identity of earlier versions, so their caches stay valid)
+        ident["o_rotation"] = o_rotation.value
     if plans:
         ident["down_width"] = [plans[0].width, plans[0].size]
     return ident
@@ -539,7 +614,8 @@ def fold_layernorm_(norm: nn.LayerNorm, consumers: Iterable[nn.Linear]) -> Weigh
 
 
 __all__ = [
-    "ROTATION_VERSION", "RotationMode", "RotationUnsupported", "ResidualBasis", "WeightlessRMSNorm", "OnlineHadamard", "OnlineRotatedLinear",
+    "ROTATION_VERSION", "RotationMode", "ORotation", "RotationUnsupported", "CrossHeadHadamard", "cross_head_rotation",
+    "rotate_o_input_full_", "ResidualBasis", "WeightlessRMSNorm", "OnlineHadamard", "OnlineRotatedLinear",
     "rotate_input_", "rotate_output_", "rotate_heads_", "rotate_embedding_", "fold_scale_into_inputs_", "fuse_norms_", "norms_fused",
     "check_residual_rotation", "residual_rotation", "rotate_residual_", "head_rotation", "rotate_ov_",
     "rotate_down_input_", "online_rotated_", "rotate_model_", "center_output_channels_", "fold_layernorm_",

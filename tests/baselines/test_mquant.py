@@ -257,3 +257,35 @@ def test_msq_beats_one_static_scale_on_the_testbed(compose_cfg):
     msq = pipeline.run(compose_cfg(*STATIC, "method=mquant", "method.rms=false"))
     assert msq["fidelity/sqnr/vision/e2e"] > one["fidelity/sqnr/vision/e2e"] + 2.0
     assert msq["fidelity/sqnr/text/e2e"] >= one["fidelity/sqnr/text/e2e"] - 0.1
+
+
+# --- the official calibration: static scales from the weight-quantized model while it generates ----------------
+def test_generation_calibration_takes_scales_from_the_weight_quantized_model_and_its_generated_tokens():
+    """scales=generation: every path's scale is the abs-max, over the calibration prompts and the tokens generated
+    from them, of the rows its quantizer sees in the weight-quantized model (activations unquantized); the text
+    scale sees the generated tokens, the vision scale the prompts' visual tokens only."""
+    from baselines.mquant.calibrate import ScaleObserver, observe_generation
+
+    cfg = MQuantConfig(aifs=False, scales="generation", scale_new_tokens=5)
+    base, model, ctx, report, processor, cls = _mquant(cfg)
+    assert report["mquant/scales"] == "generation"
+    n_prompt_text = sum(int(ctx.adapter.modality_masks(b["input_ids"])["text"].sum()) for b in ctx.calib.batches)
+    assert report["mquant/scale_calib_text_tokens"] > n_prompt_text  # the generated tokens are text tokens
+    lin = ctx.adapter.linears(ctx.adapter.decoder_layers()[1])["q"]
+    # an independent measurement: the deployed model with its activation quantizers off, the same generation
+    observer = ScaleObserver({"q": lin}, ctx.router)
+    observe_generation(model, ctx.calib.batches, observer, 5, torch.device("cpu"))
+    observer.remove()
+    for m in ("text", "vision"):
+        torch.testing.assert_close(lin.paths[m].act_scale, observer.absmax["q"][m].max() / 127)
+    # the prompts alone, on the FP model (the default, fp_prompts), give other scales
+    _, _, ctx_fp, _, _, _ = _mquant(MQuantConfig(aifs=False))
+    lin_fp = ctx_fp.adapter.linears(ctx_fp.adapter.decoder_layers()[1])["q"]
+    assert not torch.allclose(lin_fp.paths["text"].act_scale, lin.paths["text"].act_scale)
+
+
+def test_scale_new_tokens_is_checked():
+    with pytest.raises(ValueError, match="scale_new_tokens"):
+        MQuantConfig(scale_new_tokens=-1)
+    with pytest.raises(MethodConfigError, match="vision_rms"):
+        MQuant(MQuantConfig(vision_rms=True)).check(STATIC_W4A8, ("text", "vision"))

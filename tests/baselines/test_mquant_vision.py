@@ -284,3 +284,24 @@ def test_the_testbed_tower_rotates_exactly_and_its_quantized_features_stay_close
         assert quantize_stack_(method, ctx, "vision")["quant/vision_linears"] == 20
         sqnr[w_bits, w_quantizer] = sqnr_db(ref, _visual_features(model, adapter, held.batches))
     assert sqnr[8, "rtn"] > 45 and sqnr[4, "rtn"] < sqnr[8, "rtn"] - 3 and sqnr[4, "gptq"] > sqnr[4, "rtn"], sqnr
+
+
+def test_vision_rms_splits_every_encoder_fc2_input_channel_0():
+    """vision_rms (official --visual_split): in every encoder block the MLP's output linear deploys column 0 as an
+    FP rank-1 branch, the rest on the grid with a scale that leaves channel 0 out; the model stays finite."""
+    base, processor, cls = tiny("qwen2_5_vl")
+    model = copy.deepcopy(base)
+    adapter, router = _routed(model)
+    ctx = QuantContext(model, adapter, _static(4, 8), router, torch.device("cpu"), ("text", "vision"),
+                       CalibrationSet(prompts(processor, cls, 4, seed=0)))
+    report = build_method(MQuantConfig(quantize_vision=True, vision_rms=True, aifs=False)).run(ctx)
+    spec = adapter.vision_encoder
+    assert report["mquant/vision_rms_split"] == len(spec.mlp_output) * len(adapter.vision_blocks())
+    for block in adapter.vision_blocks():
+        for role, lin in adapter.vision_linears(block).items():
+            split = role in spec.mlp_output
+            assert (lin.paths["text"].rank == 1) is split
+            if split:
+                assert torch.equal(lin.weight[:, 0], torch.zeros(lin.out_features))
+    with torch.no_grad():
+        assert torch.isfinite(model(**prompts(processor, cls, 1, seed=61)[0]).logits).all()

@@ -37,7 +37,19 @@ def test_quarot_on_every_rotatable_adapter_at_w8a8(model_type):
     assert sqnr_db(ref, final_hidden(model, held) @ Q.T) > 20
     down = ctx.adapter.linears(ctx.adapter.decoder_layers()[0])["down"]
     assert isinstance(down, QuantLinear) and down.input_transform is not None  # the online Hadamard survived deploy
-    assert down.scheme.a_clip_ratio == 0.9
+    assert down.scheme.a_clip_ratio == 1.0  # QuaRot's recipe clips 4-bit activations only
+    o = ctx.adapter.linears(ctx.adapter.decoder_layers()[0])["o"]
+    assert o.input_transform is not None  # the online transform across heads (o_rotation=full) too
+
+
+def test_activation_clip_follows_quarots_recipe_by_bit_width():
+    """null: 0.9 at 4-bit activations (the W4A4 recipe), none at 8; a number: everywhere; the scheme's when set."""
+    method = QuaRot(QuaRotConfig())
+    assert method.deploy_scheme(QuantScheme("a", 4, 4)).a_clip_ratio == 0.9
+    assert method.deploy_scheme(QuantScheme("a", 4, 8)).a_clip_ratio == 1.0
+    assert method.deploy_scheme(QuantScheme("a", 8, 8, a_clip_ratio=0.95)).a_clip_ratio == 0.95
+    assert QuaRot(QuaRotConfig(a_clip_ratio=0.8)).deploy_scheme(QuantScheme("a", 8, 8)).a_clip_ratio == 0.8
+    assert method.deploy_scheme(QuantScheme("a", 4, 16)).a_clip_ratio == 1.0  # weight-only: nothing to clip
 
 
 def test_gemma3_is_refused_with_a_method_config_error():
@@ -51,7 +63,7 @@ def test_check_refusals():
     with pytest.raises(MethodConfigError, match="mquant"):
         method.check(QuantScheme("s", 8, 8, a_granularity="tensor", a_dynamic=False), ("text",))
     with pytest.raises(MethodConfigError, match="disagree"):
-        method.check(QuantScheme("c", 8, 8, a_clip_ratio=0.8), ("text",))
+        QuaRot(QuaRotConfig(a_clip_ratio=0.9)).check(QuantScheme("c", 8, 8, a_clip_ratio=0.8), ("text",))
     QuaRot(QuaRotConfig(a_clip_ratio=None)).check(QuantScheme("c", 8, 8, a_clip_ratio=0.8), ("text",))
     with pytest.raises(MethodConfigError, match="method=dense"):
         method.check(QuantScheme("fp16"), ("text",))
@@ -128,7 +140,7 @@ def test_pipeline_end_to_end_on_the_tiny_model(compose_cfg, tiny_overrides):
 
     m = pipeline.run(compose_cfg(*tiny_overrides, "method=quarot", "quant=w4a8", "quant.w_quantizer=gptq"))
     assert m["run/method_label"] == "quarot(w_quantizer=gptq)" and m["run/w_quantizer"] == "gptq"
-    assert m["quarot/gptq_s_per_layer"] > 0 and m["quarot/a_clip_ratio"] == 0.9
+    assert m["quarot/gptq_s_per_layer"] > 0 and m["quarot/a_clip_ratio"] == 1.0
     assert 0 < m["fidelity/sqnr/all/e2e"] < 80
     rtn = pipeline.run(compose_cfg(*tiny_overrides, "method=quarot", "quant=w4a8"))  # no calibration needed
     assert rtn["run/method_label"] == "quarot" and "quarot/gptq_s_per_layer" not in rtn

@@ -255,3 +255,50 @@ def test_fidelity_compares_a_rotated_model_in_the_reference_basis():
     rotate_model_(adapter, seed=0)
     report = sqnr_report(model, adapter, batches, "cpu", ref)
     assert min(report.values()) > 80, report
+
+
+# --- o_proj's full rotation (official QuaRot): per head offline, across heads online ---------------------------
+@pytest.mark.parametrize("heads,hd,mode", [(4, 8, "pad"), (12, 4, "pad"), (9, 8, "pad"), (9, 8, "block"), (3, 6, "pad")])
+def test_cross_head_rotation_is_a_full_rotation_of_the_original_input(heads, hd, mode):
+    """x (I ⊗ H_hd) T = x M with M orthogonal (a Hadamard of the whole width when one exists): the online module
+    computes exactly x_r T, and T undoes nothing the weight fold does not redo (W T Tᵀ = W)."""
+    from masquant.transforms.hadamard import is_hadamard_size
+    from masquant.transforms.rotation import cross_head_rotation
+
+    H = head_rotation(hd)
+    online, T = cross_head_rotation(heads, hd, H, mode)
+    x = torch.randn(3, 5, heads * hd, dtype=torch.float64)
+    x_r = (x.reshape(3, 5, heads, hd) @ H).reshape(3, 5, heads * hd)  # o's input after rotate_ov_
+    torch.testing.assert_close(online.double()(x_r), x_r @ T)
+    M = torch.block_diag(*[H] * heads) @ T  # what o's input becomes, in the original basis
+    torch.testing.assert_close(M @ M.T, torch.eye(heads * hd, dtype=torch.float64))
+    # every output channel mixes every head: a full rotation, not a per-head one
+    if online.plan is None or online.plan.block >= heads * hd:
+        assert bool((M.abs() > 1e-12).reshape(heads, hd, -1).any(1).all())
+    if is_hadamard_size(heads) and is_hadamard_size(hd):  # a Hadamard matrix: all entries ±1/√n
+        torch.testing.assert_close(M.abs(), torch.full_like(M, (heads * hd) ** -0.5))
+
+
+@pytest.mark.parametrize("model_type", ROTATABLE)
+def test_full_o_rotation_leaves_logits_and_generation_unchanged(model_type):
+    """rotate_model_(o_rotation=full) is function-preserving, and generation applies the online transform at
+    every step (prefill and each decoded token): the same greedy tokens, o's transform called each time."""
+    from masquant.transforms.rotation import CrossHeadHadamard
+
+    model, processor, cls = tiny(model_type)
+    adapter = get_adapter(model)
+    randomize_norms_(model, adapter)
+    batch = prompts(processor, cls, 1, seed=3)[0]
+    ref = _logits(model, batch)
+    with torch.no_grad():
+        ref_gen = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    ident = rotate_model_(adapter, seed=1, o_rotation="full")
+    assert ident["o_rotation"] == "full"
+    o = adapter.linears(adapter.decoder_layers()[0])["o"]
+    assert isinstance(o, OnlineRotatedLinear) and isinstance(o.input_transform, CrossHeadHadamard)
+    assert_same(_logits(model, batch), ref)
+    calls = []
+    o.input_transform.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        gen = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert torch.equal(gen, ref_gen) and len(calls) == 3  # prefill + 2 decoding steps (the 3rd token needs no pass)

@@ -153,3 +153,106 @@ def test_pipeline_resolves_gptq_options(compose_cfg, tiny_overrides):
         resolve(compose_cfg(*tiny_overrides, "method=rtn", "quant.gptq_damp=0.05"))
     with pytest.raises(ConfigError, match="does not honour"):
         resolve(compose_cfg(*tiny_overrides, "method=smoothquant", "quant.w_quantizer=gptq"))
+
+
+# --- true-sequential GPTQ (official QuaRot / MQuant) -----------------------------------------------------------
+W4A8_TRUE_SEQ = QuantScheme("w4a8", 4, 8, w_quantizer="gptq", gptq_true_sequential=True)
+
+
+@pytest.mark.parametrize("rotated", [False, True])
+def test_true_sequential_gptq_takes_each_groups_hessian_after_the_groups_before_it(rotated):
+    """Group by group in call order: the reference below quantizes q/k/v on the block's own pass, then takes o's
+    Hessian from a pass where q/k/v compute with their GPTQ weights, and so on; true-sequential gives exactly its
+    weights. The one-pass GPTQ differs from it from the second group on."""
+    from masquant.calibration.stats import GramObserver
+    from masquant.engine.weights import gptq_options, group_call_order
+    from masquant.quant.gptq import gptq_quantize
+
+    model = copy.deepcopy(_TINY[0])
+    if rotated:
+        rotate_model_(get_adapter(model), seed=0, mode="pad", o_rotation="full")  # o and down: online transforms
+    ctx = _ctx(model, W4A8_TRUE_SEQ)
+    step = next(iter(ctx.walk(quantized_stream=True, fp_stream=False)))
+    stack, block = step.stack, step.block
+    assert group_call_order(step, block) == ["qkv", "o", "gate_up", "down"]
+    lin = stack.linears(block)
+    before = {r: l.weight.data.clone() for r, l in lin.items()}
+    true_seq = block_weights(ctx, step)
+    assert all(torch.equal(lin[r].weight.data, w) for r, w in before.items())  # the block is left as it was
+    ref_block = copy.deepcopy(block)
+    ref_lin = stack.linears(ref_block)
+    ref = {}
+    for group in ("qkv", "o", "gate_up", "down"):
+        grams = GramObserver.for_block(stack, ref_block, groups=[group])
+        step.run("quant", layer=ref_block, observers=[grams], keep=False)
+        for role in stack.input_groups[group]:
+            ref[role], _ = gptq_quantize(before[role].float(), grams.hessian(group), **gptq_options(ctx.scheme))
+            ref_lin[role].weight.data = ref[role]
+    for role, linear in lin.items():
+        torch.testing.assert_close(true_seq.weight_for(role, linear).W, ref[role], rtol=0, atol=0)
+    ctx.scheme = QuantScheme("w4a8", 4, 8, w_quantizer="gptq")  # one pass for every group
+    one = block_weights(ctx, step)
+    torch.testing.assert_close(one.weight_for("q", lin["q"]).W, ref["q"])  # the first group: the same pass
+    assert not torch.allclose(one.weight_for("down", lin["down"]).W, ref["down"])
+
+
+def test_the_true_sequential_stream_runs_the_deployed_blocks_without_activation_quantization():
+    """Block 1's quantized stream is block 0 deployed with its activations unquantized (official GPTQ's stream);
+    the default stream quantizes them."""
+    from masquant.quant.linear import activations_unquantized
+
+    streams = {}
+    for true_seq in (True, False):
+        model = copy.deepcopy(_TINY[0])
+        scheme = QuantScheme("w4a4", 4, 4, w_quantizer="gptq", gptq_true_sequential=true_seq)
+        ctx = _ctx(model, scheme)
+        method = build_method(RTNConfig())
+        steps = []
+        walk = ctx.walk(quantized_stream=True, fp_stream=False, quantized_activations=not true_seq)
+        for step in walk:
+            steps.append(step)
+            weights = block_weights(ctx, step)
+            deploy_block_(ctx, step.layer, weight_for=weights.weight_for)
+            if step.index == 0:
+                with activations_unquantized(step.layer):
+                    weight_only = step.run("quant")
+                quantized = step.run("quant")
+            if step.index == 1:
+                streams[true_seq] = [step.sample("quant", k).hidden.cpu() for k in range(step.n_samples)]
+                break
+        assert method.id == "rtn"
+        expected = weight_only if true_seq else quantized
+        for got, want in zip(streams[true_seq], expected):
+            torch.testing.assert_close(got, want.reshape(got.shape))
+    assert not torch.allclose(streams[True][0], streams[False][0])
+
+
+def test_activations_unquantized_leaves_weights_and_restores_the_quantizers():
+    from masquant.quant.linear import QuantLinear, activations_unquantized
+
+    g = torch.Generator().manual_seed(0)
+    W, x = torch.randn(6, 8, generator=g), torch.randn(5, 8, generator=g)
+    q = QuantLinear(quantize_weight(W, QuantScheme("w4a4", 4, 4)), None, QuantScheme("w4a4", 4, 4))
+    quantized = q(x)
+    with activations_unquantized(torch.nn.Sequential(q)):
+        torch.testing.assert_close(q(x), x @ q.weight.T)
+    torch.testing.assert_close(q(x), quantized)
+    assert not torch.allclose(quantized, x @ q.weight.T)
+
+
+@pytest.mark.parametrize("true_seq", [True, False])
+def test_the_engine_walks_the_weight_only_stream_for_true_sequential_gptq(true_seq):
+    """Every method that rounds with GPTQ gets the official stream from the engine, not from its own walk."""
+    from baselines.quarot.method import QuaRot, QuaRotConfig
+
+    seen = []
+
+    class Recording(QuaRot):
+        def plan_block(self, ctx, step):
+            seen.append(step.walker.quantized_activations)
+            return super().plan_block(ctx, step)
+
+    model = copy.deepcopy(_TINY[0])
+    scheme = QuantScheme("w4a8", 4, 8, w_quantizer="gptq", gptq_true_sequential=true_seq)
+    Recording(QuaRotConfig()).run(_ctx(model, scheme))
+    assert seen and set(seen) == {not true_seq}
