@@ -262,6 +262,17 @@ class _Stages:
         self.metrics[f"memory/peak_after_{name}_mb"] = peak_memory_mb(self.device)
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"cmc": {"rank": 8}} -> {"cmc.rank": 8} (the keys of method labels)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def run_method_label(spec: RunSpec) -> str:
     """The method label, with the scheme's non-default weight rounding as options, e.g. 'rtn(w_quantizer=gptq)'
     (plain GPTQ and RTN are different rows of a table). Under a recipe other than ``ours`` the label names it, and
@@ -278,8 +289,8 @@ def run_method_label(spec: RunSpec) -> str:
     preset = recipe_values(spec.cfg, method_id, recipe)
     if preset:
         reference.update({k: v for k, v in preset.get("quant", {}).items() if k in reference})
-        method_values = OmegaConf.to_container(spec.cfg.method, resolve=True, enum_to_str=True)
-        for key, value in preset.get("method", {}).items():
+        method_values = _flat(OmegaConf.to_container(spec.cfg.method, resolve=True, enum_to_str=True))
+        for key, value in _flat(preset.get("method", {})).items():
             if str(method_values.get(key)) == str(value):
                 options.pop(key, None)  # as the preset says: not an option of the row
             else:
@@ -369,7 +380,7 @@ def _execute(spec: RunSpec, out_dir: Path) -> dict:
         "run/model": str(cfg.model.name), "run/method": str(cfg.method.id), "run/quant": str(cfg.quant.name),
         "run/method_label": run_method_label(spec),
         "run/w_quantizer": spec.scheme.w_quantizer.value, "run/w_mse_clip": spec.scheme.w_mse_clip,
-        "run/bits": spec.scheme.tag, "run/int_range": spec.scheme.int_range.value, "run/modalities": list(spec.modalities), "run/config_hash": spec.config_hash,
+        "run/bits": spec.scheme.tag, "run/grid": spec.scheme.grid, "run/int_range": spec.scheme.int_range.value, "run/modalities": list(spec.modalities), "run/config_hash": spec.config_hash,
         "run/eval_limit": cfg.eval.limit, "run/eval_max_new_tokens_cap": cfg.eval.get("max_new_tokens_cap"), "run/calib_samples": int(cfg.calib.n_samples),
         "run/device": str(spec.device), "run/seed": int(cfg.seed),
     })

@@ -133,6 +133,24 @@ class QuantScheme:
             tag += f"-g{self.w_group_size}"
         return tag
 
+    @property
+    def grid(self) -> str:
+        """The integer grids in words, for tables: e.g. 'W asym g128 / A16' or 'W sym narrow / A sym token dyn'."""
+        if self.is_dense:
+            return "FP16"
+        parts = []
+        if self.quantize_weights:
+            w = "sym " + self.int_range.value if self.w_symmetric else "asym"
+            parts.append(f"W {w}" + (f" g{self.w_group_size}" if self.w_granularity == "group" else ""))
+        else:
+            parts.append("W16")
+        if self.quantize_acts:
+            a = "sym " + self.int_range.value if self.a_symmetric else "asym"
+            parts.append(f"A {a} {self.a_granularity.value} {'dyn' if self.a_dynamic else 'static'}")
+        else:
+            parts.append("A16")
+        return " / ".join(parts)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         return {k: getattr(v, "value", v) for k, v in d.items()}

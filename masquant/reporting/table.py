@@ -54,8 +54,10 @@ def collect_result_files(root: str | Path, skipped: list[str] | None = None) -> 
 def results_frame(results: list[dict]) -> pd.DataFrame:
     rows = []
     for m in results:
-        row = {"model": m.get("run/model"), "method": m.get("run/method_label", m.get("run/method")), "bits": m.get("run/bits"),
-               "calib": m.get("run/calib_samples"), "limit": m.get("run/eval_limit")}
+        row = {"model": m.get("run/model"), "method": m.get("run/method_label", m.get("run/method")), "bits": m.get("run/bits")}
+        if "run/grid" in m:  # the integer grids in words (results written before it existed have none)
+            row["grid"] = m["run/grid"]
+        row.update({"calib": m.get("run/calib_samples"), "limit": m.get("run/eval_limit")})
         scores = task_scores(m)
         for accuracy in (True, False):  # accuracies, their average, then error rates
             for t, v in scores.items():

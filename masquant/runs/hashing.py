@@ -23,6 +23,10 @@ ADDED_WITH_NEUTRAL_DEFAULT: dict[tuple[str, str], object] = {
     ("eval", "max_new_tokens_cap"): None,
     ("eval", "max_new_tokens_per_task"): {},
     ("calib", "with_answers"): False,
+    ("quant", "gptq_true_sequential"): False,
+    ("method", "scales"): "fp_prompts",  # MQuant's
+    ("method", "scale_new_tokens"): 20,
+    ("method", "vision_rms"): False,
 }
 
 

@@ -48,10 +48,20 @@ def test_mquant_official_preset(compose_cfg):
     assert pipeline.run_method_label(vision) == "mquant(recipe=official,quantize_vision=True)"
 
 
-def test_a_method_without_the_preset_is_refused_naming_those_with_one(compose_cfg):
+def test_a_method_without_the_preset_is_refused_naming_those_with_one(compose_cfg, tmp_path, monkeypatch):
+    """Here the same recipes without MASQuant's: recipe=official is refused before anything loads."""
+    import shutil
+
+    from masquant.app import recipes
+
+    assert {"quarot", "mquant", "awq", "rtn", "dense", "masquant"} <= set(methods_with_recipe("official"))
+    cfg = compose_cfg("method=masquant", "recipe=official")
+    copy_dir = tmp_path / "recipes"
+    shutil.copytree(recipes.RECIPES_DIR, copy_dir)
+    (copy_dir / "masquant-official.yaml").unlink()
+    monkeypatch.setattr(recipes, "RECIPES_DIR", copy_dir)
     with pytest.raises(ConfigError, match=r"recipe=official: method=masquant has no official preset .*'quarot'"):
-        _spec(compose_cfg, "method=masquant", "recipe=official")
-    assert {"quarot", "mquant", "awq", "rtn", "dense"} <= set(methods_with_recipe("official"))
+        pipeline.resolve(cfg)
 
 
 def test_the_recipe_is_not_part_of_the_config_hash(compose_cfg):
@@ -87,3 +97,20 @@ def test_quarot_official_preset_at_w8a8_is_within_1_db_of_rtn(compose_cfg, model
         sqnr[name] = sqnr_db(ref, out if basis is None else out @ basis.Q.T)
     assert build_method(official.method_cfg).id == "quarot"
     assert sqnr["quarot"] > sqnr["rtn"] - 1.0, sqnr
+
+
+@pytest.mark.parametrize("method,quant", [("smoothquant", "w8a8"), ("awq", "w4a16_g128"), ("mbq", "w4a8"),
+                                          ("rtn", "w4a8"), ("larosa", "fp16")])
+def test_these_methods_defaults_are_their_official_recipe(compose_cfg, method, quant):
+    """The table experiments run these at their defaults: the same configuration (hash) as their official preset."""
+    from masquant.runs.hashing import config_hash
+
+    ours = compose_cfg(f"method={method}", f"quant={quant}")
+    assert config_hash(ours) == config_hash(compose_cfg(f"method={method}", f"quant={quant}", "recipe=official"))
+
+
+def test_masquant_official_preset_is_the_official_codes(compose_cfg):
+    spec = _spec(compose_cfg, "method=masquant", "recipe=official", "quant=w4a8")
+    m = spec.method_cfg
+    assert (m.lambda_vision, list(m.cmc.roles), m.cmc.damping) == (0.5, ["q", "k", "v", "o", "gate", "up"], 0.0)
+    assert pipeline.run_method_label(spec) == "masquant(recipe=official)"

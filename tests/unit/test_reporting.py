@@ -24,6 +24,16 @@ def test_results_frame_columns_and_average():
     assert "inf" in md
 
 
+def test_results_frame_says_which_grid_each_row_uses():
+    """Symmetric or asymmetric weights (AWQ's official grid is asymmetric, llm-compressor's symmetric), per row."""
+    from masquant.quant.scheme import QuantScheme
+
+    sym = QuantScheme("s", 4, 16, w_granularity="group", w_group_size=64)
+    asym = QuantScheme("a", 4, 16, w_symmetric=False, w_granularity="group", w_group_size=64)
+    rows = [{**_metrics("awq", 20.0, 0.5, 0.25), "run/grid": s.grid} for s in (sym, asym)]
+    assert list(results_frame(rows)["grid"]) == ["W sym narrow g64 / A16", "W asym g64 / A16"]
+
+
 def test_ocrbench_falls_back_to_the_old_key_only_without_hit_rate():
     old = {"run/model": "m", "run/method": "rtn", "run/bits": "W4A8", "eval/ocrbench/ocrbench_accuracy": 0.25,
            "eval/ocrbench/ocrbench_hits": 3.0}  # written before hit_rate existed: the hit rate under lmms-eval's key
