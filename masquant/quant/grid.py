@@ -141,7 +141,7 @@ class SymFakeQuantSTE(torch.autograd.Function):
     def forward(ctx, x, grid: IntGrid, ratio: float, dim):
         with torch.no_grad():
             a = _reduce(x.abs(), "amax", dim)
-            raw = a * (ratio / grid.half_levels)
+            raw = a * ratio / grid.half_levels  # as symmetric_scale: the same float rounding
             scale = raw.clamp(min=EPS)
             y = torch.div(x, scale).round_().clamp_(grid.qmin, grid.qmax).mul_(scale)
         ctx.save_for_backward(x, scale, a, raw >= EPS)

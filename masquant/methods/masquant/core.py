@@ -62,7 +62,7 @@ class SmoothedWeightQuantSTE(torch.autograd.Function):
             count = (absx == a).sum(dim=1, keepdim=True)
             del absx
             sign_at = x.gather(1, idx).sign()
-            raw = a * (ratio / h)
+            raw = a * ratio / h  # as symmetric_scale (the same float rounding)
             scale = raw.clamp(min=EPS_GRID)
             u = x.div_(scale)
             r = u.round()
