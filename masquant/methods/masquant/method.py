@@ -36,6 +36,7 @@ import logging
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from masquant.adapters.base import ROLE_TO_GROUP
@@ -47,7 +48,7 @@ from masquant.methods.masquant import core
 from masquant.methods.masquant.config import SMOOTHED_ROLES, Deploy, MASQuantConfig
 from masquant.methods.masquant.cost import count_lowrank
 from masquant.quant.linear import DEFAULT_PATH, ModalityPath, ModalityRouter
-from masquant.quant.quantizer import quantize_weight
+from masquant.quant.quantizer import quantize_activation, quantize_weight
 from masquant.quant.scheme import QuantScheme
 from masquant.quant.smoothing import smooth_factors, weight_input_absmax
 from masquant.methods.registry import register_method
@@ -75,9 +76,14 @@ class MASLearnLinear(nn.Module):
         self.scales = scales  # modality -> nn.Parameter s [in] (shared objects when tied / uniform); None: down
         self.eps = eps
         self.path_names = (DEFAULT_PATH,) + tuple(m for m in modalities if m != DEFAULT_PATH)
+        # an unsmoothed linear (down_proj, s = 1) has one weight for every modality and nothing to learn in it:
+        # Q(W) is rounded once here, not at every step and per modality, and all rows share one matmul
+        self.register_buffer("W_q", None if scales else quantize_weight(self.W, scheme))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
+        if self.W_q is not None:
+            return F.linear(quantize_activation(xf, self.scheme, ste=True), self.W_q, self.b).to(x.dtype)
         n = xf[..., 0].numel()
         index = self.router.partition(self.path_names, n, x.device)
         scales = self.scales or {m: None for m in self.path_names}

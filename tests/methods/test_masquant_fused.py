@@ -1,0 +1,152 @@
+"""The fused paths of MASQuant's learning (docs/methods/masquant.md, "Speed") against the composed autograd forms.
+
+The fused straight-through fake quantization (``grid.SymFakeQuantSTE``), the fused Qw(diag(s) W) with its gradient
+w.r.t. s (``core.SmoothedWeightQuantSTE``) and down_proj's weight rounded once (``MASLearnLinear``) must give the
+values and gradients of the forms they replace, up to float rounding, also with ties in a row's abs-max, zero rows,
+negative scales, the full grid and clip ratios.
+"""
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest
+import torch
+
+from masquant.methods.masquant import core
+from masquant.methods.masquant.method import MASLearnLinear
+from masquant.quant import grid as grid_mod
+from masquant.quant.grid import IntGrid, SymFakeQuantSTE, fake_quantize_range, fake_quantize_range_autograd
+from masquant.quant.linear import ModalityRouter
+from masquant.quant.quantizer import quantize_activation
+from masquant.quant.scheme import QuantScheme
+
+W4A8 = QuantScheme("w4a8", 4, 8)
+
+
+def _composed_weight(W, s, scheme):
+    """Qw(diag(s) W) with ste, per output channel, from autograd operations only (the reference)."""
+    grid = IntGrid(scheme.w_bits, True, scheme.int_range)
+    return fake_quantize_range_autograd(core.smooth_weight(W, s), grid, scheme.w_clip_ratio, 1, ste=True)
+
+
+def _weight_with_ties(dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(40, 24, generator=g, dtype=dtype)
+    s = torch.rand(24, generator=g, dtype=dtype) + 0.5
+    s[5] = -s[5]  # a negative scale
+    s[7] = s[9] = s.abs().max()
+    W[3, 7] = W[3].abs().max() * 2  # row 3: |x| ties between columns 7 and 9
+    W[3, 9] = -W[3, 7]
+    W[4] = 0.0  # a zero row (its scale is floored at EPS)
+    return W, s
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_smoothed_weight_quant_matches_composed_form(dtype):
+    W, s0 = _weight_with_ties(dtype)
+    x = core.smooth_weight(W, s0).abs()
+    assert int((x[3] == x[3].max()).sum()) == 2  # the tie is there
+    g = torch.randn(W.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    results = []
+    for fn in (lambda s: core.smooth_quantize_weight(W, s, W4A8), lambda s: _composed_weight(W, s, W4A8)):
+        s = s0.clone().requires_grad_()
+        y = fn(s)
+        (y * g).sum().backward()
+        results.append((y.detach(), s.grad))
+    assert core.fused_weight_quant_applies(W4A8, s0.clone().requires_grad_(), W)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=tol, atol=tol)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=tol, atol=tol * 10)
+    assert results[1][1].abs().max() > 1  # a gradient that matters
+
+
+def test_fused_smoothed_weight_quant_without_ties_and_falls_back_outside_its_grid():
+    W, s0 = _weight_with_ties()
+    W[3, 9] = 0.0  # no tie left
+    W[4] = torch.arange(24, dtype=W.dtype) * 0.01 + 0.05  # no zero row: the sparse abs-max path
+    g = torch.randn(W.shape, dtype=torch.float64)
+    for scheme in (W4A8, QuantScheme("w4a8f", 4, 8, int_range="full"), QuantScheme("w8a8c", 8, 8, w_clip_ratio=0.9)):
+        grads = []
+        for fn in (core.smooth_quantize_weight, _composed_weight):
+            s = s0.clone().requires_grad_()
+            (fn(W, s, scheme) * g).sum().backward()
+            grads.append(s.grad)
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+    assert not core.fused_weight_quant_applies(QuantScheme("f", 4, 8, int_range="full"), s0.requires_grad_(), W)
+
+
+@pytest.mark.parametrize("qrange", ["narrow", "full"])
+@pytest.mark.parametrize("dim", [-1, None, (1, 2)])
+@pytest.mark.parametrize("ratio", [1.0, 0.8])
+def test_fused_sym_fake_quant_matches_composed_form(qrange, dim, ratio):
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(6, 4, 16, generator=g, dtype=torch.float64)
+    base[0, 0] = 0.0
+    base[1, 1, 3] = base[1, 1, 5] = base[1, 1].abs().max() + 1  # a tie
+    up = torch.randn(6, 4, 16, generator=g, dtype=torch.float64)
+    grid = IntGrid(4, True, qrange)
+    results = []
+    for fn in (fake_quantize_range, fake_quantize_range_autograd):
+        x = base.clone().requires_grad_()
+        y = fn(x * 1.5, grid, ratio, dim, True)
+        (y * up).sum().backward()
+        results.append((y.detach(), x.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-12, atol=1e-12)
+
+
+def _learning_step(monkeypatch, fused: bool):
+    """Loss and gradients of one learning step of two MASLearnLinears (a smoothed one, then an unsmoothed
+    'down_proj'), text and vision rows, with the fused paths or with the composed ones."""
+    if not fused:
+        monkeypatch.setattr(core, "fused_weight_quant_applies", lambda *a: False)
+        monkeypatch.setattr(SymFakeQuantSTE, "apply",
+                            staticmethod(lambda x, grid, ratio, dim: fake_quantize_range_autograd(x, grid, ratio, dim,
+                                                                                                 True)))
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(1, 30, 24, generator=g)
+    X[..., 4] *= 20
+    vision = torch.zeros(1, 30, dtype=torch.bool)
+    vision[0, 5:20] = True
+    masks = {"text": ~vision, "vision": vision}
+    W1, b1 = torch.randn(32, 24, generator=g) * 0.1, torch.randn(32, generator=g)
+    W2 = torch.randn(24, 32, generator=g) * 0.1
+    scales = {m: torch.nn.Parameter(torch.rand(24, generator=g) + 0.5) for m in ("text", "vision")}
+    router = ModalityRouter()
+    router.set_masks(masks)
+    first = MASLearnLinear(W1, b1, W4A8, router, scales, ("text", "vision"), eps=1e-5)
+    down = MASLearnLinear(W2, None, W4A8, router, None, ("text", "vision"))
+    x = X.clone().requires_grad_()
+    y = down(torch.nn.functional.silu(first(x)))
+    target = torch.randn(y.shape, generator=g)
+    loss = core.weighted_mae(y, target, masks, {"text": 1.0, "vision": 0.5})
+    loss.backward()
+    return loss.detach(), {m: p.grad for m, p in scales.items()}, x.grad
+
+
+def test_learning_step_with_fused_paths_equals_composed_forms(monkeypatch):
+    loss_f, grads_f, gx_f = _learning_step(monkeypatch, fused=True)
+    with monkeypatch.context() as m:
+        loss_r, grads_r, gx_r = _learning_step(m, fused=False)
+    torch.testing.assert_close(loss_f, loss_r, rtol=1e-6, atol=1e-7)
+    for mod in grads_f:
+        assert grads_f[mod].abs().max() > 0
+        torch.testing.assert_close(grads_f[mod], grads_r[mod], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gx_f, gx_r, rtol=1e-4, atol=1e-6)
+
+
+def test_unsmoothed_learn_linear_rounds_its_weight_once_and_equals_routed_form():
+    g = torch.Generator().manual_seed(4)
+    W, b = torch.randn(16, 24, generator=g), torch.randn(16, generator=g)
+    X = torch.randn(2, 10, 24, generator=g)
+    vision = torch.zeros(2, 10, dtype=torch.bool)
+    vision[:, 2:6] = True
+    router = ModalityRouter()
+    router.set_masks({"text": ~vision, "vision": vision})
+    lin = MASLearnLinear(W, b, W4A8, router, None, ("text", "vision"))
+    assert lin.W_q is not None
+    index = router.partition(("text", "vision"), 20, X.device)
+    expected = core.mas_linear(X, index, {"text": None, "vision": None}, W, b, W4A8, ste=False)
+    torch.testing.assert_close(lin(X), expected, rtol=1e-6, atol=1e-6)
+    assert grid_mod.EPS > 0 and quantize_activation is not None
