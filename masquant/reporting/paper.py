@@ -144,6 +144,7 @@ class PaperTable:
     source: str  # where the published numbers come from, for the legend
     varied: tuple[str, ...] = ()  # the sources of randomness that differ between the runs of a row (varied_sources)
     compared_with: str = COMPARED_WITH  # the method label of each row's reference row (paired tests), same bits
+    grids: str = ""  # which integer grid the rows of each bit width use (grids_text), for the legend
 
 
 # ---------------------------------------------------------------------------------------------- labels
@@ -496,6 +497,23 @@ def frame_names(column: Column) -> list[str]:
     return names + ([f"{column.label} paper", f"{column.label} delta"] if column.reference is not None else [])
 
 
+def grids_text(results: Iterable[Mapping]) -> str:
+    """'W4A16: W asym g128 / A16; W4A8: ...' from the results' ``run/grid``, per bit width; where rows of one bit width
+    use different grids, each grid names its methods. Empty when no result says its grid."""
+    by_bits: dict[str, dict[str, set[str]]] = {}
+    for r in results:
+        if r.get("run/grid") and r.get("run/bits") != "FP16":
+            by_bits.setdefault(str(r["run/bits"]), {}).setdefault(r["run/grid"], set()).add(method_label_of(r))
+    parts = []
+    for bits in sorted(by_bits, key=lambda b: _rank(b, BITS_ORDER)):
+        grids = by_bits[bits]
+        if len(grids) == 1:
+            parts.append(f"{bits}: {next(iter(grids))}")
+        else:
+            parts.append(f"{bits}: " + ", ".join(f"{g} ({', '.join(sorted(m))})" for g, m in sorted(grids.items())))
+    return "; ".join(parts)
+
+
 def _frame(rows: list[dict], keys: Sequence[str], columns: Sequence[Column]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[*keys, *(name for c in columns for name in frame_names(c))])
 
@@ -509,6 +527,7 @@ def paper_table(results: Iterable[Mapping], layout: Layout = TABLE1,
     the layout's CSV. Only a method at its defaults (label == id) is compared with the paper."""
     if references is None:
         references = reference_values(load_reference(layout.reference_file))
+    results = list(results)
     groups = group_seeds(results)
 
     def order(key: RowKey):
@@ -527,7 +546,7 @@ def paper_table(results: Iterable[Mapping], layout: Layout = TABLE1,
                      "n": len(groups[key]), **_cells(groups[key], layout.columns, published, reference)})
     return PaperTable(keys, layout.columns, _frame(rows, keys, layout.columns),
                       f"{layout.title}, reference/{layout.reference_file}{stand_in.note()}", varied_sources(groups),
-                      compared_with)
+                      compared_with, grids_text(results))
 
 
 def _non_empty(frame: pd.DataFrame, column: Column) -> Column | None:
@@ -605,7 +624,8 @@ def ablation_table(results: Iterable[Mapping], pivot: Sequence[str], defaults: M
     tables = sorted({table for table, _ in settings})
     source = (f"MASQuant Table{'s' if len(tables) > 1 else ''} {', '.join(tables)}, reference/{ABLATION.reference_file}"
               if tables else f"none: the paper has no ablation over {', '.join(pivot)}")
-    return PaperTable(keys, columns, frame, source + (stand_in.note() if tables else ""), varied_sources(groups))
+    return PaperTable(keys, columns, frame, source + (stand_in.note() if tables else ""), varied_sources(groups),
+                      grids=grids_text(results))
 
 
 # ---------------------------------------------------------------------------------------------- formats
@@ -674,7 +694,8 @@ def _legend(table: PaperTable, pm: str = "±", delta: str = "Δ", minus: str = "
             f"otherwise; Avg: the tasks' half-widths added in quadrature); *: differs from the row's reference (the "
             f"{table.compared_with} row of the same bits; in ablations the row before) at 5 % by a paired test on the same documents "
             f"(exact McNemar for right/wrong scores, permutation otherwise); paper: {table.source}; "
-            f"{delta} = ours {minus} paper; {arrows}: higher/lower is better.")
+            f"{delta} = ours {minus} paper; {arrows}: higher/lower is better."
+            + (f" Integer grids: {table.grids}." if table.grids else ""))
 
 
 def _arrow(column: Column, up: str, down: str) -> str:

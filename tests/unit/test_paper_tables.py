@@ -415,3 +415,18 @@ def test_ablation_rows_are_tested_against_the_row_before():
     frame = ablation_table(runs, ["epochs"], DEFAULTS).frame
     assert pd.isna(frame["TextVQA p"].iloc[0])
     assert frame["TextVQA p"].iloc[1] < 1e-6 and frame["TextVQA p"].iloc[2] == pytest.approx(1.0)
+
+
+def test_the_legend_says_which_integer_grid_each_bit_width_uses():
+    """One grid per bit width is stated once; two grids at one width (AWQ symmetric beside asymmetric) name their rows."""
+    from masquant.reporting.paper import format_paper_markdown, grids_text, paper_table
+
+    def run(method, bits, grid):
+        return {"run/model": "m", "run/method": method.split("(")[0], "run/method_label": method, "run/bits": bits,
+                "run/grid": grid, "run/calib_samples": 16, "run/eval_limit": None, "fidelity/sqnr/text/e2e": 10.0}
+
+    runs = [run("rtn", "W4A8", "W sym narrow / A sym narrow token dyn"), run("awq", "W4A16-g128", "W asym g128 / A16"),
+            run("awq(recipe=official)", "W4A16-g128", "W sym narrow g128 / A16")]
+    assert grids_text(runs) == ("W4A16-g128: W asym g128 / A16 (awq), W sym narrow g128 / A16 (awq(recipe=official)); "
+                                "W4A8: W sym narrow / A sym narrow token dyn")
+    assert "Integer grids: W4A16-g128: W asym g128 / A16 (awq)" in format_paper_markdown(paper_table(runs, references={}))
