@@ -85,6 +85,9 @@ class QuantScheme:
         for key, r in (("w_clip_ratio", self.w_clip_ratio), ("a_clip_ratio", self.a_clip_ratio)):
             if not 0.0 < r <= 1.0:
                 raise ValueError(f"quant.{key}={r}: must be in (0, 1]")
+        if self.quantize_acts and not self.a_dynamic and not self.a_symmetric:
+            raise ValueError("quant.a_dynamic=false with quant.a_symmetric=false: static activation scales are "
+                             "symmetric only; set quant.a_symmetric=true (or quant.a_dynamic=true)")
         if self.gptq_true_sequential and self.w_quantizer != "gptq":
             raise ValueError("quant.gptq_true_sequential=true is an option of quant.w_quantizer=gptq "
                              f"(quant.w_quantizer={self.w_quantizer.value})")

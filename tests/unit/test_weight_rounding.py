@@ -128,6 +128,12 @@ def test_scheme_validation_of_the_weight_options():
     with pytest.raises(ValueError, match="rtn"):
         QuantScheme("w4", 4, 16, w_quantizer="obq")
     assert QuantScheme("w4", 4, 16, w_quantizer="gptq").to_dict()["w_quantizer"] == "gptq"
+    with pytest.raises(ValueError, match="gptq_true_sequential=true is an option of quant.w_quantizer=gptq"):
+        QuantScheme("w4", 4, 16, gptq_true_sequential=True)
+    # static activation scales are symmetric only: refused with the scheme, not in the middle of a run
+    with pytest.raises(ValueError, match="quant.a_dynamic=false with quant.a_symmetric=false"):
+        QuantScheme("s", 8, 8, a_dynamic=False, a_granularity="tensor", a_symmetric=False)
+    QuantScheme("s", 8, 16, a_dynamic=False, a_symmetric=False)  # nothing to quantize: no refusal
 
 
 def test_methods_that_round_to_nearest_refuse_gptq():
