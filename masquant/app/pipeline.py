@@ -162,6 +162,8 @@ def reference_config(cfg: DictConfig) -> DictConfig:
     OmegaConf.set_struct(ref, False)
     ref.method = OmegaConf.structured(get_config_class("dense")())
     ref.quant = OmegaConf.structured(QuantConfig(name="fp16"))
+    if "recipe" in ref:
+        ref.recipe = OURS  # the dense model has no recipe (and the recipe is not part of the hash)
     ref.force = False
     return ref
 
