@@ -76,6 +76,28 @@ def test_fused_smoothed_weight_quant_without_ties_and_falls_back_outside_its_gri
     assert not core.fused_weight_quant_applies(QuantScheme("f", 4, 8, int_range="full"), s0.requires_grad_(), W)
 
 
+def test_fused_smoothed_weight_quant_with_a_zero_scale_and_float32_mask_of_large_weights():
+    """A column with s_j = 0 (scale_floor=0 allows it) gets the composed form's gradient (no 0/0 from the abs-max
+    term, whose |W_rj| is taken as a_r / |s_j|); and a wide float32 weight with many rows, as in the learning."""
+    W, s0 = _weight_with_ties()
+    s0[2] = 0.0
+    g = torch.randn(W.shape, generator=torch.Generator().manual_seed(5), dtype=W.dtype)
+    gen = torch.Generator().manual_seed(6)
+    W32 = torch.randn(300, 200, generator=gen) * 0.02
+    s32 = torch.rand(200, generator=gen) + 0.1
+    g32 = torch.randn(W32.shape, generator=gen)
+    for W_, s_, g_, tol in ((W, s0, g, 1e-12), (W32, s32, g32, 1e-5)):
+        results = []
+        for fn in (core.smooth_quantize_weight, _composed_weight):
+            s = s_.clone().requires_grad_()
+            y = fn(W_, s, W4A8)
+            (y * g_).sum().backward()
+            results.append((y.detach(), s.grad))
+        assert torch.isfinite(results[0][1]).all()
+        torch.testing.assert_close(results[0][0], results[1][0], rtol=tol, atol=tol)
+        torch.testing.assert_close(results[0][1], results[1][1], rtol=tol, atol=tol * 10)
+
+
 @pytest.mark.parametrize("qrange", ["narrow", "full"])
 @pytest.mark.parametrize("dim", [-1, None, (1, 2)])
 @pytest.mark.parametrize("ratio", [1.0, 0.8])
