@@ -172,3 +172,69 @@ def test_unsmoothed_learn_linear_rounds_its_weight_once_and_equals_routed_form()
     expected = core.mas_linear(X, index, {"text": None, "vision": None}, W, b, W4A8, ste=False)
     torch.testing.assert_close(lin(X), expected, rtol=1e-6, atol=1e-6)
     assert grid_mod.EPS > 0 and quantize_activation is not None
+
+
+def _eq13_rows(fused: bool, int_matmul: bool, scheme, X0, s0, W, b, buffers=None, monkeypatch=None):
+    """Y, dL/dX and dL/ds of Eq. 13 on one modality's rows (with ε = 1e-5): fused (MASLinearSTE, integer or float32
+    matmul) or composed (activation STE of autograd ops, composed weight quantization, F.linear)."""
+    X = X0.clone().requires_grad_()
+    s = s0.clone().requires_grad_()
+    if fused:
+        monkeypatch.setattr(core, "int_matmul_applies", lambda *a: int_matmul)
+        Y = core.mas_linear_rows(X, s, W, b, scheme, ste=True, eps=1e-5, buffers=buffers, key="m")
+    else:
+        Xs = X / (s + 1e-5)
+        grid = IntGrid(scheme.a_bits, True, scheme.int_range)
+        Xq = fake_quantize_range_autograd(Xs, grid, scheme.a_clip_ratio, -1, ste=True)
+        Y = torch.nn.functional.linear(Xq, _composed_weight(W, s, scheme), b)
+    up = torch.randn(Y.shape, generator=torch.Generator().manual_seed(11))
+    (Y * up).sum().backward()
+    return Y.detach(), X.grad, s.grad
+
+
+@pytest.mark.parametrize("a_clip", [1.0, 0.9])
+@pytest.mark.parametrize("shape", [(30,), (2, 7)])
+def test_fused_linear_integer_and_float_matmul_match_composed_form(monkeypatch, a_clip, shape):
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(48, 40, generator=g) * 0.1
+    W[3, 7], W[3, 9] = 1.0, -1.0  # a tie in row 3's abs-max (equal scales below)
+    b = torch.randn(48, generator=g)
+    s0 = torch.rand(40, generator=g) + 0.5
+    s0[7] = s0[9] = 1.0
+    s0[5] = -s0[5]
+    X0 = torch.randn(*shape, 40, generator=g)
+    X0[..., 2] *= 30  # an outlier channel
+    scheme = QuantScheme("w4a8c", 4, 8, a_clip_ratio=a_clip)
+    assert core.int_matmul_applies(scheme, X0)
+    ref = _eq13_rows(False, False, scheme, X0, s0, W, b)
+    for int_matmul in (True, False):
+        got = _eq13_rows(True, int_matmul, scheme, X0, s0, W, b, monkeypatch=monkeypatch)
+        torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1], ref[1], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got[2], ref[2], rtol=1e-4, atol=1e-5)
+    assert ref[2].abs().max() > 0.1
+
+
+def test_fused_linear_reuses_its_buffers_from_step_to_step_and_never_while_a_graph_needs_them(monkeypatch):
+    g = torch.Generator().manual_seed(8)
+    W = torch.randn(24, 16, generator=g)
+    X0, X1 = torch.randn(10, 16, generator=g), torch.randn(10, 16, generator=g)
+    s0, s1 = torch.rand(16, generator=g) + 0.5, torch.rand(16, generator=g) + 0.5
+    buffers = core.FusedBuffers()
+    for int_matmul in (True, False):
+        for X, s in ((X0, s0), (X1, s1), (X0, s0)):  # the same key three times: its buffers are reused
+            fresh = _eq13_rows(True, int_matmul, W4A8, X, s, W, None, monkeypatch=monkeypatch)
+            reused = _eq13_rows(True, int_matmul, W4A8, X, s, W, None, buffers, monkeypatch)
+            for a, c in zip(fresh, reused):
+                torch.testing.assert_close(a, c, rtol=0, atol=0)
+        assert not buffers.busy
+    # two forwards of one key before one backward: the second gets fresh tensors, both gradients are right
+    monkeypatch.setattr(core, "int_matmul_applies", lambda *a: True)
+    s = s0.clone().requires_grad_()
+    kept = buffers.saved["m"]
+    Y = sum(core.mas_linear_rows(X, s, W, None, W4A8, buffers=buffers, key="m").sum() for X in (X0, X1))
+    assert buffers.saved["m"] is kept
+    Y.backward()
+    s_ref = s0.clone().requires_grad_()
+    sum(core.mas_linear_rows(X, s_ref, W, None, W4A8).sum() for X in (X0, X1)).backward()
+    torch.testing.assert_close(s.grad, s_ref.grad, rtol=0, atol=0)

@@ -67,7 +67,8 @@ class MASLearnLinear(nn.Module):
     """Differentiable stand-in for one linear during learning: Eq. 13 with the STE, rows routed by modality."""
 
     def __init__(self, W: torch.Tensor, bias: torch.Tensor | None, scheme: QuantScheme, router: ModalityRouter,
-                 scales: dict[str, torch.Tensor] | None, modalities: tuple[str, ...], eps: float = 0.0):
+                 scales: dict[str, torch.Tensor] | None, modalities: tuple[str, ...], eps: float = 0.0,
+                 scratch: dict | None = None):
         super().__init__()
         self.register_buffer("W", W.detach().float())  # [out, in]
         self.register_buffer("b", None if bias is None else bias.detach().float())
@@ -79,6 +80,8 @@ class MASLearnLinear(nn.Module):
         # an unsmoothed linear (down_proj, s = 1) has one weight for every modality and nothing to learn in it:
         # Q(W) is rounded once here, not at every step and per modality, and all rows share one matmul
         self.register_buffer("W_q", None if scales else quantize_weight(self.W, scheme))
+        # the fused path's [out, in] tensors, reused from step to step (``scratch``: shared by a layer's linears)
+        self.buffers = core.FusedBuffers(scratch) if scales else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -87,7 +90,8 @@ class MASLearnLinear(nn.Module):
         n = xf[..., 0].numel()
         index = self.router.partition(self.path_names, n, x.device)
         scales = self.scales or {m: None for m in self.path_names}
-        return core.mas_linear(xf, index, scales, self.W, self.b, self.scheme, ste=True, eps=self.eps).to(x.dtype)
+        return core.mas_linear(xf, index, scales, self.W, self.b, self.scheme, ste=True, eps=self.eps,
+                               buffers=self.buffers).to(x.dtype)
 
 
 @register_method("masquant", config=MASQuantConfig, order=80)
@@ -214,9 +218,10 @@ class MASQuant(Method):
         frozen = [(p, p.requires_grad) for p in layer.parameters()]
         for p, _ in frozen:
             p.requires_grad_(False)
+        scratch: dict = {}  # one dL/dW scratch per weight shape for the layer's fused linears
         for role, lin in linears.items():
             ctx.adapter.set_linear(layer, role, MASLearnLinear(lin.weight, lin.bias, ctx.scheme, router,
-                                                               params.get(role), active, cfg.learn_eps))
+                                                               params.get(role), active, cfg.learn_eps, scratch))
         n = step.n_samples if cfg.n_learn_samples is None else min(cfg.n_learn_samples, step.n_samples)
         lambdas = cfg.lambdas()
         unique = list({id(p): p for per_m in params.values() for p in per_m.values()}.values())
