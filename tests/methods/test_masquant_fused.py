@@ -238,3 +238,25 @@ def test_fused_linear_reuses_its_buffers_from_step_to_step_and_never_while_a_gra
     s_ref = s0.clone().requires_grad_()
     sum(core.mas_linear_rows(X, s_ref, W, None, W4A8).sum() for X in (X0, X1)).backward()
     torch.testing.assert_close(s.grad, s_ref.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scheme", [W4A8, QuantScheme("w8a8c", 8, 8, a_clip_ratio=0.9)])
+def test_unsmoothed_learn_linear_on_integer_codes_equals_float_matmul(monkeypatch, scheme):
+    g = torch.Generator().manual_seed(9)
+    W, b = torch.randn(16, 24, generator=g), torch.randn(16, generator=g)
+    X0 = torch.randn(2, 10, 24, generator=g)
+    X0[..., 3] *= 25
+    up = torch.randn(2, 10, 16, generator=g)
+    router = ModalityRouter()
+    lin = MASLearnLinear(W, b, scheme, router, None, ("text",))
+    c_w, s_w = lin.W_codes
+    assert torch.equal(c_w.float() * s_w, lin.W_q)
+    results = []
+    for int_matmul in (True, False):
+        monkeypatch.setattr(core, "int_matmul_applies", lambda *a, _v=int_matmul: _v)
+        X = X0.clone().requires_grad_()
+        Y = lin(X)
+        (Y * up).sum().backward()
+        results.append((Y.detach(), X.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-6, atol=1e-6)

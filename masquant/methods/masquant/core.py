@@ -224,6 +224,42 @@ class MASLinearSTE(torch.autograd.Function):
         return gX, None, g_s, None, None, None, None, None, None, None, None
 
 
+class IntCodesLinearSTE(torch.autograd.Function):
+    """Y = Xq W_qᵀ + b for a constant quantized weight W_q = c_w ⊙ s_w 1ᵀ (down_proj during the learning), the
+    forward on the integer codes as :class:`MASLinearSTE` computes it (Xq: the per-token symmetric fake quantization
+    of ``Xs`` on ``a_grid`` with clip ratio ``a_ratio``); dL/dXq = G W_q. Equal to ``F.linear(Xq, W_q, b)`` up to
+    float rounding."""
+
+    @staticmethod
+    def forward(ctx, Xq, Xs, W_q, c_w, w_scale, bias, a_grid: IntGrid, a_ratio: float):
+        with torch.no_grad():
+            Xs2 = Xs.reshape(-1, Xs.shape[-1])
+            _, _, a_scale = sym_abs_max_scale(Xs2, a_grid, a_ratio, -1)
+            c_a = sym_codes(Xs2, a_scale, a_grid).to(torch.int8)
+            out = torch._int_mm(c_a, c_w.T).to(Xq.dtype).mul_(a_scale).mul_(w_scale.reshape(1, -1))
+            if bias is not None:
+                out.add_(bias)
+        ctx.save_for_backward(W_q)
+        return out.reshape(*Xq.shape[:-1], W_q.shape[0])
+
+    @staticmethod
+    def backward(ctx, G):
+        (W_q,) = ctx.saved_tensors
+        return G @ W_q, None, None, None, None, None, None, None
+
+
+def weight_codes(W: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(int8 codes c_w, scale s_w [out, 1]) with Qw(W) = c_w·s_w, bitwise (the operations of ``quantize_weight``),
+    for a symmetric per-channel grid of at most 8 bits; else None."""
+    if not (scheme.quantize_weights and scheme.w_symmetric and scheme.w_granularity == "channel"
+            and scheme.w_bits <= 8 and W.dim() == 2):
+        return None
+    grid = IntGrid(scheme.w_bits, True, scheme.int_range)
+    with torch.no_grad():
+        _, _, scale = sym_abs_max_scale(W, grid, scheme.w_clip_ratio, 1)
+        return sym_codes(W, scale, grid).to(torch.int8), scale
+
+
 def fused_weight_quant_applies(scheme: QuantScheme, s: torch.Tensor | None, W: torch.Tensor) -> bool:
     """Whether :class:`SmoothedWeightQuantSTE` computes this weight's quantization (else the composed form)."""
     return (s is not None and s.requires_grad and torch.is_grad_enabled() and W.dim() == 2
