@@ -162,23 +162,28 @@ class SymFakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, scale, a, live = ctx.saved_tensors
-        grid, dim = ctx.grid, ctx.dim
-        u = x / scale
-        r = u.round()
-        # float reductions and in-place float comparisons: on CPU, ops with bool outputs cost several float passes
-        if float(r.amin()) >= grid.qmin and float(r.amax()) <= grid.qmax:  # the usual case (nothing clips)
-            gx = g.clone()
-            t = r.sub_(u)  # q − x/scale
-        else:
-            inside = (r >= grid.qmin) & (r <= grid.qmax)
-            gx = g * inside
-            t = r.clamp_(grid.qmin, grid.qmax).sub_(u * inside)
-        g_scale = _reduce(t.mul_(g), "sum", dim)
-        g_a = g_scale * live * (ctx.ratio / grid.half_levels)
-        ties = x.abs().eq_(a)  # 1.0 where |x| is the slice's abs-max, else 0.0
-        count = _reduce(ties, "sum", dim)
-        gx.addcmul_(ties.mul_(x.sign()), g_a / count)
-        return gx, None, None, None
+        return sym_fake_quant_grad(g, x, scale, a, live, ctx.grid, ctx.ratio, ctx.dim), None, None, None
+
+
+def sym_fake_quant_grad(g: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, a: torch.Tensor, live: torch.Tensor,
+                        grid: IntGrid, ratio: float, dim) -> torch.Tensor:
+    """dL/dx of :class:`SymFakeQuantSTE` from dL/dy ``g`` and what its forward kept (x, scale, a, live = raw ≥ EPS)."""
+    u = x / scale
+    r = u.round()
+    # float reductions and in-place float comparisons: on CPU, ops with bool outputs cost several float passes
+    if float(r.amin()) >= grid.qmin and float(r.amax()) <= grid.qmax:  # the usual case (nothing clips)
+        gx = g.clone()
+        t = r.sub_(u)  # q − x/scale
+    else:
+        inside = (r >= grid.qmin) & (r <= grid.qmax)
+        gx = g * inside
+        t = r.clamp_(grid.qmin, grid.qmax).sub_(u * inside)
+    g_scale = _reduce(t.mul_(g), "sum", dim)
+    g_a = g_scale * live * (ratio / grid.half_levels)
+    ties = x.abs().eq_(a)  # 1.0 where |x| is the slice's abs-max, else 0.0
+    count = _reduce(ties, "sum", dim)
+    gx.addcmul_(ties.mul_(x.sign()), g_a / count)
+    return gx
 
 
 def mse_clip_scale_zero(W: torch.Tensor, grid: IntGrid, grid_points: int = 100, maxshrink: float = 0.8,

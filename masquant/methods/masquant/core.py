@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from masquant.quant.grid import EPS as EPS_GRID
-from masquant.quant.grid import IntGrid, sym_abs_max_scale, sym_codes
+from masquant.quant.grid import IntGrid, sym_abs_max_scale, sym_codes, sym_fake_quant_grad
 from masquant.quant.quantizer import quantize_activation, quantize_weight
 from masquant.quant.linear import scatter_rows
 from masquant.quant.scheme import QuantScheme
@@ -165,15 +165,15 @@ def int_matmul_applies(scheme: QuantScheme, X: torch.Tensor) -> bool:
 class MASLinearSTE(torch.autograd.Function):
     """Y = Xq Qw(diag(s) W)ᵀ + b in one autograd node: :class:`SmoothedWeightQuantSTE` with the matmul inside.
 
-    Xq [..., in] (the quantized activations, with their own gradient), W [out, in] and b constants. Values and
-    gradients are those of ``F.linear(Xq, SmoothedWeightQuantSTE(W, s), b)`` up to float rounding (dL/dy = Gᵀ Xq is
-    computed here, into a scratch); y, e and the mask live in ``buffers`` (:class:`FusedBuffers`), reused at the
-    next step, so a learning step allocates no [out, in] float tensor. The backward overwrites e and the scratch: it
+    Xq [..., in] (the quantized activations, with their own gradient; or Xs, below), W [out, in] and b constants.
+    Values and gradients are those of ``F.linear(Xq, SmoothedWeightQuantSTE(W, s), b)`` up to float rounding (dL/dy =
+    Gᵀ Xq is computed here, into a scratch); y, e and the mask live in ``buffers`` (:class:`FusedBuffers`), reused
+    at the next step, so a learning step allocates no [out, in] float tensor. The backward overwrites e and the scratch: it
     runs once per graph (``retain_graph`` gets autograd's error on the modified saved tensor).
 
-    With ``a_grid`` (:func:`int_matmul_applies`), Xq is the per-token symmetric fake quantization of ``Xs`` on that
-    grid with clip ratio ``a_ratio`` (:class:`~masquant.quant.grid.SymFakeQuantSTE`); its codes c_a and scale s_a are
-    recomputed from Xs with the same operations (bitwise the same), and
+    With ``a_grid`` (:func:`int_matmul_applies`), the first input is Xs, not Xq: the node also computes Xq, the
+    per-token symmetric fake quantization of Xs on ``a_grid`` with clip ratio ``a_ratio`` (the operations of
+    :class:`~masquant.quant.grid.SymFakeQuantSTE`, whose gradient it also applies), with codes c_a and scale s_a, and
 
       Y = (c_a c_wᵀ) ⊙ s_a s_wᵀ + b,   dL/dXq = (G ⊙ 1 s_wᵀ) c_w
 
@@ -183,45 +183,53 @@ class MASLinearSTE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, Xq, Xs, s, W, bias, bits: int, ratio: float, a_grid: IntGrid | None, a_ratio: float,
+    def forward(ctx, X, s, W, bias, bits: int, ratio: float, a_grid: IntGrid | None, a_ratio: float,
                 buffers: FusedBuffers | None, key):
         with torch.no_grad():
             owns = buffers is not None and key not in buffers.busy
             bufs = buffers.take(key, W) if buffers is not None else _fresh(W)
-            if a_grid is None:
+            if a_grid is None:  # X is Xq
                 y, e, mask, a_live, _ = _smoothed_weight_quant_(W, s, bits, ratio, *bufs)
-                out = F.linear(Xq, y, bias)
-                w_scale = None
-            else:
+                out = F.linear(X, y, bias)
+                w_scale = a_act = live_act = a_scale = None
+                Xq = X
+            else:  # X is Xs
                 y, e, mask, a_live, w_scale = _smoothed_weight_quant_(W, s, bits, ratio, *bufs, rescale=False)
                 c_w = buffers.codes(key, W) if buffers is not None else torch.empty(W.shape, dtype=torch.int8)
                 c_w.copy_(y)  # y holds the integer codes here
-                Xs2 = Xs.reshape(-1, Xs.shape[-1])
-                _, _, a_scale = sym_abs_max_scale(Xs2, a_grid, a_ratio, -1)
-                c_a = sym_codes(Xs2, a_scale, a_grid).to(torch.int8)
-                out = torch._int_mm(c_a, c_w.T).to(Xq.dtype).mul_(a_scale).mul_(w_scale.reshape(1, -1))
+                X2 = X.reshape(-1, X.shape[-1])
+                a_act, raw, a_scale = sym_abs_max_scale(X2, a_grid, a_ratio, -1)
+                live_act = raw >= EPS_GRID
+                c_a = sym_codes(X2, a_scale, a_grid)
+                out = torch._int_mm(c_a.to(torch.int8), c_w.T).to(X.dtype).mul_(a_scale).mul_(w_scale.reshape(1, -1))
                 if bias is not None:
                     out.add_(bias)
-                out = out.reshape(*Xq.shape[:-1], W.shape[0])
-        ctx.save_for_backward(Xq, s, W, y, e, mask, a_live, w_scale)
+                out = out.reshape(*X.shape[:-1], W.shape[0])
+                Xq = c_a.mul_(a_scale)
+        ctx.save_for_backward(X, Xq, s, W, y, e, mask, a_live, w_scale, a_act, a_scale, live_act)
         ctx.factor = ratio / float(2 ** (bits - 1) - 1)
         ctx.buffers, ctx.key = (buffers, key) if owns else (None, None)
         ctx.scratch = buffers
+        ctx.a_grid, ctx.a_ratio = a_grid, a_ratio
         return out
 
     @staticmethod
     def backward(ctx, G):
-        Xq, s, W, y, e, mask, a_live, w_scale = ctx.saved_tensors
+        X, Xq, s, W, y, e, mask, a_live, w_scale, a_act, a_scale, live_act = ctx.saved_tensors
         G2 = G.reshape(-1, G.shape[-1])
         gX = None
         if ctx.needs_input_grad[0]:
-            gX = torch.mm(G2 if w_scale is None else G2 * w_scale.reshape(1, -1), y).reshape(Xq.shape)
+            gX = torch.mm(G2 if w_scale is None else G2 * w_scale.reshape(1, -1), y)
+            if ctx.a_grid is not None:  # through the activation quantization to Xs
+                gX = sym_fake_quant_grad(gX, X.reshape(-1, X.shape[-1]), a_scale, a_act, live_act, ctx.a_grid,
+                                         ctx.a_ratio, -1)
+            gX = gX.reshape(X.shape)
         g = torch.mm(G2.T, Xq.reshape(-1, Xq.shape[-1]),
                      out=ctx.scratch.grad_scratch(W) if ctx.scratch is not None else None)
         g_s = _smoothed_weight_grad_s(g, W, s, e, mask, a_live, ctx.factor, in_place=True)
         if ctx.buffers is not None:  # this node took the key's buffers: they are free again
             ctx.buffers.release(ctx.key)
-        return gX, None, g_s, None, None, None, None, None, None, None, None
+        return gX, g_s, None, None, None, None, None, None, None, None
 
 
 class IntCodesLinearSTE(torch.autograd.Function):
@@ -285,11 +293,14 @@ def mas_linear_rows(X: torch.Tensor, s: torch.Tensor | None, W: torch.Tensor, bi
     ``buffers[key]`` reused from step to step when given).
     """
     Xs = X if s is None else X / (s + eps if eps else s)
-    Xq = quantize_activation(Xs, scheme, ste=ste)
     if ste and fused_weight_quant_applies(scheme, s, W) and (bias is None or not bias.requires_grad):
-        a_grid = IntGrid(scheme.a_bits, True, scheme.int_range) if int_matmul_applies(scheme, Xs) else None
-        return MASLinearSTE.apply(Xq, Xs, s.to(W.dtype), W, bias, scheme.w_bits, float(scheme.w_clip_ratio), a_grid,
+        if int_matmul_applies(scheme, Xs):  # activation quantization inside the node
+            a_grid, X_in = IntGrid(scheme.a_bits, True, scheme.int_range), Xs
+        else:
+            a_grid, X_in = None, quantize_activation(Xs, scheme, ste=ste)
+        return MASLinearSTE.apply(X_in, s.to(W.dtype), W, bias, scheme.w_bits, float(scheme.w_clip_ratio), a_grid,
                                   float(scheme.a_clip_ratio), buffers, key)
+    Xq = quantize_activation(Xs, scheme, ste=ste)
     return F.linear(Xq, smooth_quantize_weight(W, s, scheme, ste), bias)
 
 
