@@ -56,8 +56,9 @@ import torch  # noqa: E402
 # The anchor as recorded in docs/methods/masquant.md ("Speed"), printed when --official-repo is not given.
 RECORDED_ANCHOR = """\
 official learning, testbed W4A8, 16 prompts, 2 epochs, lr 0.05, 1 thread, bf16 (median of 3, CPU s per layer):
-  layer 0: 8.94 s, layer 6: 7.66 s, layer 12: 8.13 s (2026-12-03, load average 4.4-5.8 on a shared 2-core machine;
-  ours beside it: 2.76, 2.28, 2.35 s; ratios 0.31, 0.30, 0.29). Command:
+  layer 0: 6.41 s, layer 6: 5.98 s, layer 12: 6.36 s (2026-12-03, load average 5.5-6.2 on a shared 2-core machine;
+  ours beside it (647543b): 1.24, 1.26, 1.14 s; ratios 0.19, 0.21, 0.18; a second run at load 4.3-5.6: 0.19, 0.22,
+  0.17). Command:
   python benchmarks/masquant_speed.py --official-repo PATH --layers 0,6,12 --repeat 3 --profile
   (docs/methods/masquant.md, "Speed of the learning (CPU)")"""
 
@@ -115,12 +116,17 @@ def profile_rows(prof: cProfile.Profile, wanted: dict[str, tuple[str, str]]) -> 
 OURS_PROFILE = {
     "block forward": ("walker.py", "run"),
     "  Eq. 13 linears (routing included)": ("core.py", "mas_linear"),
-    "    weight fake-quant, fused (fwd)": ("core.py", "smooth_quantize_weight"),
+    "    weight fake-quant, fused (fwd)": ("core.py", "_smoothed_weight_quant_"),
     "    weight fake-quant, composed (fwd)": ("quantizer.py", "quantize_weight"),
     "    activation fake-quant (fwd)": ("quantizer.py", "quantize_activation"),
-    "    linear matmuls (fwd)": ("", "<built-in method torch._C._nn.linear>"),
+    "    linear matmuls, float32 (fwd)": ("", "<built-in method torch._C._nn.linear>"),
+    "    linear matmuls, int8 codes (fwd)": ("", "<built-in method torch._int_mm>"),
     "loss (Eq. 14)": ("core.py", "weighted_mae"),
     "backward": ("_tensor.py", "backward"),
+    "  fused Eq. 13 linears (bwd)": ("core.py", "backward"),
+    "    matmuls dL/dX, dL/dW (bwd)": ("", "<built-in method torch.mm>"),
+    "    weight fake-quant, dL/ds (bwd)": ("core.py", "_smoothed_weight_grad_s"),
+    "  activation fake-quant (bwd)": ("grid.py", "backward"),
     "optimizer (AdamW)": ("adam.py", "step"),
     "scale truncation": ("core.py", "truncate_scales_"),
 }

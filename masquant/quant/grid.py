@@ -124,6 +124,19 @@ def fake_quantize_range_autograd(x: torch.Tensor, grid: IntGrid, ratio: float = 
     return fake_quantize(x, scale, zero, grid, ste)
 
 
+def sym_abs_max_scale(x: torch.Tensor, grid: IntGrid, ratio: float = 1.0, dim: int | tuple | None = -1):
+    """(a, raw, scale) of :class:`SymFakeQuantSTE`: a = max|x| over ``dim`` (kept), raw = ratio·a / h (as
+    :func:`symmetric_scale`: the same float rounding) and scale = max(raw, EPS). No gradient."""
+    a = _reduce(x.abs(), "amax", dim)
+    raw = a * ratio / grid.half_levels
+    return a, raw, raw.clamp(min=EPS)
+
+
+def sym_codes(x: torch.Tensor, scale: torch.Tensor, grid: IntGrid) -> torch.Tensor:
+    """clamp(round(x / scale), qmin, qmax) (a new float tensor): the integer codes of a symmetric grid."""
+    return torch.div(x, scale).round_().clamp_(grid.qmin, grid.qmax)
+
+
 class SymFakeQuantSTE(torch.autograd.Function):
     """Symmetric abs-max fake quantization with the straight-through estimator, forward and backward fused.
 
@@ -140,10 +153,8 @@ class SymFakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, grid: IntGrid, ratio: float, dim):
         with torch.no_grad():
-            a = _reduce(x.abs(), "amax", dim)
-            raw = a * ratio / grid.half_levels  # as symmetric_scale: the same float rounding
-            scale = raw.clamp(min=EPS)
-            y = torch.div(x, scale).round_().clamp_(grid.qmin, grid.qmax).mul_(scale)
+            a, raw, scale = sym_abs_max_scale(x, grid, ratio, dim)
+            y = sym_codes(x, scale, grid).mul_(scale)
         ctx.save_for_backward(x, scale, a, raw >= EPS)
         ctx.grid, ctx.ratio, ctx.dim = grid, ratio, dim
         return y
@@ -151,22 +162,28 @@ class SymFakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, scale, a, live = ctx.saved_tensors
-        grid, dim = ctx.grid, ctx.dim
-        u = x / scale
-        r = u.round()
+        return sym_fake_quant_grad(g, x, scale, a, live, ctx.grid, ctx.ratio, ctx.dim), None, None, None
+
+
+def sym_fake_quant_grad(g: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, a: torch.Tensor, live: torch.Tensor,
+                        grid: IntGrid, ratio: float, dim) -> torch.Tensor:
+    """dL/dx of :class:`SymFakeQuantSTE` from dL/dy ``g`` and what its forward kept (x, scale, a, live = raw ≥ EPS)."""
+    u = x / scale
+    r = u.round()
+    # float reductions and in-place float comparisons: on CPU, ops with bool outputs cost several float passes
+    if float(r.amin()) >= grid.qmin and float(r.amax()) <= grid.qmax:  # the usual case (nothing clips)
+        gx = g.clone()
+        t = r.sub_(u)  # q − x/scale
+    else:
         inside = (r >= grid.qmin) & (r <= grid.qmax)
-        if bool(inside.all()):  # the usual case (a symmetric grid never clips the abs-max row's own values)
-            gx = g.clone()
-            t = r.sub_(u)  # q − x/scale
-        else:
-            gx = g * inside
-            t = r.clamp_(grid.qmin, grid.qmax).sub_(u * inside)
-        g_scale = _reduce(t.mul_(g), "sum", dim)
-        g_a = g_scale * live * (ctx.ratio / grid.half_levels)
-        ties = x.abs() == a
-        count = _reduce(ties, "sum", dim)
-        gx.addcmul_(ties * x.sign(), g_a / count)
-        return gx, None, None, None
+        gx = g * inside
+        t = r.clamp_(grid.qmin, grid.qmax).sub_(u * inside)
+    g_scale = _reduce(t.mul_(g), "sum", dim)
+    g_a = g_scale * live * (ratio / grid.half_levels)
+    ties = x.abs().eq_(a)  # 1.0 where |x| is the slice's abs-max, else 0.0
+    count = _reduce(ties, "sum", dim)
+    gx.addcmul_(ties.mul_(x.sign()), g_a / count)
+    return gx
 
 
 def mse_clip_scale_zero(W: torch.Tensor, grid: IntGrid, grid_points: int = 100, maxshrink: float = 0.8,

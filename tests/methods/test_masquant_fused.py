@@ -76,6 +76,28 @@ def test_fused_smoothed_weight_quant_without_ties_and_falls_back_outside_its_gri
     assert not core.fused_weight_quant_applies(QuantScheme("f", 4, 8, int_range="full"), s0.requires_grad_(), W)
 
 
+def test_fused_smoothed_weight_quant_with_a_zero_scale_and_float32_mask_of_large_weights():
+    """A column with s_j = 0 (scale_floor=0 allows it) gets the composed form's gradient (no 0/0 from the abs-max
+    term, whose |W_rj| is taken as a_r / |s_j|); and a wide float32 weight with many rows, as in the learning."""
+    W, s0 = _weight_with_ties()
+    s0[2] = 0.0
+    g = torch.randn(W.shape, generator=torch.Generator().manual_seed(5), dtype=W.dtype)
+    gen = torch.Generator().manual_seed(6)
+    W32 = torch.randn(300, 200, generator=gen) * 0.02
+    s32 = torch.rand(200, generator=gen) + 0.1
+    g32 = torch.randn(W32.shape, generator=gen)
+    for W_, s_, g_, tol in ((W, s0, g, 1e-12), (W32, s32, g32, 1e-5)):
+        results = []
+        for fn in (core.smooth_quantize_weight, _composed_weight):
+            s = s_.clone().requires_grad_()
+            y = fn(W_, s, W4A8)
+            (y * g_).sum().backward()
+            results.append((y.detach(), s.grad))
+        assert torch.isfinite(results[0][1]).all()
+        torch.testing.assert_close(results[0][0], results[1][0], rtol=tol, atol=tol)
+        torch.testing.assert_close(results[0][1], results[1][1], rtol=tol, atol=tol * 10)
+
+
 @pytest.mark.parametrize("qrange", ["narrow", "full"])
 @pytest.mark.parametrize("dim", [-1, None, (1, 2)])
 @pytest.mark.parametrize("ratio", [1.0, 0.8])
@@ -150,3 +172,91 @@ def test_unsmoothed_learn_linear_rounds_its_weight_once_and_equals_routed_form()
     expected = core.mas_linear(X, index, {"text": None, "vision": None}, W, b, W4A8, ste=False)
     torch.testing.assert_close(lin(X), expected, rtol=1e-6, atol=1e-6)
     assert grid_mod.EPS > 0 and quantize_activation is not None
+
+
+def _eq13_rows(fused: bool, int_matmul: bool, scheme, X0, s0, W, b, buffers=None, monkeypatch=None):
+    """Y, dL/dX and dL/ds of Eq. 13 on one modality's rows (with ε = 1e-5): fused (MASLinearSTE, integer or float32
+    matmul) or composed (activation STE of autograd ops, composed weight quantization, F.linear)."""
+    X = X0.clone().requires_grad_()
+    s = s0.clone().requires_grad_()
+    if fused:
+        monkeypatch.setattr(core, "int_matmul_applies", lambda *a: int_matmul)
+        Y = core.mas_linear_rows(X, s, W, b, scheme, ste=True, eps=1e-5, buffers=buffers, key="m")
+    else:
+        Xs = X / (s + 1e-5)
+        grid = IntGrid(scheme.a_bits, True, scheme.int_range)
+        Xq = fake_quantize_range_autograd(Xs, grid, scheme.a_clip_ratio, -1, ste=True)
+        Y = torch.nn.functional.linear(Xq, _composed_weight(W, s, scheme), b)
+    up = torch.randn(Y.shape, generator=torch.Generator().manual_seed(11))
+    (Y * up).sum().backward()
+    return Y.detach(), X.grad, s.grad
+
+
+@pytest.mark.parametrize("a_clip", [1.0, 0.9])
+@pytest.mark.parametrize("shape", [(30,), (2, 7)])
+def test_fused_linear_integer_and_float_matmul_match_composed_form(monkeypatch, a_clip, shape):
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(48, 40, generator=g) * 0.1
+    W[3, 7], W[3, 9] = 1.0, -1.0  # a tie in row 3's abs-max (equal scales below)
+    b = torch.randn(48, generator=g)
+    s0 = torch.rand(40, generator=g) + 0.5
+    s0[7] = s0[9] = 1.0
+    s0[5] = -s0[5]
+    X0 = torch.randn(*shape, 40, generator=g)
+    X0[..., 2] *= 30  # an outlier channel
+    scheme = QuantScheme("w4a8c", 4, 8, a_clip_ratio=a_clip)
+    assert core.int_matmul_applies(scheme, X0)
+    ref = _eq13_rows(False, False, scheme, X0, s0, W, b)
+    for int_matmul in (True, False):
+        got = _eq13_rows(True, int_matmul, scheme, X0, s0, W, b, monkeypatch=monkeypatch)
+        torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1], ref[1], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got[2], ref[2], rtol=1e-4, atol=1e-5)
+    assert ref[2].abs().max() > 0.1
+
+
+def test_fused_linear_reuses_its_buffers_from_step_to_step_and_never_while_a_graph_needs_them(monkeypatch):
+    g = torch.Generator().manual_seed(8)
+    W = torch.randn(24, 16, generator=g)
+    X0, X1 = torch.randn(10, 16, generator=g), torch.randn(10, 16, generator=g)
+    s0, s1 = torch.rand(16, generator=g) + 0.5, torch.rand(16, generator=g) + 0.5
+    buffers = core.FusedBuffers()
+    for int_matmul in (True, False):
+        for X, s in ((X0, s0), (X1, s1), (X0, s0)):  # the same key three times: its buffers are reused
+            fresh = _eq13_rows(True, int_matmul, W4A8, X, s, W, None, monkeypatch=monkeypatch)
+            reused = _eq13_rows(True, int_matmul, W4A8, X, s, W, None, buffers, monkeypatch)
+            for a, c in zip(fresh, reused):
+                torch.testing.assert_close(a, c, rtol=0, atol=0)
+        assert not buffers.busy
+    # two forwards of one key before one backward: the second gets fresh tensors, both gradients are right
+    monkeypatch.setattr(core, "int_matmul_applies", lambda *a: True)
+    s = s0.clone().requires_grad_()
+    kept = buffers.saved["m"]
+    Y = sum(core.mas_linear_rows(X, s, W, None, W4A8, buffers=buffers, key="m").sum() for X in (X0, X1))
+    assert buffers.saved["m"] is kept
+    Y.backward()
+    s_ref = s0.clone().requires_grad_()
+    sum(core.mas_linear_rows(X, s_ref, W, None, W4A8).sum() for X in (X0, X1)).backward()
+    torch.testing.assert_close(s.grad, s_ref.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scheme", [W4A8, QuantScheme("w8a8c", 8, 8, a_clip_ratio=0.9)])
+def test_unsmoothed_learn_linear_on_integer_codes_equals_float_matmul(monkeypatch, scheme):
+    g = torch.Generator().manual_seed(9)
+    W, b = torch.randn(16, 24, generator=g), torch.randn(16, generator=g)
+    X0 = torch.randn(2, 10, 24, generator=g)
+    X0[..., 3] *= 25
+    up = torch.randn(2, 10, 16, generator=g)
+    router = ModalityRouter()
+    lin = MASLearnLinear(W, b, scheme, router, None, ("text",))
+    c_w, s_w = lin.W_codes
+    assert torch.equal(c_w.float() * s_w, lin.W_q)
+    results = []
+    for int_matmul in (True, False):
+        monkeypatch.setattr(core, "int_matmul_applies", lambda *a, _v=int_matmul: _v)
+        X = X0.clone().requires_grad_()
+        Y = lin(X)
+        (Y * up).sum().backward()
+        results.append((Y.detach(), X.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-6, atol=1e-6)

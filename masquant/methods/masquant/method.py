@@ -47,6 +47,7 @@ from masquant.methods.base import BlockPlan, Method, MethodConfigError, Walk
 from masquant.methods.masquant import core
 from masquant.methods.masquant.config import SMOOTHED_ROLES, Deploy, MASQuantConfig
 from masquant.methods.masquant.cost import count_lowrank
+from masquant.quant.grid import IntGrid
 from masquant.quant.linear import DEFAULT_PATH, ModalityPath, ModalityRouter
 from masquant.quant.quantizer import quantize_activation, quantize_weight
 from masquant.quant.scheme import QuantScheme
@@ -67,7 +68,8 @@ class MASLearnLinear(nn.Module):
     """Differentiable stand-in for one linear during learning: Eq. 13 with the STE, rows routed by modality."""
 
     def __init__(self, W: torch.Tensor, bias: torch.Tensor | None, scheme: QuantScheme, router: ModalityRouter,
-                 scales: dict[str, torch.Tensor] | None, modalities: tuple[str, ...], eps: float = 0.0):
+                 scales: dict[str, torch.Tensor] | None, modalities: tuple[str, ...], eps: float = 0.0,
+                 scratch: dict | None = None):
         super().__init__()
         self.register_buffer("W", W.detach().float())  # [out, in]
         self.register_buffer("b", None if bias is None else bias.detach().float())
@@ -79,15 +81,25 @@ class MASLearnLinear(nn.Module):
         # an unsmoothed linear (down_proj, s = 1) has one weight for every modality and nothing to learn in it:
         # Q(W) is rounded once here, not at every step and per modality, and all rows share one matmul
         self.register_buffer("W_q", None if scales else quantize_weight(self.W, scheme))
+        # its integer codes and scales, W_q = c_w·s_w, for the forward on the codes on CPU (core.IntCodesLinearSTE)
+        self.W_codes = None if scales else core.weight_codes(self.W, scheme)
+        # the fused path's [out, in] tensors, reused from step to step (``scratch``: shared by a layer's linears)
+        self.buffers = core.FusedBuffers(scratch) if scales else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         if self.W_q is not None:
-            return F.linear(quantize_activation(xf, self.scheme, ste=True), self.W_q, self.b).to(x.dtype)
+            xq = quantize_activation(xf, self.scheme, ste=True)
+            if self.W_codes is not None and torch.is_grad_enabled() and core.int_matmul_applies(self.scheme, xf):
+                grid = IntGrid(self.scheme.a_bits, True, self.scheme.int_range)
+                return core.IntCodesLinearSTE.apply(xq, xf, self.W_q, *self.W_codes, self.b, grid,
+                                                    float(self.scheme.a_clip_ratio)).to(x.dtype)
+            return F.linear(xq, self.W_q, self.b).to(x.dtype)
         n = xf[..., 0].numel()
         index = self.router.partition(self.path_names, n, x.device)
         scales = self.scales or {m: None for m in self.path_names}
-        return core.mas_linear(xf, index, scales, self.W, self.b, self.scheme, ste=True, eps=self.eps).to(x.dtype)
+        return core.mas_linear(xf, index, scales, self.W, self.b, self.scheme, ste=True, eps=self.eps,
+                               buffers=self.buffers).to(x.dtype)
 
 
 @register_method("masquant", config=MASQuantConfig, order=80)
@@ -214,9 +226,10 @@ class MASQuant(Method):
         frozen = [(p, p.requires_grad) for p in layer.parameters()]
         for p, _ in frozen:
             p.requires_grad_(False)
+        scratch: dict = {}  # one dL/dW scratch per weight shape for the layer's fused linears
         for role, lin in linears.items():
             ctx.adapter.set_linear(layer, role, MASLearnLinear(lin.weight, lin.bias, ctx.scheme, router,
-                                                               params.get(role), active, cfg.learn_eps))
+                                                               params.get(role), active, cfg.learn_eps, scratch))
         n = step.n_samples if cfg.n_learn_samples is None else min(cfg.n_learn_samples, step.n_samples)
         lambdas = cfg.lambdas()
         unique = list({id(p): p for per_m in params.values() for p in per_m.values()}.values())
