@@ -58,20 +58,26 @@ class AWQConfig:
     clip_n_tokens: int = 512  # tokens of the clip search, subsampled evenly over the calibration set
     clip_max_shrink: float = 0.5  # shrinks 1.0, 0.95, ..., down to 1 - clip_max_shrink (excluded)
     clip_oc_batch: int = 256  # output channels per batch of the clip search (memory bound)
+    clip_gram: bool = True  # clip error as a quadratic form in each group's second moments (False: on the tokens)
+    batch_tokens: int = 4096  # scale search: samples joined into calls of at most this many rows (0: per sample)
 
     def __post_init__(self):
         if self.n_grid < 1:
             raise ValueError(f"method.n_grid={self.n_grid}: must be >= 1")
         if self.clip_n_tokens < 1 or self.clip_oc_batch < 1:
             raise ValueError("method.clip_n_tokens and method.clip_oc_batch must be >= 1")
+        if self.batch_tokens < 0:
+            raise ValueError(f"method.batch_tokens={self.batch_tokens}: must be >= 0 (0: one call per sample)")
         if not 0.0 < self.clip_max_shrink < 1.0:
             raise ValueError(f"method.clip_max_shrink={self.clip_max_shrink}: must be in (0, 1)")
 
 
-def search_layer_scales(ctx, step, grid, row_weights_for=None, p: int = 2) -> dict[str, ScaleSearch]:
+def search_layer_scales(ctx, step, grid, row_weights_for=None, p: int = 2,
+                        batch_tokens: int = 0) -> dict[str, ScaleSearch]:
     """Step 2 without the fold: every fold pair searched on the unscaled FP layer (FP stream inputs).
 
     ``row_weights_for(pair)`` gives per-sample row weights of the loss (MBQ); None: every row, AWQ's MSE.
+    ``batch_tokens``: see :func:`baselines.awq.search.search_pair_scale`.
     """
     found: dict[str, ScaleSearch] = {}
     for pair in ctx.adapter.fold_pairs(step.layer):
@@ -79,7 +85,7 @@ def search_layer_scales(ctx, step, grid, row_weights_for=None, p: int = 2) -> di
         x_mean = step.stats[pair.input_group]["all"].mean_abs
         weights = None if row_weights_for is None else row_weights_for(pair)
         found[pair.name] = search_pair_scale(ctx.adapter, step.layer, pair, calls, targets, x_mean, ctx.scheme, grid,
-                                             step.device, weights, p)
+                                             step.device, weights, p, batch_tokens)
         del calls, targets
     return found
 
@@ -115,7 +121,7 @@ class AWQ(Method):
     # --- steps ------------------------------------------------------------------------------------
     def scale_layer_(self, ctx, step) -> dict[str, ScaleSearch]:
         """Step 2: search every pair's s on the FP layer, then fold them all; returns the searches."""
-        found = search_layer_scales(ctx, step, alpha_grid(self.cfg.n_grid))
+        found = search_layer_scales(ctx, step, alpha_grid(self.cfg.n_grid), batch_tokens=self.cfg.batch_tokens)
         fold_layer_scales_(ctx, step.layer, found)
         return found
 
@@ -131,7 +137,7 @@ class AWQ(Method):
         out = {}
         for role in roles:
             X = sampler.tokens(ROLE_TO_GROUP[role]).to(step.device)
-            out[role] = search_clip(linears[role].weight.data, X, ctx.scheme, shrinks, cfg.clip_oc_batch)
+            out[role] = search_clip(linears[role].weight.data, X, ctx.scheme, shrinks, cfg.clip_oc_batch, cfg.clip_gram)
         return out
 
     @staticmethod
