@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from baselines.awq.core import alpha_grid, clip_group_size, clip_weight, search_clip, shrink_grid
-from baselines.awq.search import ScaleSearch, TokenSubsample, pair_inputs, search_pair_scale
+from baselines.awq.search import ScaleSearch, TokenSubsample, layer_pair_inputs, pair_inputs, search_pair_scale
 from masquant.adapters.base import ROLE_TO_GROUP
 from masquant.engine.deploy import DeployWeight
 from masquant.methods.base import BlockPlan, Method, MethodConfigError
@@ -60,6 +60,7 @@ class AWQConfig:
     clip_oc_batch: int = 256  # output channels per batch of the clip search (memory bound)
     clip_gram: bool = True  # clip error as a quadratic form in each group's second moments (False: on the tokens)
     batch_tokens: int = 4096  # scale search: samples joined into calls of at most this many rows (0: per sample)
+    capture_per_pair: bool = False  # one pass of the layer per fold pair (less memory) instead of one for all
 
     def __post_init__(self):
         if self.n_grid < 1:
@@ -72,16 +73,21 @@ class AWQConfig:
             raise ValueError(f"method.clip_max_shrink={self.clip_max_shrink}: must be in (0, 1)")
 
 
-def search_layer_scales(ctx, step, grid, row_weights_for=None, p: int = 2,
-                        batch_tokens: int = 0) -> dict[str, ScaleSearch]:
+def search_layer_scales(ctx, step, grid, row_weights_for=None, p: int = 2, batch_tokens: int = 0,
+                        capture_per_pair: bool = True) -> dict[str, ScaleSearch]:
     """Step 2 without the fold: every fold pair searched on the unscaled FP layer (FP stream inputs).
 
     ``row_weights_for(pair)`` gives per-sample row weights of the loss (MBQ); None: every row, AWQ's MSE.
-    ``batch_tokens``: see :func:`baselines.awq.search.search_pair_scale`.
+    ``batch_tokens``: see :func:`baselines.awq.search.search_pair_scale`. ``capture_per_pair``: one pass of the
+    layer per pair, holding one loss block's inputs and targets at a time; False: one pass for all pairs.
     """
+    pairs = list(ctx.adapter.fold_pairs(step.layer))
+    captured = {} if capture_per_pair else dict(zip([pair.name for pair in pairs], layer_pair_inputs(step, ctx.adapter,
+                                                                                                    pairs)))
     found: dict[str, ScaleSearch] = {}
-    for pair in ctx.adapter.fold_pairs(step.layer):
-        calls, targets = pair_inputs(step, ctx.adapter, pair, step.device)
+    for pair in pairs:
+        calls, targets = captured.pop(pair.name) if pair.name in captured else pair_inputs(step, ctx.adapter, pair,
+                                                                                            step.device)
         x_mean = step.stats[pair.input_group]["all"].mean_abs
         weights = None if row_weights_for is None else row_weights_for(pair)
         found[pair.name] = search_pair_scale(ctx.adapter, step.layer, pair, calls, targets, x_mean, ctx.scheme, grid,
@@ -121,7 +127,8 @@ class AWQ(Method):
     # --- steps ------------------------------------------------------------------------------------
     def scale_layer_(self, ctx, step) -> dict[str, ScaleSearch]:
         """Step 2: search every pair's s on the FP layer, then fold them all; returns the searches."""
-        found = search_layer_scales(ctx, step, alpha_grid(self.cfg.n_grid), batch_tokens=self.cfg.batch_tokens)
+        found = search_layer_scales(ctx, step, alpha_grid(self.cfg.n_grid), batch_tokens=self.cfg.batch_tokens,
+                                    capture_per_pair=self.cfg.capture_per_pair)
         fold_layer_scales_(ctx, step.layer, found)
         return found
 

@@ -81,6 +81,12 @@ def pair_inputs(step: StackStep, adapter, pair: FoldPair, device) -> tuple[list[
     return step.block_calls_and_outputs(loss_block(adapter, step.layer, pair), "fp")
 
 
+def layer_pair_inputs(step: StackStep, adapter, pairs: Sequence[FoldPair]
+                      ) -> list[tuple[list[BlockCall], list[torch.Tensor]]]:
+    """:func:`pair_inputs` of every pair from one pass of the FP layer (all loss blocks' inputs held at once)."""
+    return step.parts_calls_and_outputs([loss_block(adapter, step.layer, pair) for pair in pairs], "fp")
+
+
 def is_token_wise(pair: FoldPair) -> bool:
     """The pair's loss block maps each token on its own (a linear consumer, the MLP), so samples can be joined
     along the tokens; the attention mixes the tokens of a sequence."""

@@ -23,6 +23,10 @@ ADDED_WITH_NEUTRAL_DEFAULT: dict[tuple[str, str], object] = {
     ("eval", "max_new_tokens_cap"): None,
     ("eval", "max_new_tokens_per_task"): {},
     ("calib", "with_answers"): False,
+    # AWQ's speed options: their defaults give the earlier results up to float rounding (docs/methods/awq.md)
+    ("method", "batch_tokens"): 4096,
+    ("method", "clip_gram"): True,
+    ("method", "capture_per_pair"): False,
 }
 
 
