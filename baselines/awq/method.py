@@ -17,9 +17,10 @@ code's cached inputs come from the FP model):
 4. Deploy: the clipped weights through the shared quantize step (asymmetric uint with a zero point per
    group for ``w4a16_g128`` / ``w3a16_g128``; any ``quant.w_group_size``, partial last groups included).
 
-Memory: one loss block's inputs and targets at a time (all tokens of the calibration set; the search
-needs whole sequences for the attention block), plus the subsampled clip tokens; never all linears' inputs
-of a layer at once (the official code keeps them all).
+Memory: the loss blocks' inputs and targets of one layer, recorded in one pass (``capture_per_pair``: one
+block's at a time, one pass per pair), plus the subsampled clip tokens. Speed (docs/methods/awq.md, "Speed"):
+the samples are joined into calls of ``batch_tokens`` rows, and the clip error is a quadratic form in each
+group's second moments (``clip_gram``); both equal the plain computation up to float rounding.
 
 Where this departs from the official code, on purpose:
 - the attention block is called with the keyword arguments the layer itself passes it (each layer's own
