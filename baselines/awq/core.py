@@ -47,9 +47,11 @@ def block_error_terms(Y: torch.Tensor, Y_ref: torch.Tensor, row_weight: torch.Te
     """(Σ_t w_t Σ_d |Y - Y_ref|^p, D · #{t: w_t > 0}) in float32; Y, Y_ref [..., T, D], w [T] (None: every row 1).
 
     Summed over samples, num / den is AWQ's MSE (w = 1, p = 2) or MBQ's MAE (Σ_ans|Δ| + r Σ_vis|Δ|) /
-    (elements of both) (w = answer + r · vision, p = 1).
+    (elements of both) (w = answer + r · vision, p = 1). The MSE is one fused reduction (no temporaries).
     """
     D = Y.shape[-1]
+    if row_weight is None and p == 2:
+        return float(torch.nn.functional.mse_loss(Y.float(), Y_ref.float(), reduction="sum")), float(Y.numel())
     err = (Y.float() - Y_ref.float()).abs().pow(p).reshape(-1, D).sum(-1)  # [T]
     if row_weight is None:
         return float(err.sum()), float(err.numel() * D)
@@ -99,6 +101,20 @@ def group_partial_error(X: torch.Tensor, W: torch.Tensor, W_hat: torch.Tensor, g
     return torch.einsum("ngk,ogk->ogn", Xg, dW).pow(2).mean(-1)
 
 
+def group_second_moments(X: torch.Tensor, g: int) -> torch.Tensor:
+    """H_G = X_Gᵀ X_G / N per input group G, in float64: X [N, in] -> [G, g, g]."""
+    Xg = _grouped(X.double(), g)  # [N, G, g]
+    return torch.einsum("ngk,ngl->gkl", Xg, Xg) / X.shape[0]
+
+
+def group_partial_error_gram(H: torch.Tensor, W: torch.Tensor, W_hat: torch.Tensor, g: int) -> torch.Tensor:
+    """:func:`group_partial_error` as the quadratic form dW_G H_G dW_Gᵀ (equal in exact arithmetic, float64):
+    H [G, g, g] from :func:`group_second_moments`, W, Ŵ [out, in] -> [out, G] (float32). Costs out·in·g per
+    call instead of out·in·N, with no [out, G, N] temporary."""
+    dW = _grouped(W_hat.double() - W.double(), g)  # [out, G, g]
+    return (torch.einsum("ogk,gkl->ogl", dW, H) * dW).sum(-1).float()
+
+
 @dataclass
 class ClipResult:
     max_val: torch.Tensor  # [out, G] the chosen clip value (absolute)
@@ -109,10 +125,17 @@ class ClipResult:
 
 @torch.no_grad()
 def search_clip(W: torch.Tensor, X: torch.Tensor, scheme: QuantScheme, shrinks: list[float],
-                oc_batch: int = 256) -> ClipResult:
+                oc_batch: int = 256, gram: bool = True) -> ClipResult:
     """Per (output channel, group): the shrink of the group's absmax whose Q(clip(W)) gives the lowest error
-    of the group's partial output on the tokens X [N, in]; W [out, in]. Batched over output channels."""
+    of the group's partial output on the tokens X [N, in]; W [out, in]. Batched over output channels.
+    ``gram``: the error as a quadratic form in the group's second moments (:func:`group_partial_error_gram`);
+    False: directly on the tokens (:func:`group_partial_error`, the official form)."""
     g = clip_group_size(scheme, W.shape[1])
+    if gram:
+        H = group_second_moments(X, g)
+        error = lambda Wb, W_hat: group_partial_error_gram(H, Wb, W_hat, g)  # noqa: E731
+    else:
+        error = lambda Wb, W_hat: group_partial_error(X, Wb, W_hat, g)  # noqa: E731
     out: dict[str, list[torch.Tensor]] = {k: [] for k in ("max_val", "ratio", "err_noclip", "err")}
     for o0 in range(0, W.shape[0], oc_batch):
         Wb = W[o0:o0 + oc_batch].float()
@@ -120,7 +143,7 @@ def search_clip(W: torch.Tensor, X: torch.Tensor, scheme: QuantScheme, shrinks: 
         best_err = best_ratio = err_noclip = None
         for shrink in shrinks:
             max_val = absmax * shrink
-            err = group_partial_error(X, Wb, quantize_weight(clip_weight(Wb, max_val, g), scheme), g)
+            err = error(Wb, quantize_weight(clip_weight(Wb, max_val, g), scheme))
             if best_err is None:
                 best_err, best_ratio = err, torch.full_like(err, shrink)
             else:
@@ -130,7 +153,7 @@ def search_clip(W: torch.Tensor, X: torch.Tensor, scheme: QuantScheme, shrinks: 
             if shrink == 1.0:
                 err_noclip = err
         if err_noclip is None:
-            err_noclip = group_partial_error(X, Wb, quantize_weight(Wb, scheme), g)
+            err_noclip = error(Wb, quantize_weight(Wb, scheme))
         out["max_val"].append(absmax * best_ratio)
         out["ratio"].append(best_ratio)
         out["err_noclip"].append(err_noclip)

@@ -17,9 +17,10 @@ code's cached inputs come from the FP model):
 4. Deploy: the clipped weights through the shared quantize step (asymmetric uint with a zero point per
    group for ``w4a16_g128`` / ``w3a16_g128``; any ``quant.w_group_size``, partial last groups included).
 
-Memory: one loss block's inputs and targets at a time (all tokens of the calibration set; the search
-needs whole sequences for the attention block), plus the subsampled clip tokens; never all linears' inputs
-of a layer at once (the official code keeps them all).
+Memory: the loss blocks' inputs and targets of one layer, recorded in one pass (``capture_per_pair``: one
+block's at a time, one pass per pair), plus the subsampled clip tokens. Speed (docs/methods/awq.md, "Speed"):
+the samples are joined into calls of ``batch_tokens`` rows, and the clip error is a quadratic form in each
+group's second moments (``clip_gram``); both equal the plain computation up to float rounding.
 
 Where this departs from the official code, on purpose:
 - the attention block is called with the keyword arguments the layer itself passes it (each layer's own
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from baselines.awq.core import alpha_grid, clip_group_size, clip_weight, search_clip, shrink_grid
-from baselines.awq.search import ScaleSearch, TokenSubsample, pair_inputs, search_pair_scale
+from baselines.awq.search import ScaleSearch, TokenSubsample, layer_pair_inputs, pair_inputs, search_pair_scale
 from masquant.adapters.base import ROLE_TO_GROUP
 from masquant.engine.deploy import DeployWeight
 from masquant.methods.base import BlockPlan, Method, MethodConfigError
@@ -58,28 +59,40 @@ class AWQConfig:
     clip_n_tokens: int = 512  # tokens of the clip search, subsampled evenly over the calibration set
     clip_max_shrink: float = 0.5  # shrinks 1.0, 0.95, ..., down to 1 - clip_max_shrink (excluded)
     clip_oc_batch: int = 256  # output channels per batch of the clip search (memory bound)
+    clip_gram: bool = True  # clip error as a quadratic form in each group's second moments (False: on the tokens)
+    batch_tokens: int = 4096  # scale search: samples joined into calls of at most this many rows (0: per sample)
+    capture_per_pair: bool = False  # one pass of the layer per fold pair (less memory) instead of one for all
 
     def __post_init__(self):
         if self.n_grid < 1:
             raise ValueError(f"method.n_grid={self.n_grid}: must be >= 1")
         if self.clip_n_tokens < 1 or self.clip_oc_batch < 1:
             raise ValueError("method.clip_n_tokens and method.clip_oc_batch must be >= 1")
+        if self.batch_tokens < 0:
+            raise ValueError(f"method.batch_tokens={self.batch_tokens}: must be >= 0 (0: one call per sample)")
         if not 0.0 < self.clip_max_shrink < 1.0:
             raise ValueError(f"method.clip_max_shrink={self.clip_max_shrink}: must be in (0, 1)")
 
 
-def search_layer_scales(ctx, step, grid, row_weights_for=None, p: int = 2) -> dict[str, ScaleSearch]:
+def search_layer_scales(ctx, step, grid, row_weights_for=None, p: int = 2, batch_tokens: int = 0,
+                        capture_per_pair: bool = True) -> dict[str, ScaleSearch]:
     """Step 2 without the fold: every fold pair searched on the unscaled FP layer (FP stream inputs).
 
     ``row_weights_for(pair)`` gives per-sample row weights of the loss (MBQ); None: every row, AWQ's MSE.
+    ``batch_tokens``: see :func:`baselines.awq.search.search_pair_scale`. ``capture_per_pair``: one pass of the
+    layer per pair, holding one loss block's inputs and targets at a time; False: one pass for all pairs.
     """
+    pairs = list(ctx.adapter.fold_pairs(step.layer))
+    captured = {} if capture_per_pair else dict(zip([pair.name for pair in pairs], layer_pair_inputs(step, ctx.adapter,
+                                                                                                    pairs)))
     found: dict[str, ScaleSearch] = {}
-    for pair in ctx.adapter.fold_pairs(step.layer):
-        calls, targets = pair_inputs(step, ctx.adapter, pair, step.device)
+    for pair in pairs:
+        calls, targets = captured.pop(pair.name) if pair.name in captured else pair_inputs(step, ctx.adapter, pair,
+                                                                                            step.device)
         x_mean = step.stats[pair.input_group]["all"].mean_abs
         weights = None if row_weights_for is None else row_weights_for(pair)
         found[pair.name] = search_pair_scale(ctx.adapter, step.layer, pair, calls, targets, x_mean, ctx.scheme, grid,
-                                             step.device, weights, p)
+                                             step.device, weights, p, batch_tokens)
         del calls, targets
     return found
 
@@ -115,7 +128,8 @@ class AWQ(Method):
     # --- steps ------------------------------------------------------------------------------------
     def scale_layer_(self, ctx, step) -> dict[str, ScaleSearch]:
         """Step 2: search every pair's s on the FP layer, then fold them all; returns the searches."""
-        found = search_layer_scales(ctx, step, alpha_grid(self.cfg.n_grid))
+        found = search_layer_scales(ctx, step, alpha_grid(self.cfg.n_grid), batch_tokens=self.cfg.batch_tokens,
+                                    capture_per_pair=self.cfg.capture_per_pair)
         fold_layer_scales_(ctx, step.layer, found)
         return found
 
@@ -131,7 +145,7 @@ class AWQ(Method):
         out = {}
         for role in roles:
             X = sampler.tokens(ROLE_TO_GROUP[role]).to(step.device)
-            out[role] = search_clip(linears[role].weight.data, X, ctx.scheme, shrinks, cfg.clip_oc_batch)
+            out[role] = search_clip(linears[role].weight.data, X, ctx.scheme, shrinks, cfg.clip_oc_batch, cfg.clip_gram)
         return out
 
     @staticmethod

@@ -77,37 +77,133 @@ def loss_block(adapter, layer: nn.Module, pair: FoldPair) -> nn.Module:
 
 
 def pair_inputs(step: StackStep, adapter, pair: FoldPair, device) -> tuple[list[BlockCall], list[torch.Tensor]]:
-    """The loss block's inputs on the FP stream (one pass of the FP layer) and its FP outputs (the targets)."""
-    block = loss_block(adapter, step.layer, pair)
-    calls = step.block_calls(block, "fp")
-    offload = step.walker.captured.offload
-    with torch.no_grad():
-        targets = [call.run(block, device).to(offload) for call in calls]
-    return calls, targets
+    """The loss block's inputs on the FP stream and its FP outputs (the targets), from one pass of the FP layer."""
+    return step.block_calls_and_outputs(loss_block(adapter, step.layer, pair), "fp")
+
+
+def layer_pair_inputs(step: StackStep, adapter, pairs: Sequence[FoldPair]
+                      ) -> list[tuple[list[BlockCall], list[torch.Tensor]]]:
+    """:func:`pair_inputs` of every pair from one pass of the FP layer (all loss blocks' inputs held at once)."""
+    return step.parts_calls_and_outputs([loss_block(adapter, step.layer, pair) for pair in pairs], "fp")
+
+
+def is_token_wise(pair: FoldPair) -> bool:
+    """The pair's loss block maps each token on its own (a linear consumer, the MLP), so samples can be joined
+    along the tokens; the attention mixes the tokens of a sequence."""
+    return not pair.producer_is_norm or pair.block != "attn"
+
+
+def _same_arguments(a: BlockCall, b: BlockCall) -> bool:
+    """Two calls with equal arguments (tensors equal in shape, dtype and value), inputs aside."""
+    def same(x, y):
+        if torch.is_tensor(x) or torch.is_tensor(y):
+            return (torch.is_tensor(x) and torch.is_tensor(y) and x.shape == y.shape and x.dtype == y.dtype
+                    and torch.equal(x, y))
+        if isinstance(x, (tuple, list)) and isinstance(y, (tuple, list)):
+            return len(x) == len(y) and all(same(u, v) for u, v in zip(x, y))
+        if isinstance(x, dict) and isinstance(y, dict):
+            return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        return type(x) is type(y) and x == y
+    return a.by_keyword == b.by_keyword and same(a.args, b.args) and same(a.kwargs, b.kwargs)
+
+
+def sample_chunks(calls: Sequence[BlockCall], max_tokens: int) -> list[list[int]]:
+    """Consecutive samples grouped into chunks of at most ``max_tokens`` input rows (at least one sample each)."""
+    chunks: list[list[int]] = []
+    size = 0
+    for k, call in enumerate(calls):
+        n = call.input.shape[:-1].numel()
+        if not chunks or size + n > max_tokens:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(k)
+        size += n
+    return chunks
+
+
+def joinable(calls: Sequence[BlockCall], token_wise: bool) -> bool:
+    """Samples that one call can carry: batch 1 each; a token-wise block without other arguments (joined along
+    the tokens), or equal arguments and equal input shapes (joined along the batch)."""
+    if len(calls) < 2 or any(c.input is None or c.input.dim() < 2 or c.input.shape[0] != 1 for c in calls):
+        return False
+    if token_wise:
+        return all(not c.args and not c.kwargs for c in calls)
+    return all(c.input.shape == calls[0].input.shape and _same_arguments(c, calls[0]) for c in calls[1:])
+
+
+def _join(tensors: Sequence[torch.Tensor], token_wise: bool) -> torch.Tensor:
+    if token_wise:  # [1, T_k, D] -> [1, Σ T_k, D]
+        return torch.cat([t.reshape(1, -1, t.shape[-1]) for t in tensors], dim=1)
+    return torch.cat(list(tensors), dim=0)  # [1, T, D] -> [n, T, D]
+
+
+def join_samples(calls: Sequence[BlockCall], targets: Sequence[torch.Tensor],
+                 row_weights: Sequence[torch.Tensor | None] | None, token_wise: bool, max_tokens: int):
+    """(calls, targets, row_weights) with the samples of each chunk of ``max_tokens`` rows joined into one call
+    (fewer, larger matrix products; the same rows, so the same loss up to float rounding); unchanged when
+    ``max_tokens`` <= 0 or the samples cannot be joined (:func:`joinable`)."""
+    if max_tokens <= 0 or not joinable(calls, token_wise):
+        return list(calls), list(targets), row_weights
+    out_calls, out_targets, out_weights = [], [], []
+    for chunk in sample_chunks(calls, max_tokens):
+        first = calls[chunk[0]]
+        out_calls.append(BlockCall(first.args, first.kwargs, _join([calls[k].input for k in chunk], token_wise),
+                                   first.by_keyword))
+        out_targets.append(_join([targets[k] for k in chunk], token_wise))
+        if row_weights is not None:
+            w = [row_weights[k] for k in chunk]
+            out_weights.append(None if all(x is None for x in w) else torch.cat(
+                [torch.ones(calls[k].input.shape[:-1].numel()) if x is None else x.reshape(-1).float()
+                 for k, x in zip(chunk, w)]))
+    return out_calls, out_targets, (out_weights if row_weights is not None else None)
+
+
+@torch.no_grad()
+def joined_block_matches(block: nn.Module, calls: Sequence[BlockCall], targets: Sequence[torch.Tensor], device,
+                         rtol: float = 1e-4) -> bool:
+    """The FP block on the joined calls gives the targets (relative max error below ``rtol``): a block that does
+    not broadcast its arguments over a batch is caught before the search relies on it."""
+    for call, target in zip(calls, targets):
+        y = call.run(block, device).float()
+        t = target.to(device).float()
+        if y.shape != t.shape or float((y - t).abs().max()) > rtol * max(float(t.abs().max()), 1e-12):
+            return False
+    return True
 
 
 @torch.no_grad()
 def search_pair_scale(adapter, layer: nn.Module, pair: FoldPair, calls: Sequence[BlockCall],
                       targets: Sequence[torch.Tensor], x_mean: torch.Tensor, scheme: QuantScheme, grid: Sequence[float],
-                      device, row_weights: Sequence[torch.Tensor | None] | None = None, p: int = 2) -> ScaleSearch:
+                      device, row_weights: Sequence[torch.Tensor | None] | None = None, p: int = 2,
+                      batch_tokens: int = 0) -> ScaleSearch:
     """The α of ``grid`` whose s = x̄^α (normalised) minimises Σ num / Σ den of :func:`block_error_terms` over
     the samples (AWQ: ``row_weights`` None and p = 2, the MSE; MBQ: modality row weights and p = 1).
 
     x_mean [in]: mean |x| per channel of the consumers' input; calls / targets: the loss block's FP inputs and
-    outputs per sample; row_weights: per sample [T] or None.
+    outputs per sample; row_weights: per sample [T] or None. ``batch_tokens`` > 0: the samples are joined into
+    calls of at most that many rows (:func:`join_samples`; the attention only when its arguments are equal
+    across samples and the joined FP block reproduces the targets); 0: one call per sample.
     """
     consumers = {role: adapter.linears(layer)[role] for role in pair.consumers}
+    if batch_tokens > 0:
+        token_wise = is_token_wise(pair)
+        joined = join_samples(calls, targets, row_weights, token_wise, batch_tokens)
+        if len(joined[0]) < len(calls) and (
+                token_wise or joined_block_matches(loss_block(adapter, layer, pair), joined[0], joined[1], device)):
+            calls, targets, row_weights = joined
+    targets = [t.to(device) for t in targets]
+    x_mean = x_mean.to(device)
     losses: dict[float, float] = {}
     scales: dict[float, torch.Tensor] = {}
     for alpha in grid:
-        s = awq_scales(x_mean.to(device), alpha)
+        s = awq_scales(x_mean, alpha)
         trial = {role: trial_linear(lin, s, scheme) for role, lin in consumers.items()}
         num = den = 0.0
         with swapped_linears(adapter, layer, trial):
             block = loss_block(adapter, layer, pair)
             for k, call in enumerate(calls):
                 w = None if row_weights is None else row_weights[k]
-                n, d = block_error_terms(call.run(block, device), targets[k].to(device), w, p)
+                n, d = block_error_terms(call.run(block, device), targets[k], w, p)
                 num, den = num + n, den + d
         losses[alpha] = num / max(den, 1.0)
         scales[alpha] = s.cpu()

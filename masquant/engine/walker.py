@@ -297,21 +297,49 @@ class StackStep:
         ``stream``: its arguments exactly as the block passes them (the attention's position embeddings and
         masks, the MLP's post-norm input), on the offload device. One pass of the block; the caller holds one
         part's inputs at a time, so memory stays at one stream's worth."""
-        calls: list[BlockCall] = []
+        return self._record_module([module], stream, outputs=False)[0][0]
+
+    def block_calls_and_outputs(self, module: nn.Module, stream: str = "fp"
+                                ) -> tuple[list[BlockCall], list[torch.Tensor]]:
+        """:meth:`block_calls` and, from the same pass, what ``module`` returned per sample (its first output, on
+        the offload device): the part's targets without running it a second time."""
+        return self.parts_calls_and_outputs([module], stream)[0]
+
+    def parts_calls_and_outputs(self, modules: Sequence[nn.Module], stream: str = "fp"
+                                ) -> list[tuple[list[BlockCall], list[torch.Tensor]]]:
+        """:meth:`block_calls_and_outputs` of several parts of the block from one pass (their inputs and outputs
+        are all held at once)."""
+        return self._record_module(modules, stream, outputs=True)
+
+    def _record_module(self, modules: Sequence[nn.Module], stream: str, outputs: bool):
+        calls: list[list[BlockCall]] = [[] for _ in modules]
+        outs: list[list[torch.Tensor]] = [[] for _ in modules]
         offload = self.walker.captured.offload
 
-        def hook(mod, args, kwargs):
-            calls.append(BlockCall.record(args, kwargs, offload, {}))
+        def pre_hook(k):
+            return lambda mod, args, kwargs: calls[k].append(BlockCall.record(args, kwargs, offload, {}))
 
-        handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+        def hook(k):
+            def record(mod, args, kwargs, out):
+                y = out[0] if isinstance(out, tuple) else out
+                outs[k].append(y.detach().to(offload, copy=True))  # a copy: the block may update it in place
+            return record
+
+        handles = []
+        for k, module in enumerate(modules):
+            handles.append(module.register_forward_pre_hook(pre_hook(k), with_kwargs=True))
+            if outputs:
+                handles.append(module.register_forward_hook(hook(k), with_kwargs=True))
         try:
             self.run(stream, keep=False)
         finally:
-            handle.remove()
-        if len(calls) != self.n_samples:
-            raise RuntimeError(f"{type(module).__name__} was called {len(calls)} times for {self.n_samples} samples; "
-                               "block_calls needs a module the block calls once per forward")
-        return calls
+            for h in handles:
+                h.remove()
+        for module, c in zip(modules, calls):
+            if len(c) != self.n_samples:
+                raise RuntimeError(f"{type(module).__name__} was called {len(c)} times for {self.n_samples} samples; "
+                                   "block_calls needs a module the block calls once per forward")
+        return list(zip(calls, outs))
 
     def quant_outputs(self) -> list[torch.Tensor]:
         """Outputs of the block as it is now on the quantized stream (computed once; the walk advances with them).

@@ -27,6 +27,10 @@ ADDED_WITH_NEUTRAL_DEFAULT: dict[tuple[str, str], object] = {
     ("method", "scales"): "fp_prompts",  # MQuant's
     ("method", "scale_new_tokens"): 20,
     ("method", "vision_rms"): False,
+    # AWQ's speed options: their defaults give the earlier results up to float rounding (docs/methods/awq.md)
+    ("method", "batch_tokens"): 4096,
+    ("method", "clip_gram"): True,
+    ("method", "capture_per_pair"): False,
 }
 
 

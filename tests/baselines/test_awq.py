@@ -13,11 +13,23 @@ from baselines.awq.core import (
     awq_scales,
     block_error_terms,
     clip_weight,
+    group_partial_error,
+    group_partial_error_gram,
+    group_second_moments,
     search_clip,
     shrink_grid,
 )
 from baselines.awq.method import AWQ, AWQConfig
-from baselines.awq.search import TokenSubsample, search_pair_scale, trial_linear
+from baselines.awq.search import (
+    TokenSubsample,
+    join_samples,
+    joinable,
+    joined_block_matches,
+    loss_block,
+    pair_inputs,
+    search_pair_scale,
+    trial_linear,
+)
 from baselines.rtn.method import RTNConfig
 from masquant.app import pipeline
 from masquant.adapters import get_adapter
@@ -152,6 +164,107 @@ def test_token_subsample_takes_every_stride_th_row_across_samples():
         obs.observe("qkv", torch.zeros(n, 1), {})  # not asked for: ignored
     # global rows 0..10: keep 0, 3, 6, 9 -> sample 1 rows 0, 3; sample 2 row 2; sample 3 row 0
     assert obs.tokens("down").reshape(-1).tolist() == [400, 403, 502, 200]
+
+
+# --- the fast paths against straightforward references ------------------------------------------------
+W4G32_SYM = QuantScheme("w4a16_g32_sym", 4, 16, w_symmetric=True, w_granularity="group", w_group_size=32)
+
+
+@pytest.mark.parametrize("scheme", [W4G32, W3G16, W4G32_SYM, QuantScheme("w4_ch", 4, 16, w_symmetric=False)])
+def test_gram_clip_error_equals_the_error_on_the_tokens(scheme):
+    gen = torch.Generator().manual_seed(3)
+    W = torch.randn(40, 80, generator=gen)
+    W[torch.rand(W.shape, generator=gen) < 0.03] *= 8.0
+    X = torch.randn(300, 80, generator=gen) * torch.exp(torch.randn(80, generator=gen))
+    for g in (32, 16, 80):
+        W_hat = quantize_weight(W, scheme)
+        torch.testing.assert_close(group_partial_error_gram(group_second_moments(X, g), W, W_hat, g),
+                                   group_partial_error(X, W, W_hat, g), rtol=1e-4, atol=1e-6)
+    fast, ref = (search_clip(W, X, scheme, shrink_grid(), oc_batch=16, gram=gram) for gram in (True, False))
+    assert torch.equal(fast.ratio, ref.ratio)  # the same shrink for every (channel, group)
+    torch.testing.assert_close(fast.err, ref.err, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(fast.err_noclip, ref.err_noclip, rtol=1e-4, atol=1e-6)
+
+
+def _text_batches(n: int, length: int, seed: int = 0) -> list[dict]:
+    """Text-only prompts of equal length (the attention's arguments are then equal across samples)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, 200, (n, length), generator=gen)
+    return [{"input_ids": i[None], "attention_mask": torch.ones(1, length, dtype=torch.long)} for i in ids]
+
+
+def _reference_losses(adapter, layer, pair, calls, targets, x_mean, scheme, grid) -> dict[float, float]:
+    """The scale search written out plainly: per α, the consumers' weights replaced by the paper's
+    W' = Q(W diag(s)) diag(s)^-1 in a copy of the layer, the loss block run sample by sample, MSE over all."""
+    losses = {}
+    for alpha in grid:
+        s = x_mean.float().pow(alpha).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        trial = copy.deepcopy(layer)
+        for role in pair.consumers:
+            lin = adapter.linears(trial)[role]
+            lin.weight.data = quantize_weight(lin.weight.data * s, scheme) / s
+        block = loss_block(adapter, trial, pair)
+        sq = n = 0.0
+        with torch.no_grad():
+            for call, target in zip(calls, targets):
+                y = call.run(block, "cpu")
+                sq += float(((y - target) ** 2).sum())
+                n += y.numel()
+        losses[alpha] = sq / n
+    return losses
+
+
+@pytest.mark.parametrize("scheme", [W4G32, W4G32_SYM])
+@pytest.mark.parametrize("batches", ["text", "media"])
+def test_scale_search_picks_what_a_plain_reference_picks(scheme, batches):
+    """Every pair of every layer: joined samples (and one call per sample) pick the α a plain loop picks, with
+    the same losses up to float rounding; equal-length text prompts join the attention's samples too, prompts
+    with media of different lengths only the token-wise blocks'."""
+    model, processor, cls = tiny("qwen2_5_vl")
+    data = _text_batches(3, 12) if batches == "text" else prompts(processor, cls, 3)
+    ctx = _ctx(model, scheme, data, ("text",) if batches == "text" else ("text", "vision"))
+    adapter, grid = ctx.adapter, alpha_grid()
+    checked = 0
+    for step in ctx.walk(stats=True):
+        for pair in adapter.fold_pairs(step.layer):
+            calls, targets = pair_inputs(step, adapter, pair, "cpu")
+            token_wise = pair.block != "attn" or not pair.producer_is_norm
+            assert joinable(calls, token_wise) == (batches == "text" or token_wise)
+            if batches == "text" and not token_wise:  # the joined attention reproduces the targets: it is used
+                joined_calls, joined_targets, _ = join_samples(calls, targets, None, False, 4096)
+                assert len(joined_calls) == 1
+                assert joined_block_matches(loss_block(adapter, step.layer, pair), joined_calls, joined_targets, "cpu")
+            x_mean = step.stats[pair.input_group]["all"].mean_abs
+            ref = _reference_losses(adapter, step.layer, pair, calls, targets, x_mean, scheme, grid)
+            for batch_tokens in (0, 4096, 20):  # 20 rows: chunks of one or two samples
+                found = search_pair_scale(adapter, step.layer, pair, calls, targets, x_mean, scheme, grid, "cpu",
+                                          batch_tokens=batch_tokens)
+                assert found.alpha == min(ref, key=ref.get), (pair.name, batch_tokens, found.losses, ref)
+                torch.testing.assert_close(torch.tensor(list(found.losses.values())),
+                                           torch.tensor(list(ref.values())), rtol=2e-4, atol=1e-9)
+            checked += 1
+    assert checked >= 4
+
+
+def test_joined_samples_carry_rows_targets_and_row_weights_in_order():
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(1, n, 4, generator=gen) for n in (3, 5, 2)]
+    calls = [BlockCall((), {}, x) for x in xs]
+    targets = [2 * x for x in xs]
+    weights = [torch.full((3,), 0.5), None, torch.tensor([1.0, 0.0])]
+    jc, jt, jw = join_samples(calls, targets, weights, token_wise=True, max_tokens=8)
+    assert [c.input.shape[1] for c in jc] == [8, 2]  # samples 0 + 1, then 2
+    torch.testing.assert_close(jc[0].input, torch.cat(xs[:2], dim=1))
+    torch.testing.assert_close(jt[0], 2 * jc[0].input)
+    assert jw[0].tolist() == [0.5] * 3 + [1.0] * 5 and jw[1].tolist() == [1.0, 0.0]
+    assert join_samples(calls, targets, weights, token_wise=True, max_tokens=0)[0] == calls
+    # the attention (not token-wise) joins along the batch only with equal shapes and arguments
+    assert not joinable(calls, token_wise=False)
+    same = [BlockCall((), {"m": torch.ones(2)}, torch.randn(1, 3, 4, generator=gen)) for _ in range(2)]
+    assert joinable(same, token_wise=False)
+    same[1].kwargs["m"] = torch.zeros(2)
+    assert not joinable(same, token_wise=False)
 
 
 # --- FP invariance of the chosen scales on every adapter ----------------------------------------------

@@ -140,3 +140,19 @@ def test_block_calls_replay_the_attention_and_mlp_as_the_layer_calls_them(model_
                     assert torch.equal(call.run(block, "cpu", x=call.input), call.run(block, "cpu"))
         x = 2 * calls[0].input  # the MLP takes its input positionally: x replaces it
         torch.testing.assert_close(calls[0].run(block, "cpu", x=x), block(x))
+
+
+def test_block_calls_and_outputs_are_the_block_calls_and_the_outputs_of_the_same_pass():
+    model, processor, cls = tiny("qwen2_5_vl")
+    adapter = get_adapter(model)
+    captured = capture_stack_inputs(model, adapter.decoder_stack(), prompts(processor, cls, 2, seed=3), "cpu")
+    step = next(iter(StackWalker(adapter.decoder_stack(), captured, "cpu")))
+    for block in (adapter.attention(step.layer), adapter.mlp(step.layer)):
+        seen = []
+        h = block.register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+        calls, outputs = step.block_calls_and_outputs(block)
+        h.remove()
+        assert len(calls) == len(outputs) == len(seen) == 2
+        for out, ref, call, plain in zip(outputs, seen, calls, step.block_calls(block)):
+            assert torch.equal(out, ref) and out.data_ptr() != ref.data_ptr()  # a copy of what the block returned
+            assert torch.equal(call.input, plain.input)
