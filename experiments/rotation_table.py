@@ -45,14 +45,14 @@ VARIANTS = {
                                     "method.rms=false"],
     "mquant +msq+aifs": ["method=mquant", *OFFICIAL, "method.rms=false"],
     "mquant +msq+aifs+rms": ["method=mquant", *OFFICIAL],
-    "mquant +msq+aifs+rms, FP-prompt scales (ours)": ["method=mquant", *STATIC],  # the method's defaults
+    "mquant +msq+aifs+rms FP-prompt scales (ours)": ["method=mquant", *STATIC],  # the method's defaults
 }
 
 
 # each row's paired test is against this row (same bits): the baselines against RTN, each MQuant step the one before
 COMPARED_WITH = {
     "gptq": "rtn", "quarot-rtn": "rtn", "quarot-gptq": "rtn", "quarot-rtn (ours)": "quarot-rtn",
-    "mquant static gptq+hadamard": "rtn", "mquant +msq+aifs+rms, FP-prompt scales (ours)": "mquant +msq+aifs+rms",
+    "mquant static gptq+hadamard": "rtn", "mquant +msq+aifs+rms FP-prompt scales (ours)": "mquant +msq+aifs+rms",
     "mquant +msq+aifs": "mquant static gptq+hadamard", "mquant +msq+aifs+rms": "mquant +msq+aifs",
 }
 
