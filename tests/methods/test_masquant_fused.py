@@ -260,3 +260,4 @@ def test_unsmoothed_learn_linear_on_integer_codes_equals_float_matmul(monkeypatc
         results.append((Y.detach(), X.grad))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-6, atol=1e-6)
+

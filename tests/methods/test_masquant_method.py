@@ -257,3 +257,22 @@ def test_analysis_helpers(mllm_case, tmp_path):
     rep = delta_w_rank_report(W, torch.ones(64), torch.rand(64) + 0.5, X, W4A8, ranks=(8,))
     assert 1 <= rep["erank/whitened"] <= 64 and 1 <= rep["erank/plain"] <= 64
     assert rep["rel_err/whitened/rank_8"] < rep["rel_err/plain/rank_8"]
+
+
+def test_an_undamped_singular_whitening_stops_with_an_error_naming_the_damping():
+    """cmc.damping=0 (the official undamped inverse) on a Gram matrix of fewer tokens than channels: the factors
+    overflow; the run stops with an error naming method.cmc.damping instead of an SVD failure or infinite weights."""
+    from masquant.errors import MethodConfigError
+    from masquant.methods.masquant.config import CMCConfig, MASQuantConfig
+    from masquant.methods.masquant.method import MASQuant
+    from masquant.quant.quantizer import quantize_weight
+    from masquant.quant.scheme import QuantScheme
+
+    g = torch.Generator().manual_seed(0)
+    W, X = torch.randn(32, 64, generator=g), torch.randn(8, 64, generator=g).double()  # 8 tokens < 64 channels
+    s, scheme = torch.rand(64, generator=g) + 0.5, QuantScheme("a", 4, 8)
+    W_q = quantize_weight(W * s, scheme)
+    with pytest.raises(MethodConfigError, match="method.cmc.damping=0.0"):
+        MASQuant(MASQuantConfig(cmc=CMCConfig(damping=0.0))).cmc_factors(W, s, W_q, X.T @ X, scheme)
+    L1, L2 = MASQuant(MASQuantConfig()).cmc_factors(W, s, W_q, X.T @ X, scheme)  # damped: finite
+    assert torch.isfinite(L1).all() and torch.isfinite(L2).all()

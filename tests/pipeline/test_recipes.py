@@ -112,5 +112,5 @@ def test_these_methods_defaults_are_their_official_recipe(compose_cfg, method, q
 def test_masquant_official_preset_is_the_official_codes(compose_cfg):
     spec = _spec(compose_cfg, "method=masquant", "recipe=official", "quant=w4a8")
     m = spec.method_cfg
-    assert (m.lambda_vision, list(m.cmc.roles), m.cmc.damping) == (0.5, ["q", "k", "v", "o", "gate", "up"], 0.0)
+    assert (m.lambda_vision, list(m.cmc.roles), m.cmc.damping) == (0.5, ["q", "k", "v", "o", "gate", "up"], 0.01)
     assert pipeline.run_method_label(spec) == "masquant(recipe=official)"

@@ -336,5 +336,15 @@ class MASQuant(Method):
             T, T_inv = core.whitening(core.rescale_covariance(C, s_m), c.damping)
         else:
             T = T_inv = None
-        L1, L2 = core.whitened_low_rank(dW, T, T_inv, r)
-        return L1.float(), L2.float()
+        try:
+            L1, L2 = core.whitened_low_rank(dW, T, T_inv, r)
+            L1, L2 = L1.float(), L2.float()
+            finite = bool(torch.isfinite(L1).all() and torch.isfinite(L2).all())
+        except torch.linalg.LinAlgError:
+            finite = False
+        if not finite:
+            raise MethodConfigError(
+                f"method.cmc.damping={c.damping}: the whitened low-rank factors are not finite (a singular Gram "
+                f"matrix: fewer calibration tokens of the modality than input channels, {dW.shape[0]}); raise "
+                "method.cmc.damping (default 0.01) or use more calibration samples")
+        return L1, L2
