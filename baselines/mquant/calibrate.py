@@ -27,6 +27,7 @@ class ScaleObserver:
         self.router = router
         self.absmax: dict[str, dict[str, torch.Tensor]] = {name: {} for name in linears}
         self.tokens: dict[str, int] = {}
+        self._counted = next(iter(linears), None)  # tokens are counted at one linear (every one sees them all)
         self._handles = [lin.register_forward_pre_hook(self._hook(name)) for name, lin in linears.items()]
 
     def _hook(self, name: str):
@@ -45,7 +46,7 @@ class ScaleObserver:
                     continue
                 peak = rows.amax(0).cpu()
                 seen[m] = peak if m not in seen else torch.maximum(seen[m], peak)
-                if name == next(iter(self.absmax)):
+                if name == self._counted:
                     self.tokens[m] = self.tokens.get(m, 0) + rows.shape[0]
         return hook
 

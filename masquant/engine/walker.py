@@ -21,7 +21,7 @@ that runs one block.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
@@ -345,11 +345,8 @@ class StackStep:
         """Outputs of the block as it is now on the quantized stream (computed once; the walk advances with them).
         With the walker's ``quantized_activations=False`` its QuantLinears leave their inputs unquantized."""
         if self._quant_outputs is None:
-            if self.walker.quantized_activations:
+            with nullcontext() if self.walker.quantized_activations else activations_unquantized(self.block):
                 self._quant_outputs = self.run("quant")
-            else:
-                with activations_unquantized(self.block):
-                    self._quant_outputs = self.run("quant")
         return self._quant_outputs
 
 

@@ -3,8 +3,12 @@
 ``quant.w_quantizer=gptq`` needs each linear's Hessian H = 2/N Σ xᵀx: one :class:`GramObserver` per block (one
 Gram matrix per input group: q/k/v share theirs, as do gate/up) fed with the block as it is before it is
 quantized, run on the walk's *quantized* stream: block i's GPTQ sees the inputs the quantized blocks 0..i-1 give
-it (GPTQ's sequential setting; within a block the input groups come from one pass, not GPTQ's "true sequential"
-passes).
+it (GPTQ's sequential setting; by default within a block the input groups come from one pass).
+
+``quant.gptq_true_sequential`` runs GPTQ as the official QuaRot and MQuant code: the block's input groups in the
+order the block calls them (found by one call on one sample: q/k/v, o, gate/up, down in a decoder layer), each
+group's Hessian from its own pass of the block in which the groups before it already compute with their GPTQ
+weights, on a stream without activation quantization (the engine walks it so).
 
 Methods with ``honours_weight_options`` deploy through :func:`block_weights` and so honour ``quant.w_quantizer`` and
 ``quant.w_mse_clip``; the others refuse them before anything runs.
@@ -69,26 +73,27 @@ def group_call_order(step, block: nn.Module) -> list[str]:
     return order + missing  # a group the block did not call (none in the supported models) goes last
 
 
-def true_sequential_gptq(step, block: nn.Module, stack, source: WeightSource, opts: dict):
-    """GPTQ group by group (see the module docstring): ({role: W_q}, {role: loss}). The block's weights are
-    restored when done (the deploy path takes the GPTQ weights)."""
+def gptq_block(step, block: nn.Module, stack, source: WeightSource, opts: dict, true_sequential: bool):
+    """GPTQ on every linear of ``block``: ({role: W_q}, {role: loss}). One Hessian pass for every input group, or
+    (``true_sequential``, see the module docstring) one pass per group in call order, the groups before it computing
+    with their GPTQ weights meanwhile; the block's weights are restored when done (the deploy path takes W_q)."""
     linears = stack.linears(block)
     originals = {role: lin.weight.data for role, lin in linears.items()}
+    passes = [[g] for g in group_call_order(step, block)] if true_sequential else [list(stack.input_groups)]
     deployed: dict[str, torch.Tensor] = {}
     losses: dict[str, float] = {}
     try:
-        for group in group_call_order(step, block):
-            grams = GramObserver.for_block(stack, block, groups=[group])
+        for groups in passes:
+            grams = GramObserver.for_block(stack, block, groups=groups)
             step.run("quant", layer=block, observers=[grams], keep=False)
-            H = grams.hessian(group)
-            for role in stack.input_groups[group]:
+            for role in (r for g in groups for r in stack.input_groups[g]):
                 linear = linears[role]
                 W = source(role, linear)
-                Wq, info = gptq_quantize(W.float(), H.to(W.device), **opts)
+                Wq, info = gptq_quantize(W.float(), grams.hessian(stack.role_group[role]).to(W.device), **opts)
                 deployed[role] = Wq.to(W.dtype)
                 losses[role] = info["loss"]
-                # later groups see this one as deployed: the GPTQ weight plus what the source kept out (RMS's column)
-                linear.weight.data = deployed[role] + (originals[role] - W)
+                if true_sequential:  # later groups see this one as deployed: W_q plus what the source kept out (RMS)
+                    linear.weight.data = deployed[role] + (originals[role] - W)
     finally:
         for role, linear in linears.items():
             linear.weight.data = originals[role]
@@ -122,20 +127,7 @@ def block_weights(ctx, step=None, block: nn.Module | None = None, weight_source:
         raise ValueError("quant.w_quantizer=gptq needs the walker's step (its quantized stream feeds H)")
     stack = step.stack if stack is None else stack
     t0 = time.perf_counter()
-    opts = gptq_options(scheme)
-    if scheme.gptq_true_sequential:
-        deployed, losses = true_sequential_gptq(step, block, stack, source, opts)
-        seconds = time.perf_counter() - t0
-        return BlockWeights(lambda role, linear: DeployWeight(deployed[role], quantized=True), seconds, losses)
-    grams = block_hessians(step)
-    deployed = {}
-    losses = {}
-    for role, linear in stack.linears(block).items():
-        W = source(role, linear)
-        H = grams.hessian(stack.role_group[role]).to(W.device)
-        Wq, info = gptq_quantize(W.float(), H, **opts)
-        deployed[role] = Wq.to(W.dtype)
-        losses[role] = info["loss"]
+    deployed, losses = gptq_block(step, block, stack, source, gptq_options(scheme), scheme.gptq_true_sequential)
     seconds = time.perf_counter() - t0
     log.debug("GPTQ %s block %d: %.2f s, loss %s", stack.name, step.index, seconds, losses)
     return BlockWeights(lambda role, linear: DeployWeight(deployed[role], quantized=True), seconds, losses)
