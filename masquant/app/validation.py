@@ -57,7 +57,7 @@ def inapplicable_keys(cfg: DictConfig) -> list[str]:
         from masquant.quant.scheme import QuantScheme
 
         default = QuantScheme()
-        for key in ("gptq_damp", "gptq_block", "gptq_act_order"):
+        for key in ("gptq_damp", "gptq_block", "gptq_act_order", "gptq_static_groups"):
             if q[key] != getattr(default, key):
                 problems.append(f"quant.{key}={q[key]} is not read with quant.w_quantizer={_value(q.w_quantizer)}; "
                                 "set quant.w_quantizer=gptq")

@@ -10,15 +10,21 @@ import torch.nn as nn
 
 from masquant.adapters.stack import BlockStack
 from masquant.quant.linear import ModalityPath, QuantLinear
-from masquant.quant.quantizer import quantize_weight
+from masquant.quant.quantizer import quantize_weight_grid
 
 
 @dataclass
 class DeployWeight:
-    """The weight a linear deploys: FP (quantized by the scheme at deploy) or already quantized (e.g. GPTQ)."""
+    """The weight a linear deploys: FP (quantized by the scheme at deploy) or already quantized (e.g. GPTQ).
+
+    An already quantized weight may carry its grid (``scale``, ``zero`` [out, n_groups], ``g_idx`` [in]: see
+    :class:`~masquant.quant.linear.QuantLinear`); one without it deploys and evaluates, but cannot be exported."""
 
     W: torch.Tensor  # [out, in]
     quantized: bool = False
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+    g_idx: torch.Tensor | None = None
 
 
 WeightFn = Callable[[str, nn.Module], "DeployWeight | torch.Tensor | None"]
@@ -47,7 +53,11 @@ def deploy_block_(ctx, block: nn.Module, weight_for: WeightFn | None = None, pat
         elif torch.is_tensor(spec):
             spec = DeployWeight(spec)
         dtype = linear.weight.dtype
-        W_q = spec.W if spec.quantized else quantize_weight(spec.W.float(), ctx.scheme)
+        scale, zero, g_idx = spec.scale, spec.zero, spec.g_idx
+        if spec.quantized or not ctx.scheme.quantize_weights:
+            W_q = spec.W
+        else:
+            W_q, scale, zero = quantize_weight_grid(spec.W.float(), ctx.scheme)
         W_q = W_q.to(dtype)
         paths = paths_for(role, linear, W_q) if paths_for is not None else {}
         if input_transform_for is not None:
@@ -55,6 +65,8 @@ def deploy_block_(ctx, block: nn.Module, weight_for: WeightFn | None = None, pat
         else:
             transform = getattr(linear, "input_transform", None)
         bias = None if linear.bias is None else linear.bias.data
-        stack.set_linear(block, role, QuantLinear(W_q, bias, ctx.scheme, router, paths, transform))
+        grid = {} if scale is None else dict(weight_scale=scale.float(), weight_g_idx=g_idx,
+                                              weight_zero=None if zero is None else zero.float())
+        stack.set_linear(block, role, QuantLinear(W_q, bias, ctx.scheme, router, paths, transform, **grid))
         n += 1
     return n

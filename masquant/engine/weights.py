@@ -27,7 +27,7 @@ import torch.nn as nn
 from masquant.calibration.stats import GramObserver
 from masquant.engine.deploy import DeployWeight, WeightFn
 from masquant.quant.gptq import gptq_quantize
-from masquant.quant.grid import rtn_quantize
+from masquant.quant.grid import rtn_quantize_grid
 from masquant.quant.scheme import QuantScheme
 
 log = logging.getLogger(__name__)
@@ -40,14 +40,21 @@ def gptq_options(scheme: QuantScheme) -> dict:
     return dict(bits=scheme.w_bits, symmetric=scheme.w_symmetric,
                 group_size=scheme.w_group_size if scheme.w_granularity == "group" else 0,
                 qrange=scheme.int_range.value, blocksize=scheme.gptq_block, percdamp=scheme.gptq_damp,
-                act_order=scheme.gptq_act_order, mse_clip=scheme.w_mse_clip)
+                act_order=scheme.gptq_act_order, static_groups=scheme.gptq_static_groups,
+                mse_clip=scheme.w_mse_clip)
 
 
-def rtn_weight(W: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
-    """Round to nearest on the scheme's grid with the MSE-clipped range (``quant.w_mse_clip``)."""
+def permuted_groups(opts: dict) -> bool:
+    """GPTQ's groups follow the act-order permutation (not consecutive columns): their group index is the grid."""
+    return bool(opts["act_order"] and opts["group_size"] and not opts["static_groups"])
+
+
+def rtn_weight(W: torch.Tensor, scheme: QuantScheme) -> DeployWeight:
+    """Round to nearest on the scheme's grid with the MSE-clipped range (``quant.w_mse_clip``), with its grid."""
     opts = gptq_options(scheme)
-    return rtn_quantize(W, bits=opts["bits"], symmetric=opts["symmetric"], group_size=opts["group_size"],
-                        qrange=opts["qrange"], mse_clip=True)
+    W_q, scale, zero = rtn_quantize_grid(W, bits=opts["bits"], symmetric=opts["symmetric"],
+                                         group_size=opts["group_size"], qrange=opts["qrange"], mse_clip=True)
+    return DeployWeight(W_q, quantized=True, scale=scale, zero=zero)
 
 
 @dataclass
@@ -74,13 +81,15 @@ def group_call_order(step, block: nn.Module) -> list[str]:
 
 
 def gptq_block(step, block: nn.Module, stack, source: WeightSource, opts: dict, true_sequential: bool):
-    """GPTQ on every linear of ``block``: ({role: W_q}, {role: loss}). One Hessian pass for every input group, or
+    """GPTQ on every linear of ``block``: ({role: DeployWeight (W_q and its grid)}, {role: loss}). One Hessian pass for
+    every input group, or
     (``true_sequential``, see the module docstring) one pass per group in call order, the groups before it computing
     with their GPTQ weights meanwhile; the block's weights are restored when done (the deploy path takes W_q)."""
     linears = stack.linears(block)
     originals = {role: lin.weight.data for role, lin in linears.items()}
     passes = [[g] for g in group_call_order(step, block)] if true_sequential else [list(stack.input_groups)]
     deployed: dict[str, torch.Tensor] = {}
+    grids: dict[str, dict] = {}  # role -> the grid GPTQ rounded on (DeployWeight's scale, zero, g_idx)
     losses: dict[str, float] = {}
     try:
         for groups in passes:
@@ -91,13 +100,15 @@ def gptq_block(step, block: nn.Module, stack, source: WeightSource, opts: dict, 
                 W = source(role, linear)
                 Wq, info = gptq_quantize(W.float(), grams.hessian(stack.role_group[role]).to(W.device), **opts)
                 deployed[role] = Wq.to(W.dtype)
+                grids[role] = dict(scale=info["scale"], zero=None if opts["symmetric"] else info["zero"],
+                                   g_idx=info["g_idx"] if permuted_groups(opts) else None)
                 losses[role] = info["loss"]
                 if true_sequential:  # later groups see this one as deployed: W_q plus what the source kept out (RMS)
                     linear.weight.data = deployed[role] + (originals[role] - W)
     finally:
         for role, linear in linears.items():
             linear.weight.data = originals[role]
-    return deployed, losses
+    return {role: DeployWeight(W_q, quantized=True, **grids[role]) for role, W_q in deployed.items()}, losses
 
 
 def block_hessians(step) -> GramObserver:
@@ -122,7 +133,7 @@ def block_weights(ctx, step=None, block: nn.Module | None = None, weight_source:
     if scheme.w_quantizer == "rtn":
         if not scheme.w_mse_clip:
             return BlockWeights(None if weight_source is None else source)
-        return BlockWeights(lambda role, linear: DeployWeight(rtn_weight(source(role, linear), scheme), quantized=True))
+        return BlockWeights(lambda role, linear: rtn_weight(source(role, linear), scheme))
     if step is None:
         raise ValueError("quant.w_quantizer=gptq needs the walker's step (its quantized stream feeds H)")
     stack = step.stack if stack is None else stack
@@ -130,4 +141,4 @@ def block_weights(ctx, step=None, block: nn.Module | None = None, weight_source:
     deployed, losses = gptq_block(step, block, stack, source, gptq_options(scheme), scheme.gptq_true_sequential)
     seconds = time.perf_counter() - t0
     log.debug("GPTQ %s block %d: %.2f s, loss %s", stack.name, step.index, seconds, losses)
-    return BlockWeights(lambda role, linear: DeployWeight(deployed[role], quantized=True), seconds, losses)
+    return BlockWeights(lambda role, linear: deployed[role], seconds, losses)

@@ -235,10 +235,21 @@ def rtn_quantize(W: torch.Tensor, *, bits: int, symmetric: bool = True, group_si
                  mse_clip: bool = False) -> torch.Tensor:
     """Round-to-nearest W [out, in] per output channel (group_size 0) or per group of inputs -> Wq, W's dtype;
     the range of each row of a group is its full range or, with ``mse_clip``, the MSE-clipped one."""
+    return rtn_quantize_grid(W, bits=bits, symmetric=symmetric, group_size=group_size, qrange=qrange,
+                             mse_clip=mse_clip)[0]
+
+
+def rtn_quantize_grid(W: torch.Tensor, *, bits: int, symmetric: bool = True, group_size: int = 0,
+                      qrange: str = "narrow", mse_clip: bool = False):
+    """:func:`rtn_quantize` and its grid: (Wq, scale, zero), scale and zero [out, n_groups] in the working
+    precision (zero None on a symmetric grid)."""
     grid = IntGrid(bits, symmetric, qrange)
     Wf = W.detach().to(torch.float64 if W.dtype == torch.float64 else torch.float32)
     Q = torch.empty_like(Wf)
+    scales, zeros = [], []
     for cols in group_slices(Wf.shape[1], group_size):
         scale, zero = find_scale_zero(Wf[:, cols], grid, mse_clip)
         Q[:, cols] = fake_quantize(Wf[:, cols], scale, zero, grid)
-    return Q.to(W.dtype)
+        scales.append(scale)
+        zeros.append(zero)
+    return Q.to(W.dtype), torch.cat(scales, 1), None if zeros[0] is None else torch.cat(zeros, 1)

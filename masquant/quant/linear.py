@@ -145,6 +145,11 @@ class QuantLinear(nn.Module):
 
     ``input_transform`` (a module, e.g. an online Hadamard) is applied to the input before the paths,
     i.e. before smoothing and activation quantization.
+
+    The shared weight's integer grid, when the deploy path knows it, is kept beside it: ``weight_scale`` and
+    ``weight_zero`` [out, n_groups] (zero: asymmetric grids only) over the groups of
+    :func:`~masquant.quant.grid.group_slices`, or over the groups ``weight_g_idx`` [in] assigns (GPTQ's act
+    order). ``weight`` = (codes - zero) · scale for integer codes: what an export writes (``masquant.export``).
     """
 
     def __init__(
@@ -155,12 +160,18 @@ class QuantLinear(nn.Module):
         router: ModalityRouter | None = None,
         paths: dict[str, ModalityPath] | None = None,
         input_transform: nn.Module | None = None,
+        weight_scale: torch.Tensor | None = None,
+        weight_zero: torch.Tensor | None = None,
+        weight_g_idx: torch.Tensor | None = None,
     ):
         super().__init__()
         self.input_transform = input_transform
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.register_buffer("weight_scale", weight_scale)
+        self.register_buffer("weight_zero", weight_zero)
+        self.register_buffer("weight_g_idx", weight_g_idx)
         self.scheme = scheme
         self.router = router
         self.paths = nn.ModuleDict(paths or {})

@@ -14,14 +14,16 @@ from masquant.quant.grid import (
     IntGrid,
     fake_quantize,
     fake_quantize_range,
+    group_slices,
     quantize_groups,
+    range_scale_zero,
     round_ste,
     symmetric_scale,
 )
 from masquant.quant.scheme import QuantScheme
 
 __all__ = ["fake_quant_asym", "fake_quant_sym", "quantize_activation", "quantize_groups", "quantize_weight",
-           "round_ste", "sqnr_db", "static_act_scale"]
+           "quantize_weight_grid", "round_ste", "sqnr_db", "static_act_scale", "weight_grid_of"]
 
 
 def fake_quant_sym(
@@ -64,6 +66,37 @@ def quantize_weight(W: torch.Tensor, scheme: QuantScheme, ste: bool = False) -> 
     if scheme.w_granularity == "tensor":
         return fq(W, dim=None, **kw)
     return quantize_groups(W, scheme.w_group_size, lambda G: fq(G, dim=-1, **kw))
+
+
+def weight_grid_of(scheme: QuantScheme) -> IntGrid:
+    """The integer grid of the scheme's weights."""
+    return IntGrid(scheme.w_bits, scheme.w_symmetric, scheme.int_range)
+
+
+@torch.no_grad()
+def quantize_weight_grid(W: torch.Tensor, scheme: QuantScheme
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`quantize_weight` (no STE) and the grid it rounded on: (W_q, scale, zero), scale and zero
+    [out, n_groups] (per tensor: [1, 1]; zero None on a symmetric grid); the groups are
+    :func:`~masquant.quant.grid.group_slices` of the input columns. The same float operations as
+    :func:`quantize_weight`, so W_q is equal bit for bit (an export writes these integers and scales)."""
+    grid = weight_grid_of(scheme)
+    ratio = scheme.w_clip_ratio
+    if scheme.w_granularity == "tensor":
+        scale, zero = range_scale_zero(W, grid, ratio, dim=None)
+        scale = scale.reshape(1, 1)
+        zero = None if zero is None else zero.reshape(1, 1)
+        return fake_quantize(W, scale, zero, grid), scale, zero
+    g = scheme.w_group_size if scheme.w_granularity == "group" else 0
+    out_f, in_f = W.shape
+    Q = torch.empty_like(W)
+    scales, zeros = [], []
+    for cols in group_slices(in_f, g):
+        scale, zero = range_scale_zero(W[:, cols], grid, ratio, dim=-1)
+        Q[:, cols] = fake_quantize(W[:, cols], scale, zero, grid)
+        scales.append(scale)
+        zeros.append(zero)
+    return Q, torch.cat(scales, 1), None if zeros[0] is None else torch.cat(zeros, 1)
 
 
 def quantize_activation(

@@ -67,6 +67,10 @@ class QuantScheme:
     gptq_damp: float = 0.01  # dampening, relative to mean(diag H)
     gptq_block: int = 128  # lazy-update block of columns
     gptq_act_order: bool = False  # quantize columns by decreasing H[i, i]
+    # with act order: every group's scale from the original W before any update, groups in the original column order
+    # (GPTQ's static_groups; what a compressed-tensors checkpoint can hold: actorder='weight'). False: the official
+    # GPTQ/QuaRot/MQuant code, a group's scale when its first (permuted) column is reached
+    gptq_static_groups: bool = False
     # GPTQ as the official QuaRot/MQuant code runs it: a block's input groups in the order the block runs them
     # (q/k/v, o, gate/up, down), each group's Hessian from its own pass after the previous groups are quantized, on a
     # stream whose activations are not quantized. False: one pass per block for every group, on the deployed stream

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from masquant.runs.store import RESULTS_FORMAT
 
 # Keys that do not change results and are left out of the config hash.
-NON_SEMANTIC = ("logger", "paths", "force", "threads", "device", "reference", "sweep")
+NON_SEMANTIC = ("logger", "paths", "force", "threads", "device", "reference", "sweep", "export")
 NON_SEMANTIC_MODEL = ("placement", "max_memory_gib")  # where the weights live, not what they compute
 # Keys added after results existed, each with the default that reproduces the earlier behaviour: left out of
 # the hash at that default, so finished results keep their hash (sweeps resume) across the upgrade; any other
@@ -24,6 +24,7 @@ ADDED_WITH_NEUTRAL_DEFAULT: dict[tuple[str, str], object] = {
     ("eval", "max_new_tokens_per_task"): {},
     ("calib", "with_answers"): False,
     ("quant", "gptq_true_sequential"): False,
+    ("quant", "gptq_static_groups"): False,
     ("method", "scales"): "fp_prompts",  # MQuant's
     ("method", "scale_new_tokens"): 20,
     ("method", "vision_rms"): False,

@@ -110,14 +110,14 @@ def test_plain_gptq_beats_rtn_end_to_end_on_held_out_prompts():
 def test_mse_clip_lowers_the_weight_error_and_is_deployed():
     W = torch.randn(32, 64) * torch.rand(32, 1) + torch.randn(32, 64).pow(3) * 0.3  # heavy tails
     scheme = QuantScheme("w4", 4, 16, w_mse_clip=True)
-    clipped, plain = rtn_weight(W, scheme), quantize_weight(W, QuantScheme("w4", 4, 16))
+    clipped, plain = rtn_weight(W, scheme).W, quantize_weight(W, QuantScheme("w4", 4, 16))
     assert (clipped - W).pow(2).sum() < (plain - W).pow(2).sum()
     model = copy.deepcopy(_TINY[0])
     ctx = _ctx(model, scheme)
     layer = ctx.adapter.decoder_layers()[0]
     W0 = ctx.adapter.linears(layer)["up"].weight.data.clone()
     build_method(RTNConfig()).run(ctx)
-    torch.testing.assert_close(ctx.adapter.linears(layer)["up"].weight.data, rtn_weight(W0, scheme))
+    torch.testing.assert_close(ctx.adapter.linears(layer)["up"].weight.data, rtn_weight(W0, scheme).W)
 
 
 def test_scheme_validation_of_the_weight_options():
