@@ -198,6 +198,7 @@ class SparsityMeter:
 
 @register_method("larosa", config=LaRoSAConfig, order=90)
 class LaRoSA(Method):
+    export_refusal = "its Top-K activation sparsity and online rotations run at inference; the format has neither"
     honours_weight_options = True  # weights of a quantization scheme go through masquant.engine.weights
     fp16 = "allowed"  # sparsity alone
     function_preserving = False  # the Top-K drops entries by design

@@ -78,6 +78,8 @@ def refuse_unrotatable(method_id: str, adapter_cls: type) -> None:
 
 @register_method("quarot", config=QuaRotConfig, order=50)
 class QuaRot(Method):
+    export_refusal = ("its online Hadamard transforms (before down_proj and, with o_rotation, o_proj) run at "
+                      "inference, and masquant does not write compressed-tensors' transform config")
     needs_calibration = False  # RTN weights need none; GPTQ asks for it (requires_calibration)
     honours_weight_options = True
     dynamic_only_reason = "per token, as QuaRot; method=mquant is QuaRot with static per-tensor scales"

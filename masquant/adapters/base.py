@@ -433,7 +433,10 @@ class ModelAdapter:
 
     @classmethod
     def load_pretrained(cls, path: str | Path, dtype: torch.dtype) -> nn.Module:
-        return cls.model_cls().from_pretrained(path, dtype=dtype)
+        """The checkpoint's model; a compressed-tensors folder (``masquant.export``) loads as its quantized model."""
+        from masquant.adapters.checkpoint import load_kwargs
+
+        return cls.model_cls().from_pretrained(path, dtype=dtype, **load_kwargs(path))
 
     @classmethod
     def load_processor(cls, path: str | Path):

@@ -119,6 +119,29 @@ class PathsConfig:
     cache_dir: str = "${oc.env:MASQUANT_CACHE,${oc.env:HOME}/.cache/masquant}"
 
 
+class ExportFormat(str, Enum):
+    none = "none"
+    compressed_tensors = "compressed_tensors"
+
+
+class Unfoldable(str, Enum):
+    reround = "reround"  # re-round Q(W_q diag(1/s)) on the scheme's grid (a second rounding; reported)
+    refuse = "refuse"
+
+
+@dataclass
+class ExportConfig:
+    """``export=compressed_tensors``: write the quantized model as a checkpoint beside the results (not part of the
+    config hash: it changes what is written, not what is measured). See docs/export.md."""
+
+    name: str = "none"
+    format: ExportFormat = ExportFormat.none
+    unfoldable_smoothing: Unfoldable = Unfoldable.reround  # a smoothing vector no producer can absorb exactly
+    lora: bool = True  # MASQuant's CMC branches as PEFT LoRA adapters beside the checkpoint
+    verify: bool = True  # reload the folder with transformers + compressed-tensors and compare logits
+    max_rel_diff: float = 1e-6  # the reload's logits against the in-memory deployable model: max |Δ| / max |logit|
+
+
 @dataclass
 class SweepConfig:
     """What a run returns to a sweeper and how a sweep's table is laid out (not part of the config hash)."""
@@ -142,6 +165,7 @@ class Config:
     eval: EvalConfig = MISSING
     logger: LoggerConfig = MISSING
     paths: PathsConfig = MISSING
+    export: ExportConfig = field(default_factory=ExportConfig)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     tag: Optional[str] = None  # free label; part of the config hash
@@ -160,6 +184,7 @@ _GROUPS = {
     "eval": EvalConfig,
     "logger": LoggerConfig,
     "paths": PathsConfig,
+    "export": ExportConfig,
 }
 
 

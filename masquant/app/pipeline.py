@@ -148,6 +148,12 @@ def resolve(cfg: DictConfig) -> RunSpec:
     if problems:
         raise ConfigError("; ".join(problems))
     v.check_output_root(cfg.paths.output_root)
+    if str(getattr(cfg.export.format, "value", cfg.export.format)) != "none":
+        from masquant.export.runner import check_export_options
+
+        if method.export_refusal:
+            raise ConfigError(f"export=compressed_tensors with method={cfg.method.id}: {method.export_refusal}")
+        check_export_options(cfg)
     h = config_hash(cfg)
     run_dir = run_dir_for(cfg.paths.output_root, cfg.model.name, cfg.method.id, cfg.quant.name, h)
     return RunSpec(cfg, scheme, method_cfg, modalities, video_as, device, h, run_dir)
@@ -164,6 +170,8 @@ def reference_config(cfg: DictConfig) -> DictConfig:
     ref.quant = OmegaConf.structured(QuantConfig(name="fp16"))
     if "recipe" in ref:
         ref.recipe = OURS  # the dense model has no recipe (and the recipe is not part of the hash)
+    if "export" in ref:
+        ref.export.format = "none"  # the dense model is the model.path checkpoint itself
     ref.force = False
     return ref
 
@@ -198,15 +206,50 @@ def run(cfg: DictConfig) -> dict:
     killed runs left behind is cleaned up first.
     """
     spec = resolve(cfg)
-    if is_finished(spec.run_dir) and not cfg.force:
+    if is_finished(spec.run_dir) and not cfg.force and not needs_export(spec):
         log.info("finished result found for config %s, skipping: %s", spec.config_hash, spec.run_dir)
         return load_result(spec.run_dir)
     with run_lock(spec.run_dir):
         clean_stale(spec.run_dir)
         if is_finished(spec.run_dir) and not cfg.force:
+            if needs_export(spec):
+                return export_finished(spec)
             log.info("finished result found for config %s, skipping: %s", spec.config_hash, spec.run_dir)
             return load_result(spec.run_dir)
         return _run_locked(spec)
+
+
+def needs_export(spec: RunSpec) -> bool:
+    """An export is asked for and the finished run folder has none (the export is not part of the config hash)."""
+    from masquant.export.runner import EXPORT_FILE
+
+    return exporting(spec.cfg) and not (spec.run_dir / EXPORT_DIR / EXPORT_FILE).is_file()
+
+
+def export_finished(spec: RunSpec) -> dict:
+    """Export a finished run: quantize again from its configuration (deterministic: the same model), export, and
+    add the folder and its ``export/*`` metrics to the run, atomically (a kill leaves the run as it was). The caller
+    holds the run's lock."""
+    if not is_finished(spec.run_dir):
+        raise ConfigError(f"{spec.run_dir}: not a finished run (no {RESULT_FILE}); run it to the end first")
+    cfg = spec.cfg
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    seed_everything(int(cfg.seed))
+    work = spec.run_dir.parent / f".{spec.run_dir.name}.export.partial"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        found = _execute(spec, work, export_only=True)
+        metrics = load_result(spec.run_dir)
+        metrics.update({k: v for k, v in found.items() if k.startswith("export/") or k == "time/export_s"})
+        shutil.rmtree(spec.run_dir / EXPORT_DIR, ignore_errors=True)
+        os.replace(work / EXPORT_DIR, spec.run_dir / EXPORT_DIR)
+        write_json_atomic(metrics, spec.run_dir / RESULT_FILE)
+        log.info("export of the finished run: %s", spec.run_dir / EXPORT_DIR)
+        return metrics
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _run_locked(spec: RunSpec) -> dict:
@@ -304,7 +347,15 @@ def run_method_label(spec: RunSpec) -> str:
     return format_method_label(method_id, options)
 
 
-def _execute(spec: RunSpec, out_dir: Path) -> dict:
+EXPORT_DIR = "export"  # <run folder>/export: model/ (the checkpoint), lora_<modality>/, export.json
+
+
+def exporting(cfg) -> bool:
+    return str(getattr(cfg.export.format, "value", cfg.export.format)) != "none"
+
+
+def _execute(spec: RunSpec, out_dir: Path, export_only: bool = False) -> dict:
+    """The run's stages into ``out_dir``; ``export_only``: no benchmarks (the export of a finished run)."""
     cfg = spec.cfg
     stage = _Stages(spec.device)
     with stage("load"):
@@ -321,7 +372,7 @@ def _execute(spec: RunSpec, out_dir: Path) -> dict:
     metrics: dict[str, Any] = {}
     with stage("calib_data"):
         calib = held_out = None
-        if needs_calibration or cfg.eval.fidelity:
+        if needs_calibration or cfg.eval.fidelity or exporting(cfg):  # an export is checked on the held-out prompts
             calib, held_out, description = loading.calibration_sets(cfg, processor, adapter)
             calib.check_modalities_present(adapter, spec.modalities, spec.video_as)
             metrics["run/calib_set"] = description
@@ -372,10 +423,17 @@ def _execute(spec: RunSpec, out_dir: Path) -> dict:
             metrics["fidelity/ppl_delta"] = metrics["fidelity/ppl"] - metrics["fidelity/ppl_fp"]
 
     with stage("eval"):
-        if cfg.eval.tasks:
+        if cfg.eval.tasks and not export_only:
             from masquant.app.benchmarks import run_benchmarks
 
             metrics.update(run_benchmarks(cfg, model, processor, out_dir))
+    with stage("export"):
+        if exporting(cfg):
+            from masquant.export.runner import export_model
+
+            metrics.update(export_model(model, adapter, processor, out_dir / EXPORT_DIR, cfg.export,
+                                        held_out.batches if held_out is not None else [], spec.device, ref, ppl_ids,
+                                        metrics, spec.video_as))
     metrics.update(stage.metrics)
     metrics["memory/peak_mb"] = peak_memory_mb(spec.device)
     metrics.update({

@@ -53,6 +53,9 @@ class Method(ABC):
     # the method returns the model exactly as loaded (the dense reference): the run reports SQNR +inf and
     # perplexity = FP perplexity without measuring them twice
     leaves_model_unchanged: ClassVar[bool] = False
+    # why the method's model cannot be written as a compressed-tensors checkpoint (export=compressed_tensors is
+    # refused before anything loads); "" = exportable (what the model shows is checked again at export)
+    export_refusal: ClassVar[str] = ""
 
     def __init__(self, cfg: Any = None):
         self.cfg = cfg if cfg is not None else self.config_class()

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-CORE = ("app", "adapters", "calibration", "engine", "evaluation", "methods", "quant", "reporting", "runs", "sweep",
+CORE = ("app", "adapters", "calibration", "engine", "evaluation", "export", "methods", "quant", "reporting", "runs", "sweep",
         "transforms")  # the library without its plugins (sources, testbed) and without the baselines
 
 
@@ -43,6 +43,8 @@ def imports(path: Path) -> set[str]:
 def package_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for path in [*ROOT.glob("masquant/**/*.py"), *ROOT.glob("baselines/**/*.py")]:
+        if path.name == "__main__.py":  # an entry point (python -m masquant.<sub>) runs the app: outside the graph
+            continue
         source = package_of(module_name(path))
         if source is None:
             continue

@@ -1,0 +1,61 @@
+"""``python -m masquant.export <run folder>`` or ``python -m masquant.export <overrides>`` (its entry point:
+``masquant/export/__main__.py``).
+
+A run folder (``<output_root>/runs/<model>/<method>/<quant>-<hash>``) must hold a finished run; its configuration
+(``config.yaml``) is quantized again (the quantization is deterministic) and exported into ``<run folder>/export``,
+replacing an earlier export. Overrides are a normal run with ``export=compressed_tensors`` added: a finished run of
+the same configuration is exported without re-running its benchmarks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+log = logging.getLogger("masquant")
+
+
+def export_run_folder(folder: Path) -> dict:
+    from hydra import compose, initialize_config_dir
+
+    from masquant.app.config import register_configs
+    from masquant.app.main import CONF_DIR
+    from masquant.app.pipeline import ConfigError, export_finished, resolve
+    from masquant.runs.store import RESULT_FILE, is_finished, run_lock
+
+    folder = folder.resolve()
+    saved = folder / "config.yaml"
+    if not is_finished(folder) or not saved.is_file():
+        raise ConfigError(f"{folder}: not a finished run folder (it needs {RESULT_FILE} and config.yaml; a run that "
+                          "was interrupted or is still running cannot be exported)")
+    values = OmegaConf.load(saved)
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"method={values.method.id}", "export=compressed_tensors"])
+    values.pop("export", None)
+    cfg = OmegaConf.merge(cfg, values)
+    cfg.force = False
+    spec = dataclasses.replace(resolve(cfg), run_dir=folder)
+    with run_lock(folder):
+        return export_finished(spec)
+
+
+def main(argv: list[str]) -> None:
+    from masquant.app.pipeline import ConfigError
+
+    if argv and Path(argv[0]).is_dir():
+        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+        try:
+            metrics = export_run_folder(Path(argv[0]))
+        except ConfigError as err:
+            raise SystemExit(f"masquant.export: {err}") from None
+        print({k: v for k, v in metrics.items() if k.startswith("export/")})
+        return
+    from masquant.app.main import main as run_main
+
+    sys.argv = [sys.argv[0], *argv, "export=compressed_tensors"]
+    run_main()

@@ -1,0 +1,182 @@
+"""The deployable variant of a quantized model: what a compressed-tensors checkpoint can hold.
+
+A checkpoint holds, per linear, one integer weight on a grid of scales (and zero points) and the activation
+quantizer of the format (dynamic per token or per tensor, or a static per-tensor scale). What a
+:class:`~masquant.quant.linear.QuantLinear` can hold beyond that is turned into it here, in place, or refused:
+
+- a smoothing vector s on the default path (``x / s`` before the activation quantizer: MASQuant's text path) is
+  folded into the producer of the linear's input (a norm's weight, or the rows of the producing linear's grid),
+  exactly as :meth:`~masquant.adapters.base.ModelAdapter.fold_scales_` folds: the linear then computes the same
+  function with no division. A linear whose input has no producer that can absorb s (o_proj under grouped-query
+  attention: v_proj's outputs are shared by several heads) is re-rounded, ``Q(W_q diag(1/s))`` on the scheme's
+  grid (``export.unfoldable_smoothing=reround``: a second rounding, reported), or refused (``refuse``);
+- per-modality paths (MASQuant's non-text paths, MQuant's per-modality static scales) are dropped: every token
+  takes the default (text) path. A low-rank branch (CMC) is kept aside as a LoRA adapter
+  (:mod:`masquant.export.lora`) before its path is dropped;
+- an online transform before the activation quantizer (an online Hadamard of a rotation method) is refused,
+  naming the linear and the transform.
+
+The gap between the in-memory model and this variant is what the export measures (``export.json``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from masquant.adapters.norms import fold_scales_into_norm_
+from masquant.errors import ConfigError
+from masquant.quant.linear import DEFAULT_PATH, ModalityPath, QuantLinear
+from masquant.quant.quantizer import quantize_weight_grid, sqnr_db
+
+UNFOLDABLE_CHOICES = ("reround", "refuse")
+
+
+@dataclass
+class LowRankBranch:
+    """One CMC branch kept aside: y += (x / s_m) L1 L2 for the modality's tokens, x the linear's input."""
+
+    modality: str
+    smooth: torch.Tensor | None  # s_m [in] (None: no smoothing)
+    L1: torch.Tensor  # [in, r]
+    L2: torch.Tensor  # [r, out]
+
+
+@dataclass
+class DeployableReport:
+    """What :func:`make_deployable_` changed: folded and re-rounded linears, dropped paths, kept branches."""
+
+    folded: dict[str, str] = field(default_factory=dict)  # linear -> where its smoothing went
+    rerounded: dict[str, float] = field(default_factory=dict)  # linear -> weight SQNR (dB) of the second rounding
+    dropped_paths: dict[str, list[str]] = field(default_factory=dict)  # linear -> modalities whose path was dropped
+    branches: dict[str, list[LowRankBranch]] = field(default_factory=dict)  # linear -> CMC branches
+    input_smoothing: dict[str, torch.Tensor] = field(default_factory=dict)  # linear -> s its producer now divides by
+
+    def as_dict(self) -> dict:
+        return {"folded_smoothing": self.folded, "rerounded_weight_sqnr_db": self.rerounded,
+                "dropped_paths": self.dropped_paths,
+                "lowrank_branches": {k: [b.modality for b in v] for k, v in self.branches.items()}}
+
+
+def quant_linears(model: nn.Module) -> dict[str, QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def refuse_online_transforms(model: nn.Module) -> None:
+    """An online transform before the activation quantizer has no place in the checkpoint: refuse, naming it."""
+    found = {name: type(m.input_transform).__name__ for name, m in quant_linears(model).items()
+             if m.input_transform is not None}
+    if found:
+        first = dict(list(found.items())[:4])
+        raise ConfigError(
+            f"export=compressed_tensors: {len(found)} linears apply an online transform to their input before "
+            f"quantizing it ({first}{' ...' if len(found) > 4 else ''}); masquant does not write compressed-tensors' "
+            "transform config for it, so the checkpoint would compute another function. Export a method without "
+            "online rotations (e.g. rtn, gptq, awq, smoothquant, mbq, masquant)")
+
+
+@torch.no_grad()
+def _divide_output_rows_(producer: QuantLinear, s: torch.Tensor) -> None:
+    """Producer output ÷ s on its grid: the rows' scales ÷ s, the weight re-made from its integer codes (so the
+    weight stays exactly on the grid the export writes)."""
+    from masquant.export.grid import integer_codes, dequantize_codes
+
+    s = s.to(producer.weight.device).float()
+    if producer.weight_scale is None:
+        producer.weight.copy_((producer.weight.float() / s[:, None]).to(producer.weight.dtype))
+    else:
+        codes = integer_codes(producer)
+        producer.weight_scale = producer.weight_scale / s[:, None]
+        producer.weight.copy_(dequantize_codes(producer, codes).to(producer.weight.dtype))
+    if producer.bias is not None:
+        producer.bias.copy_((producer.bias.float() / s).to(producer.bias.dtype))
+
+
+def _producers(adapter) -> dict[str, tuple]:
+    """Consumer linear name -> (fold pair, layer index) for every decoder layer."""
+    out = {}
+    for i, layer in enumerate(adapter.decoder_layers()):
+        names = adapter.linear_names(i)
+        for pair in adapter.fold_pairs(layer):
+            for role in pair.consumers:
+                out[names[role]] = (pair, i)
+    return out
+
+
+@torch.no_grad()
+def make_deployable_(model: nn.Module, adapter, unfoldable: str = "reround") -> DeployableReport:
+    """Turn ``model`` (quantized in memory) into the variant a checkpoint holds, in place (see the module doc)."""
+    if unfoldable not in UNFOLDABLE_CHOICES:
+        raise ConfigError(f"export.unfoldable_smoothing={unfoldable!r}: valid choices are {list(UNFOLDABLE_CHOICES)}")
+    refuse_online_transforms(model)
+    report = DeployableReport()
+    linears = quant_linears(model)
+    for name, lin in linears.items():  # keep the low-rank branches, then route every token to the default path
+        others = [m for m in lin.paths if m != DEFAULT_PATH]
+        for m in others:
+            path = lin.paths[m]
+            if path.L1 is not None:
+                report.branches.setdefault(name, []).append(LowRankBranch(m, path.smooth, path.L1, path.L2))
+        if others:
+            report.dropped_paths[name] = others
+            for m in others:
+                del lin.paths[m]
+    smoothed = {name: lin.paths[DEFAULT_PATH].smooth for name, lin in linears.items()
+                if lin.paths[DEFAULT_PATH].smooth is not None}
+    if not smoothed:
+        return report
+    producers = _producers(adapter)
+    by_pair: dict[tuple, list[str]] = {}
+    for name in smoothed:
+        if name in producers:
+            pair, i = producers[name]
+            by_pair.setdefault((pair.name, i), []).append(name)
+    for (pair_name, i), names in by_pair.items():
+        layer = adapter.decoder_layers()[i]
+        pair = next(p for p in adapter.fold_pairs(layer) if p.name == pair_name)
+        role_names = adapter.linear_names(i)
+        consumers = [role_names[r] for r in pair.consumers]
+        vectors = [smoothed.get(c) for c in consumers]
+        same = all(v is not None and torch.equal(v, vectors[0]) for v in vectors)
+        if not same:
+            continue  # consumers of one producer with different (or no) smoothing: re-rounded below
+        s = vectors[0].float()
+        if pair.producer_is_norm:
+            fold_scales_into_norm_(adapter.norm(layer, pair.producer), adapter.norm_kind, s)
+            where = f"layer {i} {pair.producer}"
+        else:
+            producer = adapter.linears(layer)[pair.producer]
+            if not isinstance(producer, QuantLinear):
+                continue
+            _divide_output_rows_(producer, s)
+            where = role_names[pair.producer]
+        for c in consumers:
+            report.folded[c] = where
+            report.input_smoothing[c] = s
+            linears[c].paths[DEFAULT_PATH] = _without_smooth(linears[c].paths[DEFAULT_PATH])
+            smoothed.pop(c)
+    if smoothed and unfoldable == "refuse":
+        raise ConfigError(
+            f"export.unfoldable_smoothing=refuse: {len(smoothed)} linears divide their input by a smoothing vector "
+            f"that no producer can absorb exactly ({list(smoothed)[:4]}{' ...' if len(smoothed) > 4 else ''}: e.g. "
+            "o_proj under grouped-query attention); export.unfoldable_smoothing=reround re-rounds them instead")
+    for name, s in smoothed.items():
+        lin = linears[name]
+        if not lin.scheme.quantize_weights:
+            raise ConfigError(f"export: {name} divides its input by a smoothing vector but its weight is not "
+                              "quantized; nothing to re-round it on")
+        W_exact = lin.weight.float() / s.float()[None, :]
+        W_q, scale, zero = quantize_weight_grid(W_exact, lin.scheme)
+        report.rerounded[name] = sqnr_db(W_exact, W_q)
+        lin.weight.copy_(W_q.to(lin.weight.dtype))
+        lin.weight_scale, lin.weight_g_idx = scale.float(), None
+        lin.weight_zero = None if zero is None else zero.float()
+        lin.paths[DEFAULT_PATH] = _without_smooth(lin.paths[DEFAULT_PATH])
+    return report
+
+
+def _without_smooth(path: ModalityPath) -> ModalityPath:
+    new = ModalityPath(None, path.weight, path.L1, path.L2, path.act_scale)
+    return new.to(path.act_scale.device) if path.act_scale is not None else new
