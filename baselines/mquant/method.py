@@ -189,6 +189,12 @@ class MQuant(Method):
                                                weight_source=source if split else None),
                          paths_for=paths_for)
 
+    def export_problem(self) -> str:
+        if self.cfg.online_down:
+            return ("its online Hadamard on down_proj's input runs at inference, and masquant does not write "
+                    "compressed-tensors' transform config (method.online_down=false drops it)")
+        return ""
+
     def plan_decoder_layer(self, ctx, step) -> BlockPlan:
         """A decoder layer: MSQ scales per modality, RMS where channel 0 is an outlier, weights as
         quant.w_quantizer says (GPTQ on the quantized stream)."""

@@ -434,9 +434,9 @@ class ModelAdapter:
     @classmethod
     def load_pretrained(cls, path: str | Path, dtype: torch.dtype) -> nn.Module:
         """The checkpoint's model; a compressed-tensors folder (``masquant.export``) loads as its quantized model."""
-        from masquant.adapters.checkpoint import load_kwargs
+        from masquant.adapters.checkpoint import load_checkpoint
 
-        return cls.model_cls().from_pretrained(path, dtype=dtype, **load_kwargs(path))
+        return load_checkpoint(cls.model_cls(), path, dtype)
 
     @classmethod
     def load_processor(cls, path: str | Path):

@@ -31,3 +31,13 @@ def load_kwargs(path: str | Path) -> dict:
     from transformers.utils.quantization_config import CompressedTensorsConfig
 
     return {"quantization_config": CompressedTensorsConfig(dequantize=not quantizes_activations(qc))}
+
+
+def load_checkpoint(model_cls, path: str | Path, dtype):
+    """``model_cls.from_pretrained(path, dtype=dtype)`` with :func:`load_kwargs` (transformers' note that the
+    folder's own quantization config is used beside the passed loading option is expected here: silenced)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+        return model_cls.from_pretrained(path, dtype=dtype, **load_kwargs(path))

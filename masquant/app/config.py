@@ -137,6 +137,9 @@ class ExportConfig:
     name: str = "none"
     format: ExportFormat = ExportFormat.none
     unfoldable_smoothing: Unfoldable = Unfoldable.reround  # a smoothing vector no producer can absorb exactly
+    # the dtype of what the checkpoint keeps in floating point (embeddings, norms, vision tower, biases, LoRA); scales
+    # stay float32. None: the model's (the reload then reproduces the run's logits exactly)
+    dtype: Optional[DType] = None
     lora: bool = True  # MASQuant's CMC branches as PEFT LoRA adapters beside the checkpoint
     verify: bool = True  # reload the folder with transformers + compressed-tensors and compare logits
     max_rel_diff: float = 1e-6  # the reload's logits against the in-memory deployable model: max |Δ| / max |logit|

@@ -151,8 +151,8 @@ def resolve(cfg: DictConfig) -> RunSpec:
     if str(getattr(cfg.export.format, "value", cfg.export.format)) != "none":
         from masquant.export.runner import check_export_options
 
-        if method.export_refusal:
-            raise ConfigError(f"export=compressed_tensors with method={cfg.method.id}: {method.export_refusal}")
+        if method.export_problem():
+            raise ConfigError(f"export=compressed_tensors with method={cfg.method.id}: {method.export_problem()}")
         check_export_options(cfg)
     h = config_hash(cfg)
     run_dir = run_dir_for(cfg.paths.output_root, cfg.model.name, cfg.method.id, cfg.quant.name, h)

@@ -118,7 +118,7 @@ def linear_tensors(name: str, lin: QuantLinear, group_size: int | None = None
     if scheme.w_granularity == "tensor":
         scale = scale.reshape(1)
         zero = None if zero is None else zero.reshape(1)
-    out[f"{name}.weight_scale"] = scale.float().cpu().contiguous()
+    out[f"{name}.weight_scale"] = scale.float().cpu().clone()
     if zero is not None:
         zp = (zero - offset).to(torch.int8).cpu()
         out[f"{name}.weight_zero_point"] = pack_int32(zp, bits, dim=0) if fmt == FORMAT_PACKED else zp
@@ -129,7 +129,7 @@ def linear_tensors(name: str, lin: QuantLinear, group_size: int | None = None
         s = lin.paths[DEFAULT_PATH].act_scale
         if s is None:
             raise ConfigError(f"export: {name} quantizes activations with a static scale but has none")
-        out[f"{name}.input_scale"] = s.detach().float().reshape(1).cpu()
+        out[f"{name}.input_scale"] = s.detach().float().reshape(1).cpu().clone()  # linears may share one scale
     return out, {"weights": weight_args(lin, g), "input_activations": acts}, fmt
 
 

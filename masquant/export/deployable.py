@@ -13,8 +13,8 @@ quantizer of the format (dynamic per token or per tensor, or a static per-tensor
 - per-modality paths (MASQuant's non-text paths, MQuant's per-modality static scales) are dropped: every token
   takes the default (text) path. A low-rank branch (CMC) is kept aside as a LoRA adapter
   (:mod:`masquant.export.lora`) before its path is dropped;
-- an online transform before the activation quantizer (an online Hadamard of a rotation method) is refused,
-  naming the linear and the transform.
+- an online transform before the activation quantizer (an online Hadamard of a rotation method), and a
+  full-precision low-rank product on every token (MQuant's RMS), are refused, naming the linears.
 
 The gap between the in-memory model and this variant is what the export measures (``export.json``).
 """
@@ -113,6 +113,12 @@ def make_deployable_(model: nn.Module, adapter, unfoldable: str = "reround") -> 
     refuse_online_transforms(model)
     report = DeployableReport()
     linears = quant_linears(model)
+    every_token = [name for name, lin in linears.items() if lin.paths[DEFAULT_PATH].L1 is not None]
+    if every_token:
+        raise ConfigError(
+            f"export=compressed_tensors: {len(every_token)} linears add a full-precision low-rank product on every "
+            f"token beside their quantized weight ({every_token[:3]}{' ...' if len(every_token) > 3 else ''}: e.g. "
+            "MQuant's RMS); the checkpoint has no place for it (method.rms=false quantizes the whole weight)")
     for name, lin in linears.items():  # keep the low-rank branches, then route every token to the default path
         others = [m for m in lin.paths if m != DEFAULT_PATH]
         for m in others:

@@ -60,6 +60,10 @@ class Method(ABC):
     def __init__(self, cfg: Any = None):
         self.cfg = cfg if cfg is not None else self.config_class()
 
+    def export_problem(self) -> str:
+        """Why this method, with its options, cannot be exported (checked before loading); "" when it can."""
+        return self.export_refusal
+
     # --- checks, before anything loads ----------------------------------------------------------------------
     def requires_calibration(self, scheme: QuantScheme) -> bool:
         """Calibration data needed for this scheme: the method's own need, or GPTQ's Hessians."""

@@ -7,12 +7,14 @@ from __future__ import annotations
 import copy
 import json
 
+import compressed_tensors.compressors.pack_quantized.helpers as ct_helpers
+import peft
 import pytest
 import torch
 
 from masquant.adapters import get_adapter
 from masquant.errors import ConfigError
-from masquant.adapters.checkpoint import load_kwargs
+from masquant.adapters.checkpoint import load_checkpoint
 from masquant.export.compressed_tensors import pack_int32, write_folder
 from masquant.export.deployable import make_deployable_
 from masquant.export.grid import integer_codes, uniform_groups
@@ -23,7 +25,6 @@ from masquant.quant.linear import QuantLinear
 from masquant.quant.quantizer import quantize_weight_grid
 from support.tiny import MODEL_TYPES, prompts, run_method, tiny
 
-ct_helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
 
 W4_G48_ASYM = QuantScheme("w4a16_g48", 4, 16, w_symmetric=False, w_granularity="group", w_group_size=48)
 W4_G32 = QuantScheme("w4a16_g32", 4, 16, w_granularity="group", w_group_size=32)
@@ -52,7 +53,7 @@ def export_and_reload(model, processor, cls, tmp_path, unfoldable="reround"):
     report = make_deployable_(model, get_adapter(model), unfoldable)
     folder = tmp_path / "model"
     write_folder(model, processor, folder)
-    loaded = cls.model_cls().from_pretrained(folder, dtype=torch.float32, **load_kwargs(folder)).eval()
+    loaded = load_checkpoint(cls.model_cls(), folder, torch.float32).eval()
     return report, folder, loaded
 
 
@@ -103,18 +104,21 @@ def test_a_weight_off_its_recorded_grid_is_refused():
 
 
 # --- the round trip ----------------------------------------------------------------------------------------------
-ROUND_TRIPS = [
+ROUND_TRIPS = [  # (method, scheme, method options)
     ("rtn", W4_G48_ASYM, {}),
     ("rtn", W3_G32_ASYM, {}),
     ("rtn", W8A8, {}),
     ("rtn", W4A8, {}),
     ("awq", W4_G32, {}),
     ("smoothquant", W8A8_STATIC, {}),
+    ("mquant", W8A8_STATIC, {"online_down": False}),  # its offline rotation and per-modality scales (text path)
+    ("mquant", W8A8_STATIC, {"online_down": False, "quantize_vision": True}),  # the vision tower quantized too
     ("masquant", W4A8, {"epochs": 1, "tie_scales": True}),
 ]
 
 
-@pytest.mark.parametrize("method,scheme,options", ROUND_TRIPS, ids=[f"{m}-{s.name}" for m, s, _ in ROUND_TRIPS])
+@pytest.mark.parametrize("method,scheme,options", ROUND_TRIPS,
+                         ids=[f"{m}-{s.name}-{i}" for i, (m, s, _) in enumerate(ROUND_TRIPS)])
 def test_reloaded_checkpoint_computes_the_deployable_model(qwen, tmp_path, method, scheme, options):
     base, processor, cls, held = qwen
     model = quantized(base, processor, cls, method, scheme, **options)
@@ -123,7 +127,25 @@ def test_reloaded_checkpoint_computes_the_deployable_model(qwen, tmp_path, metho
     assert check["max_rel_diff"] <= 1e-6, check
     qc = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors" and "lm_head" in qc["ignore"]
-    assert any("visual" in name for name in qc["ignore"])  # the vision tower stays in full precision
+    vision_ignored = any("visual.blocks" in name for name in qc["ignore"])
+    assert vision_ignored != options.get("quantize_vision", False)  # full precision unless the method quantized it
+
+
+@pytest.mark.parametrize("scheme", [W4_G48_ASYM, W3_G32_ASYM], ids=lambda s: s.name)
+def test_a_bfloat16_checkpoint_reproduces_the_model_cast_to_bfloat16(qwen, tmp_path, scheme):
+    """export.dtype=bfloat16 (weight-only): floating tensors in bf16, scales in float32; the reload computes the cast
+    model exactly. (With quantized activations the format rounds them in bf16 its own way: recorded, not equal.)"""
+    from masquant.export.runner import cast_keeping_grids_
+
+    base, processor, cls, held = qwen
+    model = quantized(base, processor, cls, "rtn", scheme)
+    make_deployable_(model, get_adapter(model))
+    cast_keeping_grids_(model, torch.bfloat16)
+    write_folder(model, processor, tmp_path / "model")
+    loaded = load_checkpoint(cls.model_cls(), tmp_path / "model", torch.bfloat16)
+    check = compare(batch_logits(model, held, "cpu"), batch_logits(loaded, held, "cpu"))
+    assert check["max_rel_diff"] <= 1e-6, check
+    assert next(loaded.parameters()).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("scheme", [W8A8, W8A8_STATIC], ids=lambda s: s.name)
@@ -168,7 +190,6 @@ def test_round_trip_on_every_family(tmp_path, model_type):
 # --- what the format cannot hold ---------------------------------------------------------------------------------
 def test_masquant_lora_adapter_reproduces_the_cmc_branch(qwen, tmp_path):
     """base + PEFT adapter: on the exported linear's input, the adapter adds the in-memory branch (x/s_m) L1 L2."""
-    peft = pytest.importorskip("peft")
     from masquant.export.lora import write_adapters
 
     base, processor, cls, _ = qwen
@@ -226,6 +247,18 @@ def test_unfoldable_smoothing_is_refused_by_name_when_asked(qwen):
         make_deployable_(model, get_adapter(model), "refuse")
 
 
+def test_a_low_rank_product_on_every_token_is_refused(qwen):
+    """MQuant's RMS keeps an FP rank-1 product on the default path: no place for it in the checkpoint."""
+    from masquant.quant.linear import DEFAULT_PATH, ModalityPath
+
+    base, processor, cls, _ = qwen
+    model = quantized(base, processor, cls, "rtn", W4A8)
+    lin = get_adapter(model).linears(get_adapter(model).decoder_layers()[1])["down"]
+    lin.paths[DEFAULT_PATH] = ModalityPath(L1=torch.zeros(lin.in_features, 1), L2=torch.zeros(1, lin.out_features))
+    with pytest.raises(ConfigError, match=r"low-rank product on every token .*layers\.1\.mlp\.down_proj"):
+        make_deployable_(model, get_adapter(model))
+
+
 def test_narrow_activations_and_rotations_are_refused_before_loading(compose_cfg, tiny_overrides):
     from masquant.app.pipeline import resolve
 
@@ -233,5 +266,8 @@ def test_narrow_activations_and_rotations_are_refused_before_loading(compose_cfg
         resolve(compose_cfg(*tiny_overrides, "method=rtn", "quant=w4a8", "export=compressed_tensors"))
     with pytest.raises(ConfigError, match="method=quarot.*Hadamard"):
         resolve(compose_cfg(*tiny_overrides, "method=quarot", "quant=w4a16_g128", "export=compressed_tensors"))
+    with pytest.raises(ConfigError, match="method=mquant.*method.online_down=false"):
+        resolve(compose_cfg(*tiny_overrides, "method=mquant", "quant=w8a8", "quant.int_range=full",
+                            "quant.a_dynamic=false", "quant.a_granularity=tensor", "export=compressed_tensors"))
     with pytest.raises(ConfigError, match="weights are not quantized"):
         resolve(compose_cfg(*tiny_overrides, "method=dense", "quant=fp16", "export=compressed_tensors"))

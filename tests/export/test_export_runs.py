@@ -13,8 +13,6 @@ from masquant.errors import ConfigError
 from masquant.app.export_cli import export_run_folder
 from masquant.runs.store import RESULT_FILE
 
-pytest.importorskip("compressed_tensors")
-
 
 def test_run_writes_a_verified_export(compose_cfg, tiny_overrides):
     cfg = compose_cfg(*tiny_overrides, "method=rtn", "quant=w4a16_g128", "reference=false",
