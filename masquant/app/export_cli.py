@@ -1,5 +1,5 @@
-"""``python -m masquant.export <run folder>`` or ``python -m masquant.export <overrides>`` (its entry point:
-``masquant/export/__main__.py``).
+"""``python -m masquant.export <run folder> [export.* keys]`` or ``python -m masquant.export <overrides>`` (its
+entry point: ``masquant/export/__main__.py``).
 
 A run folder (``<output_root>/runs/<model>/<method>/<quant>-<hash>``) must hold a finished run; its configuration
 (``config.yaml``) is quantized again (the quantization is deterministic) and exported into ``<run folder>/export``,
@@ -19,7 +19,8 @@ from omegaconf import OmegaConf
 log = logging.getLogger("masquant")
 
 
-def export_run_folder(folder: Path) -> dict:
+def export_run_folder(folder: Path, overrides: list[str] = ()) -> dict:
+    """Export the finished run in ``folder`` (``overrides``: ``export.*`` keys, e.g. ``export.dtype=bfloat16``)."""
     from hydra import compose, initialize_config_dir
 
     from masquant.app.config import register_configs
@@ -33,11 +34,16 @@ def export_run_folder(folder: Path) -> dict:
         raise ConfigError(f"{folder}: not a finished run folder (it needs {RESULT_FILE} and config.yaml; a run that "
                           "was interrupted or is still running cannot be exported)")
     values = OmegaConf.load(saved)
+    bad = [o for o in overrides if not o.split("=", 1)[0].lstrip("+").startswith("export.")]
+    if bad:
+        raise ConfigError(f"{bad}: after a run folder only export.* keys can be set (its configuration is the run's)")
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"method={values.method.id}", "export=compressed_tensors"])
+        exports = compose(config_name="config", overrides=["export=compressed_tensors", *overrides]).export
     values.pop("export", None)
     cfg = OmegaConf.merge(cfg, values)
+    cfg.export = exports
     cfg.force = False
     spec = dataclasses.replace(resolve(cfg), run_dir=folder)
     with run_lock(folder):
@@ -50,7 +56,7 @@ def main(argv: list[str]) -> None:
     if argv and Path(argv[0]).is_dir():
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
         try:
-            metrics = export_run_folder(Path(argv[0]))
+            metrics = export_run_folder(Path(argv[0]), argv[1:])
         except ConfigError as err:
             raise SystemExit(f"masquant.export: {err}") from None
         print({k: v for k, v in metrics.items() if k.startswith("export/")})

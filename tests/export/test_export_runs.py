@@ -39,6 +39,8 @@ def test_finished_run_is_exported_without_rerunning_it(compose_cfg, tiny_overrid
     # the command for a run folder re-exports it (it replaces the earlier export)
     redone = export_run_folder(run_dir)
     assert redone["export/max_rel_diff"] <= 1e-6
+    with pytest.raises(ConfigError, match="only export.\\* keys"):
+        export_run_folder(run_dir, ["quant.w_bits=3"])
 
 
 def test_unfinished_run_folder_is_refused(tmp_path):
