@@ -433,7 +433,7 @@ def _execute(spec: RunSpec, out_dir: Path, export_only: bool = False) -> dict:
 
             metrics.update(export_model(model, adapter, processor, out_dir / EXPORT_DIR, cfg.export,
                                         held_out.batches if held_out is not None else [], spec.device, ref, ppl_ids,
-                                        metrics, spec.video_as))
+                                        metrics))
     metrics.update(stage.metrics)
     metrics["memory/peak_mb"] = peak_memory_mb(spec.device)
     metrics.update({

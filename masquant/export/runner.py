@@ -78,12 +78,58 @@ def cast_keeping_grids_(model, dtype: torch.dtype) -> None:
                 p.data = p.data.to(dtype)
 
 
-def export_model(model, adapter, processor, dest: Path, options, batches, device, ref=None, ppl_ids=None,
-                 in_memory: dict | None = None, video_as: str = "vision") -> dict:
-    """Export ``model`` (quantized in memory; changed in place) into ``dest``; returns the ``export/*`` metrics."""
+def measure(model, adapter, batches, device, ref, ppl_ids, desc: str) -> dict:
+    """End-to-end SQNR per modality (against the FP reference) and perplexity of ``model``."""
     from masquant.evaluation.fidelity import sqnr_report
     from masquant.evaluation.text_corpus import sequences_perplexity
 
+    out = {}
+    if ref is not None and batches:
+        out.update(sqnr_report(model, adapter, batches, device, ref))
+    if ppl_ids is not None:
+        out["fidelity/ppl"] = sequences_perplexity(model, ppl_ids, device, f"perplexity ({desc})")
+    return out
+
+
+def reload_and_compare(model, model_dir: Path, batches, device, options, exact: bool) -> tuple[dict, object]:
+    """Load the folder as a user would; its logits on ``batches`` against ``model``'s: (comparison, loaded model).
+    Above ``export.max_rel_diff`` the export fails, unless ``exact`` is False (then it is recorded and warned)."""
+    reference = batch_logits(model, batches, device) if batches else []
+    loaded = load_checkpoint(type(model), model_dir, next(model.parameters()).dtype).to(device).eval()
+    check = compare(reference, batch_logits(loaded, batches, device)) if batches else {}
+    if check:
+        check["required_equal"] = exact
+    if check and check["max_rel_diff"] > options.max_rel_diff:
+        if not exact:
+            log.warning("export: activations quantized in the export's dtype: the reload differs from the cast "
+                        "in-memory model by %.3g of the largest logit (recorded in export.json)",
+                        check["max_rel_diff"])
+        else:
+            raise ExportMismatch(
+                f"export: the reloaded checkpoint's logits differ from the in-memory model's by "
+                f"{check['max_rel_diff']:.3g} of the largest logit (max |Δ| {check['max_abs_diff']:.3g} over "
+                f"{check['tokens']} tokens; export.max_rel_diff={options.max_rel_diff})")
+    return check, loaded
+
+
+def gap_metrics(in_memory: dict, exported: dict) -> dict:
+    """``export/*`` metrics: the exported model's SQNR and perplexity and their gap to the in-memory run's."""
+    metrics = {}
+    before = e2e(in_memory)
+    for m, v in e2e(exported).items():
+        metrics[f"export/sqnr/{m}/e2e"] = v
+        if m in before:
+            metrics[f"export/sqnr_gap/{m}"] = before[m] - v
+    if exported.get("fidelity/ppl") is not None:
+        metrics["export/ppl"] = exported["fidelity/ppl"]
+        if in_memory.get("fidelity/ppl") is not None:
+            metrics["export/ppl_gap"] = exported["fidelity/ppl"] - in_memory["fidelity/ppl"]
+    return metrics
+
+
+def export_model(model, adapter, processor, dest: Path, options, batches, device, ref=None, ppl_ids=None,
+                 in_memory: dict | None = None) -> dict:
+    """Export ``model`` (quantized in memory; changed in place) into ``dest``; returns the ``export/*`` metrics."""
     in_memory = in_memory or {}
     t0 = time.perf_counter()
     report = make_deployable_(model, adapter, str(getattr(options.unfoldable_smoothing, "value",
@@ -92,64 +138,34 @@ def export_model(model, adapter, processor, dest: Path, options, batches, device
     if dtype is not None:
         cast_keeping_grids_(model, getattr(torch, str(getattr(dtype, "value", dtype))))
     changed = bool(report.dropped_paths or report.rerounded or dtype is not None)
-    record: dict = {"format": "compressed-tensors", "deployable": report.as_dict()}
-    deployable = {}
-    if changed and ref is not None and batches:
-        deployable.update(sqnr_report(model, adapter, batches, device, ref))
-    if changed and ppl_ids is not None:
-        deployable["fidelity/ppl"] = sequences_perplexity(model, ppl_ids, device, "perplexity (deployable)")
+    deployable = measure(model, adapter, batches, device, ref, ppl_ids, "deployable") if changed else {}
     model_dir = dest / "model"
-    qc = write_folder(model, processor, model_dir)
-    record["quantization_config"] = qc
+    record: dict = {"format": "compressed-tensors", "deployable": report.as_dict(),
+                    "quantization_config": write_folder(model, processor, model_dir)}
     if report.branches and options.lora:
         record["lora"] = write_adapters(report.branches, report.input_smoothing, dest)
-    record["size_mb"] = folder_mb(model_dir)
-    record["fp16_mb"] = fp16_mb(model)
-    record["files"] = sorted(str(f.relative_to(dest)) for f in dest.rglob("*") if f.is_file())
+    record.update(size_mb=folder_mb(model_dir), fp16_mb=fp16_mb(model),
+                  files=sorted(str(f.relative_to(dest)) for f in dest.rglob("*") if f.is_file()))
     metrics = {"export/size_mb": record["size_mb"], "export/fp16_mb": record["fp16_mb"]}
     if options.verify:
-        reference = batch_logits(model, batches, device) if batches else []
-        loaded = load_checkpoint(type(model), model_dir, next(model.parameters()).dtype).to(device).eval()
+        exact = dtype is None or not any(m.scheme.quantize_acts for m in quant_linears(model).values())
+        check, loaded = reload_and_compare(model, model_dir, batches, device, options, exact)
         try:
-            check = compare(reference, batch_logits(loaded, batches, device)) if batches else {}
-            record["reload"] = check
-            # activations quantized in another dtype than the run's: the format's quantizer rounds in that dtype with
-            # its own order of operations, so the reload is compared, recorded and warned about, not required equal
-            exact = dtype is None or not any(m.scheme.quantize_acts for m in quant_linears(model).values())
-            record["reload"]["required_equal"] = exact
-            if check and check["max_rel_diff"] > options.max_rel_diff and not exact:
-                log.warning("export: activations quantized in %s: the reload differs from the cast in-memory model "
-                            "by %.3g of the largest logit (recorded in export.json)", dtype, check["max_rel_diff"])
-            elif check and check["max_rel_diff"] > options.max_rel_diff:
-                raise ExportMismatch(
-                    f"export: the reloaded checkpoint's logits differ from the in-memory model's by "
-                    f"{check['max_rel_diff']:.3g} of the largest logit (max |Δ| {check['max_abs_diff']:.3g} over "
-                    f"{check['tokens']} tokens; export.max_rel_diff={options.max_rel_diff})")
-            exported = {}
-            if ref is not None and batches:
-                from masquant.adapters.registry import get_adapter
+            from masquant.adapters.registry import get_adapter
 
-                exported.update(sqnr_report(loaded, get_adapter(loaded), batches, device, ref))
-            if ppl_ids is not None:
-                exported["fidelity/ppl"] = sequences_perplexity(loaded, ppl_ids, device, "perplexity (export)")
+            exported = measure(loaded, get_adapter(loaded), batches, device, ref, ppl_ids, "export")
         finally:
             del loaded
             gc.collect()
+        record["reload"] = check
         if check:
             metrics["export/max_rel_diff"] = check["max_rel_diff"]
-        gap = {"in_memory": {"sqnr_e2e_db": e2e(in_memory), "ppl": in_memory.get("fidelity/ppl")},
-               "deployable_in_memory": ({"sqnr_e2e_db": e2e(deployable), "ppl": deployable.get("fidelity/ppl")}
-                                        if changed else "identical to in_memory"),
-               "exported": {"sqnr_e2e_db": e2e(exported), "ppl": exported.get("fidelity/ppl")}}
-        record["gap"] = gap
-        for m, v in e2e(exported).items():
-            metrics[f"export/sqnr/{m}/e2e"] = v
-            if m in e2e(in_memory):
-                metrics[f"export/sqnr_gap/{m}"] = e2e(in_memory)[m] - v
-        if exported.get("fidelity/ppl") is not None:
-            metrics["export/ppl"] = exported["fidelity/ppl"]
-            if in_memory.get("fidelity/ppl") is not None:
-                metrics["export/ppl_gap"] = exported["fidelity/ppl"] - in_memory["fidelity/ppl"]
+        record["gap"] = {
+            "in_memory": {"sqnr_e2e_db": e2e(in_memory), "ppl": in_memory.get("fidelity/ppl")},
+            "deployable_in_memory": ({"sqnr_e2e_db": e2e(deployable), "ppl": deployable.get("fidelity/ppl")}
+                                     if changed else "identical to in_memory"),
+            "exported": {"sqnr_e2e_db": e2e(exported), "ppl": exported.get("fidelity/ppl")}}
+        metrics.update(gap_metrics(in_memory, exported))
     record["seconds"] = time.perf_counter() - t0
     (dest / EXPORT_FILE).write_text(json.dumps(record, indent=2, default=str))
     log.info("export: %s (%.1f MB; FP16 %.1f MB)", model_dir, record["size_mb"], record["fp16_mb"])

@@ -148,6 +148,24 @@ def test_a_bfloat16_checkpoint_reproduces_the_model_cast_to_bfloat16(qwen, tmp_p
     assert next(loaded.parameters()).dtype == torch.bfloat16
 
 
+def test_a_checkpoint_that_computes_something_else_fails_the_export(qwen, tmp_path):
+    from types import SimpleNamespace
+
+    from masquant.export.runner import ExportMismatch, reload_and_compare
+
+    base, processor, cls, held = qwen
+    model = quantized(base, processor, cls, "rtn", W4_G32)
+    make_deployable_(model, get_adapter(model))
+    write_folder(model, processor, tmp_path / "model")
+    options = SimpleNamespace(max_rel_diff=1e-6)
+    check, _ = reload_and_compare(model, tmp_path / "model", held, "cpu", options, exact=True)
+    assert check["max_rel_diff"] <= 1e-6
+    with torch.no_grad():
+        get_adapter(model).final_norm().weight.mul_(1.001)  # what the folder holds is no longer the model
+    with pytest.raises(ExportMismatch, match="differ from the in-memory model's"):
+        reload_and_compare(model, tmp_path / "model", held, "cpu", options, exact=True)
+
+
 @pytest.mark.parametrize("scheme", [W8A8, W8A8_STATIC], ids=lambda s: s.name)
 def test_reloaded_checkpoint_quantizes_activations(qwen, tmp_path, scheme):
     """The reload quantizes activations as the run did: without them the logits would differ."""
