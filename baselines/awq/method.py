@@ -20,7 +20,9 @@ code's cached inputs come from the FP model):
 Memory: the loss blocks' inputs and targets of one layer, recorded in one pass (``capture_per_pair``: one
 block's at a time, one pass per pair), plus the subsampled clip tokens. Speed (docs/methods/awq.md, "Speed"):
 the samples are joined into calls of ``batch_tokens`` rows, and the clip error is a quadratic form in each
-group's second moments (``clip_gram``); both equal the plain computation up to float rounding.
+group's second moments (``clip_gram``); both equal the plain computation up to float rounding. Opt-in and not
+equal: ``search_precision="bf16"`` runs the scale search's trial passes with bfloat16 matrix products (the
+chosen α can change; the targets, loss, clip search and deployed weights are computed as without it).
 
 Where this departs from the official code, on purpose:
 - the attention block is called with the keyword arguments the layer itself passes it (each layer's own
