@@ -49,8 +49,8 @@ TESTBED_WIDTHS = (576, 1536)  # the input widths of the testbed language model's
 ANCHOR_SCRIPT = Path(__file__).resolve().parent / "awq_anchor_llmcompressor.py"
 # group size -> the anchor as last measured (docs/methods/awq.md, "Speed"): oneshot CPU s, ΔPPL, date, load, command
 RECORDED_ANCHOR: dict[int, dict] = {
-    64: {"oneshot_cpu_s": 231.3, "child_cpu_s": 359.8, "dppl": 3.84,
-         "when": "2026-12-03T17:49:07, load average 2.78 2.68 2.10, torch threads 2 (llmcompressor 0.14.0.1, torch "
+    64: {"oneshot_cpu_s": 215.1, "child_cpu_s": 319.7, "dppl": 3.84,
+         "when": "2026-12-03T18:16:57, load average 4.74 4.71 4.26, torch threads 2 (llmcompressor 0.14.0.1, torch "
                  "2.13.0+cpu, duo_scaling true)"},
 }
 ANCHOR_COMMAND = "python benchmarks/awq_speed.py --anchor-python <llmcompressor venv>/bin/python"
