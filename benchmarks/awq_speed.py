@@ -3,9 +3,11 @@
     .venv/bin/python benchmarks/awq_speed.py                                  # ours; the recorded anchor beside it
     .venv/bin/python benchmarks/awq_speed.py --anchor-python <venv>/bin/python   # measure the anchor too
     .venv/bin/python benchmarks/awq_speed.py --rows awq-w4a16-g64 method.clip=false
+    .venv/bin/python benchmarks/awq_speed.py --rows awq-w4a16-g64,awq-w4a16-g64-bf16 --anchor-python <venv>/bin/python
 
 Ours: the ``benchmarks/text_ppl.py`` rows ``awq-w4a16-g64`` / ``awq-w4a16-g128`` (testbed language model,
-``calib=text calib.n_samples=8``: 8 sequences of 256 tokens), run afresh (``force=true``) into ``--output-root``;
+``calib=text calib.n_samples=8``: 8 sequences of 256 tokens), or ``awq-w4a16-g64-bf16`` (the opt-in bfloat16
+scale search, ``method.search_precision=bf16``), run afresh (``force=true``) into ``--output-root``;
 the figure is the run's ``time/quantize_cpu_s`` (``time.process_time`` over the quantize stage: input capture,
 statistics, searches, deploy; all threads of the process) and ΔPPL on the 32 held-out sequences.
 
@@ -14,7 +16,8 @@ outside the project) in a subprocess on the plain SmolLM2 folder the testbed's l
 the same 8 calibration and 32 held-out sequences (written here with the testbed's tokenizer) and the same thread
 count: ``oneshot`` with ``AWQModifier`` + W4A16 symmetric per group (llm-compressor has no clip search). Its CPU
 time is ``time.process_time`` around ``oneshot`` (the comparable figure); the whole child (imports, load,
-perplexity) is also given, from ``getrusage(RUSAGE_CHILDREN)``.
+perplexity) is also given, from ``getrusage(RUSAGE_CHILDREN)``. The anchor is measured once per group size
+and command, right after the first of our rows that needs it; every row of that group size is compared to it.
 
 Every figure is printed with the date, the load average and the torch thread count. CPU time is the figure to
 compare on a shared machine; it still grows somewhat when other jobs share the cores.
@@ -46,8 +49,8 @@ TESTBED_WIDTHS = (576, 1536)  # the input widths of the testbed language model's
 ANCHOR_SCRIPT = Path(__file__).resolve().parent / "awq_anchor_llmcompressor.py"
 # group size -> the anchor as last measured (docs/methods/awq.md, "Speed"): oneshot CPU s, ΔPPL, date, load, command
 RECORDED_ANCHOR: dict[int, dict] = {
-    64: {"oneshot_cpu_s": 223.5, "child_cpu_s": 310.2, "dppl": 3.84,
-         "when": "2026-12-03T15:57:24, load average 3.82 3.49 3.99, torch threads 2 (llmcompressor 0.14.0.1, torch "
+    64: {"oneshot_cpu_s": 215.1, "child_cpu_s": 319.7, "dppl": 3.84,
+         "when": "2026-12-03T18:16:57, load average 4.74 4.71 4.26, torch threads 2 (llmcompressor 0.14.0.1, torch "
                  "2.13.0+cpu, duo_scaling true)"},
 }
 ANCHOR_COMMAND = "python benchmarks/awq_speed.py --anchor-python <llmcompressor venv>/bin/python"
@@ -142,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         if r not in ROWS or not r.startswith("awq"):
             p.error(f"unknown row {r!r}; AWQ rows: {[k for k in ROWS if k.startswith('awq')]}")
     results = []
+    measured: dict[int, dict | None] = {}  # group size -> the anchor measured in this command
     with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         root = args.output_root or str(Path(tmp) / "runs")
         for r in rows:
@@ -149,13 +153,16 @@ def main(argv: list[str] | None = None) -> int:
             n_calib = int(next(o.split("=")[1] for o in ROWS[r][0] if o.startswith("calib.n_samples=")))
             mine = None if args.skip_ours else ours(r, root, args.threads, args.overrides)
             if args.anchor_python:
-                theirs = anchor(args.anchor_python, g, args.threads, n_calib, Path(tmp), args.anchor_duo_scaling)
-                if theirs is not None:
-                    print(f"anchor g{g}: {json.dumps(theirs)}", file=sys.stderr)
+                if g not in measured:
+                    measured[g] = anchor(args.anchor_python, g, args.threads, n_calib, Path(tmp),
+                                         args.anchor_duo_scaling)
+                    if measured[g] is not None:
+                        print(f"anchor g{g}: {json.dumps(measured[g])}", file=sys.stderr)
+                theirs = measured[g]
             else:
                 theirs = RECORDED_ANCHOR.get(g)
             results.append((r, mine, theirs))
-    print(f"\nAWQ quantize-stage CPU time, ours vs llm-compressor (W4A16, symmetric; 8 x 256-token sequences; "
+    print(f"\nAWQ quantize-stage CPU time, ours vs llm-compressor (its W4A16 symmetric; 8 x 256-token sequences; "
           f"{args.threads} threads)\n")
     print("| row | ours CPU s | ours wall s | ours ΔPPL | anchor oneshot CPU s | anchor child CPU s | anchor ΔPPL "
           "| ratio ours / anchor | ours measured | anchor measured |")

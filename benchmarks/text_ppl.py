@@ -42,6 +42,8 @@ ROWS: dict[str, tuple[list[str], float | None, float | None]] = {
     # the toolkit's grid (symmetric, codes in [-8, 7]): the like-for-like row beside its +3.84
     "awq-w4a16-g64-sym": (["method=awq", *G64, "quant.w_symmetric=true", "quant.int_range=full", "calib.n_samples=8"],
                           3.84, 169.0),
+    # the opt-in bfloat16 scale search (method.search_precision=bf16; docs/methods/awq.md, "Speed")
+    "awq-w4a16-g64-bf16": (["method=awq", *G64, "calib.n_samples=8", "method.search_precision=bf16"], 3.84, 169.0),
     "rtn-w4a8": (["method=rtn", "quant=w4a8"], 17.2, None),
     "sq-w4a8": (["method=smoothquant", "quant=w4a8", "method.alpha=0.8"], 17.1, None),
     "sq-w4a8-search": (["method=smoothquant", "quant=w4a8", "method.alpha_grid=[0.3,0.4,0.5,0.6,0.7,0.8,0.9]"],

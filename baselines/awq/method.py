@@ -20,7 +20,9 @@ code's cached inputs come from the FP model):
 Memory: the loss blocks' inputs and targets of one layer, recorded in one pass (``capture_per_pair``: one
 block's at a time, one pass per pair), plus the subsampled clip tokens. Speed (docs/methods/awq.md, "Speed"):
 the samples are joined into calls of ``batch_tokens`` rows, and the clip error is a quadratic form in each
-group's second moments (``clip_gram``); both equal the plain computation up to float rounding.
+group's second moments (``clip_gram``); both equal the plain computation up to float rounding. Opt-in and not
+equal: ``search_precision="bf16"`` runs the scale search's trial passes with bfloat16 matrix products (the
+chosen α can change; the targets, loss, clip search and deployed weights are computed as without it).
 
 Where this departs from the official code, on purpose:
 - the attention block is called with the keyword arguments the layer itself passes it (each layer's own
@@ -38,7 +40,14 @@ from dataclasses import dataclass
 import torch
 
 from baselines.awq.core import alpha_grid, clip_group_size, clip_weight, search_clip, shrink_grid
-from baselines.awq.search import ScaleSearch, TokenSubsample, layer_pair_inputs, pair_inputs, search_pair_scale
+from baselines.awq.search import (
+    SEARCH_PRECISIONS,
+    ScaleSearch,
+    TokenSubsample,
+    layer_pair_inputs,
+    pair_inputs,
+    search_pair_scale,
+)
 from masquant.adapters.base import ROLE_TO_GROUP
 from masquant.engine.deploy import DeployWeight
 from masquant.methods.base import BlockPlan, Method, MethodConfigError
@@ -62,6 +71,9 @@ class AWQConfig:
     clip_gram: bool = True  # clip error as a quadratic form in each group's second moments (False: on the tokens)
     batch_tokens: int = 4096  # scale search: samples joined into calls of at most this many rows (0: per sample)
     capture_per_pair: bool = False  # one pass of the layer per fold pair (less memory) instead of one for all
+    # scale search: "model" (the model's dtype, official) or "bf16" (the trial passes' matrix products in bfloat16;
+    # faster on CPUs with bf16 instructions; can change the chosen α; docs/methods/awq.md, "Speed")
+    search_precision: str = "model"
 
     def __post_init__(self):
         if self.n_grid < 1:
@@ -70,17 +82,21 @@ class AWQConfig:
             raise ValueError("method.clip_n_tokens and method.clip_oc_batch must be >= 1")
         if self.batch_tokens < 0:
             raise ValueError(f"method.batch_tokens={self.batch_tokens}: must be >= 0 (0: one call per sample)")
+        if self.search_precision not in SEARCH_PRECISIONS:
+            raise ValueError(f"method.search_precision={self.search_precision!r}: valid choices are "
+                             f"{list(SEARCH_PRECISIONS)}")
         if not 0.0 < self.clip_max_shrink < 1.0:
             raise ValueError(f"method.clip_max_shrink={self.clip_max_shrink}: must be in (0, 1)")
 
 
 def search_layer_scales(ctx, step, grid, row_weights_for=None, p: int = 2, batch_tokens: int = 0,
-                        capture_per_pair: bool = True) -> dict[str, ScaleSearch]:
+                        capture_per_pair: bool = True, precision: str = "model") -> dict[str, ScaleSearch]:
     """Step 2 without the fold: every fold pair searched on the unscaled FP layer (FP stream inputs).
 
     ``row_weights_for(pair)`` gives per-sample row weights of the loss (MBQ); None: every row, AWQ's MSE.
     ``batch_tokens``: see :func:`baselines.awq.search.search_pair_scale`. ``capture_per_pair``: one pass of the
     layer per pair, holding one loss block's inputs and targets at a time; False: one pass for all pairs.
+    ``precision``: the trial passes' arithmetic (:func:`baselines.awq.search.search_precision`).
     """
     pairs = list(ctx.adapter.fold_pairs(step.layer))
     captured = {} if capture_per_pair else dict(zip([pair.name for pair in pairs], layer_pair_inputs(step, ctx.adapter,
@@ -92,7 +108,7 @@ def search_layer_scales(ctx, step, grid, row_weights_for=None, p: int = 2, batch
         x_mean = step.stats[pair.input_group]["all"].mean_abs
         weights = None if row_weights_for is None else row_weights_for(pair)
         found[pair.name] = search_pair_scale(ctx.adapter, step.layer, pair, calls, targets, x_mean, ctx.scheme, grid,
-                                             step.device, weights, p, batch_tokens)
+                                             step.device, weights, p, batch_tokens, precision)
         del calls, targets
     return found
 
@@ -129,7 +145,8 @@ class AWQ(Method):
     def scale_layer_(self, ctx, step) -> dict[str, ScaleSearch]:
         """Step 2: search every pair's s on the FP layer, then fold them all; returns the searches."""
         found = search_layer_scales(ctx, step, alpha_grid(self.cfg.n_grid), batch_tokens=self.cfg.batch_tokens,
-                                    capture_per_pair=self.cfg.capture_per_pair)
+                                    capture_per_pair=self.cfg.capture_per_pair,
+                                    precision=self.cfg.search_precision)
         fold_layer_scales_(ctx, step.layer, found)
         return found
 

@@ -17,7 +17,7 @@ the scales are folded afterwards (as the official ``auto_scale_block``).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -171,18 +171,33 @@ def joined_block_matches(block: nn.Module, calls: Sequence[BlockCall], targets: 
     return True
 
 
+SEARCH_PRECISIONS = ("model", "bf16")
+
+
+def search_precision(device, precision: str = "model"):
+    """The context of a trial pass: "model" runs the loss block in the model's dtype (nothing changes); "bf16"
+    runs its matrix products (linears, attention) in bfloat16 under ``torch.autocast``, whose elementwise ops
+    follow their inputs. Only the trial outputs change; the targets, the loss (float32) and the weights do not."""
+    if precision == "model":
+        return nullcontext()
+    if precision == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    raise ValueError(f"search precision {precision!r}: valid choices are {SEARCH_PRECISIONS}")
+
+
 @torch.no_grad()
 def search_pair_scale(adapter, layer: nn.Module, pair: FoldPair, calls: Sequence[BlockCall],
                       targets: Sequence[torch.Tensor], x_mean: torch.Tensor, scheme: QuantScheme, grid: Sequence[float],
                       device, row_weights: Sequence[torch.Tensor | None] | None = None, p: int = 2,
-                      batch_tokens: int = 0) -> ScaleSearch:
+                      batch_tokens: int = 0, precision: str = "model") -> ScaleSearch:
     """The α of ``grid`` whose s = x̄^α (normalised) minimises Σ num / Σ den of :func:`block_error_terms` over
     the samples (AWQ: ``row_weights`` None and p = 2, the MSE; MBQ: modality row weights and p = 1).
 
     x_mean [in]: mean |x| per channel of the consumers' input; calls / targets: the loss block's FP inputs and
     outputs per sample; row_weights: per sample [T] or None. ``batch_tokens`` > 0: the samples are joined into
     calls of at most that many rows (:func:`join_samples`; the attention only when its arguments are equal
-    across samples and the joined FP block reproduces the targets); 0: one call per sample.
+    across samples and the joined FP block reproduces the targets); 0: one call per sample. ``precision``: the
+    trial passes' arithmetic (:func:`search_precision`; the join check runs in the model's dtype).
     """
     consumers = {role: adapter.linears(layer)[role] for role in pair.consumers}
     if batch_tokens > 0:
@@ -199,7 +214,7 @@ def search_pair_scale(adapter, layer: nn.Module, pair: FoldPair, calls: Sequence
         s = awq_scales(x_mean, alpha)
         trial = {role: trial_linear(lin, s, scheme) for role, lin in consumers.items()}
         num = den = 0.0
-        with swapped_linears(adapter, layer, trial):
+        with swapped_linears(adapter, layer, trial), search_precision(device, precision):
             block = loss_block(adapter, layer, pair)
             for k, call in enumerate(calls):
                 w = None if row_weights is None else row_weights[k]

@@ -32,6 +32,7 @@ ADDED_WITH_NEUTRAL_DEFAULT: dict[tuple[str, str], object] = {
     ("method", "batch_tokens"): 4096,
     ("method", "clip_gram"): True,
     ("method", "capture_per_pair"): False,
+    ("method", "search_precision"): "model",  # AWQ's bf16 scale search (opt-in; "model" is the earlier behaviour)
 }
 
 

@@ -28,6 +28,7 @@ from baselines.awq.search import (
     loss_block,
     pair_inputs,
     search_pair_scale,
+    search_precision,
     trial_linear,
 )
 from baselines.rtn.method import RTNConfig
@@ -108,9 +109,11 @@ def planted_down_weight(x_mean: torch.Tensor, alpha: float, out_f: int, g: int, 
     return W0 * x_mean.pow(-alpha)[None, :]
 
 
+@pytest.mark.parametrize("precision", ["model", "bf16"])
 @pytest.mark.parametrize("planted", [0.0, 0.35, 0.8])
-def test_search_picks_the_planted_alpha(planted):
-    """up→down pair of a real layer: the down weight is exact on the 4-bit grid after scaling by s(planted)."""
+def test_search_picks_the_planted_alpha(planted, precision):
+    """up→down pair of a real layer: the down weight is exact on the 4-bit grid after scaling by s(planted).
+    With bfloat16 products the planted α still wins by far, but its loss is bf16 rounding, no longer ~0."""
     model, _, _ = tiny("qwen2_5_vl")
     adapter = get_adapter(model)
     layer = adapter.decoder_layers()[0]
@@ -124,10 +127,14 @@ def test_search_picks_the_planted_alpha(planted):
     calls = [BlockCall((), {}, X[k:k + 1]) for k in range(2)]
     with torch.no_grad():
         targets = [down(c.input) for c in calls]
-    result = search_pair_scale(adapter, layer, pair, calls, targets, x_mean, W4G32, alpha_grid(), "cpu")
+    result = search_pair_scale(adapter, layer, pair, calls, targets, x_mean, W4G32, alpha_grid(), "cpu",
+                               precision=precision)
     assert result.alpha == pytest.approx(planted)
     others = [v for a, v in result.losses.items() if a != result.alpha]
-    assert result.loss < 1e-6 * min(others), result.losses
+    if precision == "model":
+        assert result.loss < 1e-6 * min(others), result.losses
+    else:
+        assert 1e-6 * min(others) < result.loss < 1e-2 * min(others), result.losses
 
 
 # --- the clip search -----------------------------------------------------------------------------------
@@ -245,6 +252,51 @@ def test_scale_search_picks_what_a_plain_reference_picks(scheme, batches):
                                            torch.tensor(list(ref.values())), rtol=2e-4, atol=1e-9)
             checked += 1
     assert checked >= 4
+
+
+def test_bf16_search_runs_the_trial_products_in_bf16_and_stays_close_to_the_model_precision():
+    """search_precision: "bf16" runs every pair's trial passes (attention, MLP, single linears) with bfloat16
+    products, joined attention included; the losses stay within bf16 rounding of the float32 search's, whose
+    trial passes stay float32. The option is checked, and its default leaves old config hashes alone."""
+    model, _, _ = tiny("qwen2_5_vl")
+    ctx = _ctx(model, W4G32, _text_batches(3, 12), ("text",))
+    adapter, grid = ctx.adapter, alpha_grid(5)
+    dtypes: dict[str, set] = {}
+    checked = 0
+    for step in ctx.walk(stats=True):
+        for pair in adapter.fold_pairs(step.layer):
+            calls, targets = pair_inputs(step, adapter, pair, "cpu")
+            x_mean = step.stats[pair.input_group]["all"].mean_abs
+            losses = {}
+            for precision in ("model", "bf16"):
+                seen = dtypes.setdefault(precision, set())
+                # the output dtypes of the attention and the MLP (the join check runs the attention in float32)
+                hooks = [adapter.attention(step.layer).register_forward_hook(lambda m, a, o: seen.add(o[0].dtype)),
+                         adapter.mlp(step.layer).register_forward_hook(lambda m, a, o: seen.add(o.dtype))]
+                try:
+                    found = search_pair_scale(adapter, step.layer, pair, calls, targets, x_mean, W4G32, grid, "cpu",
+                                              batch_tokens=4096, precision=precision)
+                finally:
+                    for h in hooks:
+                        h.remove()
+                losses[precision] = torch.tensor(list(found.losses.values()))
+            assert not torch.equal(losses["bf16"], losses["model"]), pair.name
+            torch.testing.assert_close(losses["bf16"], losses["model"], rtol=0.05, atol=0.0)
+            checked += 1
+    assert checked >= 4
+    assert dtypes["model"] == {torch.float32} and torch.bfloat16 in dtypes["bf16"]
+    with pytest.raises(ValueError, match="search_precision"):
+        AWQConfig(search_precision="fp8")
+    with pytest.raises(ValueError, match="valid choices"):
+        search_precision("cpu", "half")
+
+
+def test_speed_options_at_their_defaults_keep_the_config_hash(compose_cfg):
+    """The hash of the AWQ run as first written (before batch_tokens, clip_gram, capture_per_pair and
+    search_precision existed): finished results stay found. A non-default search_precision is another run."""
+    awq = ["method=awq", "quant=w4a16_g128"]
+    assert pipeline.config_hash(compose_cfg(*awq)) == "67039cc501"
+    assert pipeline.config_hash(compose_cfg(*awq, "method.search_precision=bf16")) != "67039cc501"
 
 
 def test_joined_samples_carry_rows_targets_and_row_weights_in_order():
