@@ -140,7 +140,12 @@ def export_model(model, adapter, processor, dest: Path, options, batches, device
     changed = bool(report.dropped_paths or report.rerounded or dtype is not None)
     deployable = measure(model, adapter, batches, device, ref, ppl_ids, "deployable") if changed else {}
     model_dir = dest / "model"
-    record: dict = {"format": "compressed-tensors", "deployable": report.as_dict(),
+    schemes = {m.scheme for m in quant_linears(model).values()}
+    record: dict = {"format": "compressed-tensors",
+                    "schemes": [{"name": s.name, "tag": s.tag, "grid": s.grid, "int_range": s.int_range.value}
+                                for s in sorted(schemes, key=lambda s: s.name)],
+                    "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+                    "deployable": report.as_dict(),
                     "quantization_config": write_folder(model, processor, model_dir)}
     if report.branches and options.lora:
         record["lora"] = write_adapters(report.branches, report.input_smoothing, dest)

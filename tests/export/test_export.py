@@ -181,6 +181,27 @@ def test_reloaded_checkpoint_quantizes_activations(qwen, tmp_path, scheme):
     assert compare(weights_only, reloaded)["max_rel_diff"] > 1e-4
 
 
+def test_mbq_round_trips(qwen, tmp_path):
+    """MBQ (calibration rows with answers): its folded scales and clipped weights, written and reloaded exactly."""
+    from masquant.calibration.cache import StatsCache
+    from masquant.engine.context import QuantContext
+    from masquant.methods.registry import build_method
+    from masquant.quant import ModalityRouter, attach_router
+    from support.tiny import calib_set
+
+    base, processor, cls, held = qwen
+    model = copy.deepcopy(base)
+    adapter = get_adapter(model)
+    router = ModalityRouter(adapter.modality_masks)
+    attach_router(model, router)
+    ctx = QuantContext(model, adapter, W4_G32, router, torch.device("cpu"), ("text", "vision"),
+                       calib_set(processor, cls, 3), cache=StatsCache(None))
+    build_method(get_config_class("mbq")()).run(ctx)
+    _, _, loaded = export_and_reload(model, processor, cls, tmp_path)
+    check = compare(batch_logits(model, held, "cpu"), batch_logits(loaded, held, "cpu"))
+    assert check["max_rel_diff"] <= 1e-6, check
+
+
 def test_gptq_act_order_with_static_groups_round_trips_and_permuted_groups_are_refused(qwen, tmp_path):
     base, processor, cls, held = qwen
     opts = dict(w_granularity="group", w_group_size=32, w_quantizer="gptq", gptq_act_order=True)

@@ -21,6 +21,8 @@ def test_run_writes_a_verified_export(compose_cfg, tiny_overrides):
     run_dir = pipeline.resolve(cfg).run_dir
     record = json.loads((run_dir / "export" / "export.json").read_text())
     assert record["reload"]["max_rel_diff"] <= 1e-6 and record["reload"]["tokens"] > 0
+    assert record["schemes"] == [{"name": "w4a16_g128", "tag": "W4A16-g128", "grid": "W asym g128 / A16",
+                                  "int_range": "narrow"}]
     assert (run_dir / "export" / "model" / "model.safetensors").is_file()
     assert metrics["export/max_rel_diff"] <= 1e-6
     assert metrics["export/ppl"] == pytest.approx(metrics["fidelity/ppl"], rel=1e-6)
