@@ -43,5 +43,14 @@ def compose_cfg(tmp_path):
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test (results that do not depend on the machine's core count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_overrides():
     return ["model=tiny_qwen25vl", "calib=tiny", "eval=fidelity", "calib.n_samples=2", "calib.held_out=1"]

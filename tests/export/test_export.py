@@ -34,12 +34,7 @@ W4A8 = QuantScheme("w4a8", 4, 8, int_range="full")
 W8A8_STATIC = QuantScheme("w8a8_static", 8, 8, int_range="full", a_dynamic=False, a_granularity="tensor")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # numbers that do not depend on the core count
 
 
 @pytest.fixture(scope="module")

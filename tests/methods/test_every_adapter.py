@@ -37,12 +37,7 @@ ALLOWANCE_DB = 3.0  # a collapse (wrong fold, wrong inputs, wrong targets) costs
 INVARIANCE_DB = 60.0  # float32 rotations and folds keep >100 dB on the tiny models; a wrong one falls below 20
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # numbers that do not depend on the core count
 
 
 def target_scheme(method_cls) -> QuantScheme:
