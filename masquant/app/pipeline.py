@@ -243,8 +243,10 @@ def export_finished(spec: RunSpec) -> dict:
         found = _execute(spec, work, export_only=True)
         metrics = load_result(spec.run_dir)
         metrics.update({k: v for k, v in found.items() if k.startswith("export/") or k == "time/export_s"})
-        shutil.rmtree(spec.run_dir / EXPORT_DIR, ignore_errors=True)
-        os.replace(work / EXPORT_DIR, spec.run_dir / EXPORT_DIR)
+        old = spec.run_dir / EXPORT_DIR
+        if old.exists():  # an earlier export: moved aside, then replaced by renames (never half of each)
+            os.replace(old, work / "previous")
+        os.replace(work / EXPORT_DIR, old)
         write_json_atomic(metrics, spec.run_dir / RESULT_FILE)
         log.info("export of the finished run: %s", spec.run_dir / EXPORT_DIR)
         return metrics

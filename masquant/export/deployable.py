@@ -119,6 +119,10 @@ def make_deployable_(model: nn.Module, adapter, unfoldable: str = "reround") -> 
             f"export=compressed_tensors: {len(every_token)} linears add a full-precision low-rank product on every "
             f"token beside their quantized weight ({every_token[:3]}{' ...' if len(every_token) > 3 else ''}: e.g. "
             "MQuant's RMS); the checkpoint has no place for it (method.rms=false quantizes the whole weight)")
+    own_weight = [name for name, lin in linears.items() if lin.paths[DEFAULT_PATH].weight is not None]
+    if own_weight:
+        raise ConfigError(f"export=compressed_tensors: the default path of {own_weight[:3]} computes with a weight of "
+                          "its own, not the linear's recorded grid; nothing in the checkpoint would hold it")
     for name, lin in linears.items():  # keep the low-rank branches, then route every token to the default path
         others = [m for m in lin.paths if m != DEFAULT_PATH]
         for m in others:
