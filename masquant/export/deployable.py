@@ -7,9 +7,11 @@ quantizer of the format (dynamic per token or per tensor, or a static per-tensor
 - a smoothing vector s on the default path (``x / s`` before the activation quantizer: MASQuant's text path) is
   folded into the producer of the linear's input (a norm's weight, or the rows of the producing linear's grid),
   exactly as :meth:`~masquant.adapters.base.ModelAdapter.fold_scales_` folds: the linear then computes the same
-  function with no division. A linear whose input has no producer that can absorb s (o_proj under grouped-query
-  attention: v_proj's outputs are shared by several heads) is re-rounded, ``Q(W_q diag(1/s))`` on the scheme's
-  grid (``export.unfoldable_smoothing=reround``: a second rounding, reported), or refused (``refuse``);
+  function with no division. The producer divides by one vector c for all its consumers: their vectors' geometric
+  mean, taken per key-value head for v_proj → o_proj under grouped-query attention (v's outputs are shared by
+  several heads). A consumer whose s_i is not c (untied scales, o_proj under GQA), or whose input has no producer,
+  keeps the ratio s_i / c, which is re-rounded into its weight, ``Q(W_q diag(c / s_i))`` on the scheme's grid
+  (``export.unfoldable_smoothing=reround``: a second rounding, reported), or refused (``refuse``);
 - per-modality paths (MASQuant's non-text paths, MQuant's per-modality static scales) are dropped: every token
   takes the default (text) path. A low-rank branch (CMC) is kept aside as a LoRA adapter
   (:mod:`masquant.export.lora`) before its path is dropped;
@@ -94,17 +96,6 @@ def _divide_output_rows_(producer: QuantLinear, s: torch.Tensor) -> None:
         producer.bias.copy_((producer.bias.float() / s).to(producer.bias.dtype))
 
 
-def _producers(adapter) -> dict[str, tuple]:
-    """Consumer linear name -> (fold pair, layer index) for every decoder layer."""
-    out = {}
-    for i, layer in enumerate(adapter.decoder_layers()):
-        names = adapter.linear_names(i)
-        for pair in adapter.fold_pairs(layer):
-            for role in pair.consumers:
-                out[names[role]] = (pair, i)
-    return out
-
-
 @torch.no_grad()
 def make_deployable_(model: nn.Module, adapter, unfoldable: str = "reround") -> DeployableReport:
     """Turn ``model`` (quantized in memory) into the variant a checkpoint holds, in place (see the module doc)."""
@@ -137,54 +128,89 @@ def make_deployable_(model: nn.Module, adapter, unfoldable: str = "reround") -> 
                 if lin.paths[DEFAULT_PATH].smooth is not None}
     if not smoothed:
         return report
-    producers = _producers(adapter)
-    by_pair: dict[tuple, list[str]] = {}
-    for name in smoothed:
-        if name in producers:
-            pair, i = producers[name]
-            by_pair.setdefault((pair.name, i), []).append(name)
-    for (pair_name, i), names in by_pair.items():
-        layer = adapter.decoder_layers()[i]
-        pair = next(p for p in adapter.fold_pairs(layer) if p.name == pair_name)
-        role_names = adapter.linear_names(i)
-        consumers = [role_names[r] for r in pair.consumers]
-        vectors = [smoothed.get(c) for c in consumers]
-        same = all(v is not None and torch.equal(v, vectors[0]) for v in vectors)
-        if not same:
-            continue  # consumers of one producer with different (or no) smoothing: re-rounded below
-        s = vectors[0].float()
-        if pair.producer_is_norm:
-            fold_scales_into_norm_(adapter.norm(layer, pair.producer), adapter.norm_kind, s)
-            where = f"layer {i} {pair.producer}"
-        else:
-            producer = adapter.linears(layer)[pair.producer]
-            if not isinstance(producer, QuantLinear):
-                continue
-            _divide_output_rows_(producer, s)
-            where = role_names[pair.producer]
-        for c in consumers:
-            report.folded[c] = where
-            report.input_smoothing[c] = s
-            linears[c].paths[DEFAULT_PATH] = _without_smooth(linears[c].paths[DEFAULT_PATH])
-            smoothed.pop(c)
-    if smoothed and unfoldable == "refuse":
+    for i, layer in enumerate(adapter.decoder_layers()):
+        names = adapter.linear_names(i)
+        for group in _fold_groups(adapter, layer):
+            consumers = [names[r] for r in group.consumers if names[r] in smoothed]
+            if len(consumers) != len(group.consumers):
+                continue  # a consumer without smoothing: the producer cannot change; each is re-rounded below
+            c = group.common([smoothed[n].float() for n in consumers])
+            group.fold(adapter, layer, c)
+            where = f"layer {i} {group.producer}" if group.norm else names[group.producer]
+            for n in consumers:
+                report.folded[n] = where
+                report.input_smoothing[n] = group.expand(c)
+                smoothed[n] = smoothed[n].float() / group.expand(c).to(smoothed[n].device)  # what is left to absorb
+    left = {n: s for n, s in smoothed.items() if not bool(torch.all(s == 1))}
+    if left and unfoldable == "refuse":
         raise ConfigError(
-            f"export.unfoldable_smoothing=refuse: {len(smoothed)} linears divide their input by a smoothing vector "
-            f"that no producer can absorb exactly ({list(smoothed)[:4]}{' ...' if len(smoothed) > 4 else ''}: e.g. "
-            "o_proj under grouped-query attention); export.unfoldable_smoothing=reround re-rounds them instead")
-    for name, s in smoothed.items():
+            f"export.unfoldable_smoothing=refuse: {len(left)} linears divide their input by a smoothing vector "
+            f"that no producer can absorb exactly ({list(left)[:4]}{' ...' if len(left) > 4 else ''}: consumers "
+            "of one producer with different vectors (method.tie_scales=false), or o_proj under grouped-query "
+            "attention); export.unfoldable_smoothing=reround re-rounds them instead")
+    for name in smoothed:
         lin = linears[name]
-        if not lin.scheme.quantize_weights:
-            raise ConfigError(f"export: {name} divides its input by a smoothing vector but its weight is not "
-                              "quantized; nothing to re-round it on")
-        W_exact = lin.weight.float() / s.float()[None, :]
-        W_q, scale, zero = quantize_weight_grid(W_exact, lin.scheme)
-        report.rerounded[name] = sqnr_db(W_exact, W_q)
-        lin.weight.copy_(W_q.to(lin.weight.dtype))
-        lin.weight_scale, lin.weight_g_idx = scale.float(), None
-        lin.weight_zero = None if zero is None else zero.float()
+        if name in left:
+            if not lin.scheme.quantize_weights:
+                raise ConfigError(f"export: {name} divides its input by a smoothing vector but its weight is not "
+                                  "quantized; nothing to re-round it on")
+            W_exact = lin.weight.float() / left[name].float()[None, :]
+            W_q, scale, zero = quantize_weight_grid(W_exact, lin.scheme)
+            report.rerounded[name] = sqnr_db(W_exact, W_q)
+            lin.weight.copy_(W_q.to(lin.weight.dtype))
+            lin.weight_scale, lin.weight_g_idx = scale.float(), None
+            lin.weight_zero = None if zero is None else zero.float()
         lin.paths[DEFAULT_PATH] = _without_smooth(lin.paths[DEFAULT_PATH])
     return report
+
+
+@dataclass
+class FoldGroup:
+    """A producer and the consumers of its output, with the vectors it can divide its output by: any vector
+    (``rep`` = 1), or one constant over the ``rep`` query heads that share a key-value head (v_proj → o_proj under
+    grouped-query attention: v's output channel kv·d feeds o's input channels (kv·rep + j)·d for j < rep)."""
+
+    producer: str  # a norm's path in the layer, or a role
+    consumers: tuple[str, ...]
+    norm: bool
+    rep: int = 1
+    head_dim: int = 0
+
+    def common(self, vectors: list[torch.Tensor]) -> torch.Tensor:
+        """The producer's vector closest to every consumer's: the geometric mean (each consumer keeps the ratio
+        s_i / c, exactly 1 when all are equal); per key-value head under grouped-query attention."""
+        first = vectors[0] if self.rep == 1 else vectors[0].reshape(-1, self.rep, self.head_dim)[:, 0].reshape(-1)
+        if all(torch.equal(self.expand(first), v) for v in vectors):
+            return first  # one vector for all (tied scales): folded exactly, nothing left to re-round
+        log_mean = torch.stack([v.log() for v in vectors]).mean(0)
+        if self.rep > 1:
+            log_mean = log_mean.reshape(-1, self.rep, self.head_dim).mean(1).reshape(-1)
+        return log_mean.exp()
+
+    def expand(self, c: torch.Tensor) -> torch.Tensor:
+        """The producer's vector as the consumers' input channels see it."""
+        if self.rep == 1:
+            return c
+        return c.reshape(-1, 1, self.head_dim).expand(-1, self.rep, -1).reshape(-1)
+
+    def fold(self, adapter, layer: nn.Module, c: torch.Tensor) -> None:
+        if self.norm:
+            fold_scales_into_norm_(adapter.norm(layer, self.producer), adapter.norm_kind, c)
+        else:
+            _divide_output_rows_(adapter.linears(layer)[self.producer], c)
+
+
+def _fold_groups(adapter, layer: nn.Module) -> list[FoldGroup]:
+    """The layer's producers that can absorb a smoothing vector: the adapter's fold pairs whose producer is a norm or
+    a quantized linear, and v → o under grouped-query attention (the adapter leaves it out: not every vector folds)."""
+    lin = adapter.linears(layer)
+    groups = [FoldGroup(p.producer, p.consumers, p.producer_is_norm) for p in adapter.fold_pairs(layer)
+              if p.producer_is_norm or isinstance(lin[p.producer], QuantLinear)]
+    v, o = lin["v"], lin["o"]
+    if (isinstance(v, QuantLinear) and v.out_features != o.in_features and o.in_features % v.out_features == 0
+            and v.out_features % adapter.head_dim() == 0):
+        groups.append(FoldGroup("v", ("o",), False, o.in_features // v.out_features, adapter.head_dim()))
+    return groups
 
 
 def _without_smooth(path: ModalityPath) -> ModalityPath:

@@ -252,13 +252,15 @@ def test_masquant_lora_adapter_reproduces_the_cmc_branch(qwen, tmp_path):
 
 
 def test_folded_smoothing_keeps_what_each_linear_computes(qwen):
-    """A text-path smoothing vector folded into its norm: norm -> linear computes what it computed in memory."""
+    """Tied text smoothing folded into the norms: norm -> q, k, gate, up compute what they computed in memory; v's
+    outputs come out divided by the vector it absorbed for o_proj (per key-value head: the tiny model has GQA)."""
     from masquant.quant.quantizer import sqnr_db
 
     base, processor, cls, _ = qwen
     model = quantized(base, processor, cls, "masquant", W4A8, epochs=1, tie_scales=True)
     adapter = get_adapter(model)
     layer = adapter.decoder_layers()[0]
+    names = adapter.linear_names(0)
     adapter.linears(layer)["q"].router.set_masks(None)  # direct calls: every token on the text path
     pairs = {p.name: p for p in adapter.norm_fold_pairs(layer)}
     x = torch.randn(6, base.config.text_config.hidden_size, generator=torch.Generator().manual_seed(2))
@@ -266,12 +268,34 @@ def test_folded_smoothing_keeps_what_each_linear_computes(qwen):
     for pair in pairs.values():
         norm, lin = copy.deepcopy(adapter.norm(layer, pair.producer)), copy.deepcopy(adapter.linears(layer))
         before[pair.name] = [lin[r](norm(x)) for r in pair.consumers]
+    v_out, o_in = adapter.linears(layer)["v"].out_features, adapter.linears(layer)["o"].in_features
+    assert o_in > v_out  # grouped-query attention
     report = make_deployable_(model, adapter)
+    assert report.folded[names["o"]] == names["v"] and names["o"] in report.rerounded
+    c_o = report.input_smoothing[names["o"]]  # [o_in]: v's vector as o's input channels see it
+    c_v = c_o.reshape(-1, o_in // v_out, adapter.head_dim())[:, 0].reshape(-1)
     for name, pair in pairs.items():
         after = [adapter.linears(layer)[r](adapter.norm(layer, pair.producer)(x)) for r in pair.consumers]
         for role, y0, y1 in zip(pair.consumers, before[name], after):
-            assert adapter.linear_names(0)[role] in report.folded
+            assert names[role] in report.folded and names[role] not in report.rerounded
+            y1 = y1 * c_v if role == "v" else y1
             assert sqnr_db(y0, y1) > 50, (name, role)
+
+
+def test_a_key_value_head_vector_reaches_o_proj_in_repeat_kv_layout():
+    """v_proj's channel kv·d feeds o_proj's channels (kv·rep + j)·d: the layout transformers' repeat_kv gives."""
+    from masquant.export.deployable import FoldGroup
+
+    n_kv, rep, hd = 2, 3, 4
+    group = FoldGroup("v", ("o",), False, rep, hd)
+    s_o = torch.rand(n_kv * rep * hd, generator=torch.Generator().manual_seed(0)) + 0.5
+    c = group.common([s_o])
+    assert c.shape == (n_kv * hd,)
+    y_v = torch.randn(5, n_kv * hd)
+    repeat_kv = lambda y: y.reshape(5, n_kv, 1, hd).expand(5, n_kv, rep, hd).reshape(5, -1)  # noqa: E731
+    torch.testing.assert_close(repeat_kv(y_v / c), repeat_kv(y_v) / group.expand(c))
+    tied = group.expand(torch.rand(n_kv * hd) + 0.5)  # a vector constant over the shared heads folds exactly
+    torch.testing.assert_close(group.common([tied]), tied.reshape(n_kv, rep, hd)[:, 0].reshape(-1))
 
 
 def test_unfoldable_smoothing_is_refused_by_name_when_asked(qwen):
