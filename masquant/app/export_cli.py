@@ -19,16 +19,16 @@ from omegaconf import OmegaConf
 log = logging.getLogger("masquant")
 
 
-def export_run_folder(folder: Path, overrides: list[str] = ()) -> dict:
-    """Export the finished run in ``folder`` (``overrides``: ``export.*`` keys, e.g. ``export.dtype=bfloat16``)."""
+def run_folder_config(folder: Path, overrides: list[str] = ()):
+    """The configuration of the finished run in ``folder`` (its ``config.yaml`` over the schemas, the method's
+    included), with ``export=compressed_tensors`` and ``overrides`` (``export.*`` keys only)."""
     from hydra import compose, initialize_config_dir
 
     from masquant.app.config import register_configs
     from masquant.app.main import CONF_DIR
-    from masquant.app.pipeline import ConfigError, export_finished, resolve
-    from masquant.runs.store import RESULT_FILE, is_finished, run_lock
+    from masquant.app.pipeline import ConfigError
+    from masquant.runs.store import RESULT_FILE, is_finished
 
-    folder = folder.resolve()
     saved = folder / "config.yaml"
     if not is_finished(folder) or not saved.is_file():
         raise ConfigError(f"{folder}: not a finished run folder (it needs {RESULT_FILE} and config.yaml; a run that "
@@ -42,10 +42,26 @@ def export_run_folder(folder: Path, overrides: list[str] = ()) -> dict:
         cfg = compose(config_name="config", overrides=[f"method={values.method.id}", "export=compressed_tensors"])
         exports = compose(config_name="config", overrides=["export=compressed_tensors", *overrides]).export
     values.pop("export", None)
+    OmegaConf.set_struct(cfg, False)  # the run's own values (e.g. its per-task dicts) replace the composed defaults
     cfg = OmegaConf.merge(cfg, values)
     cfg.export = exports
+    OmegaConf.set_struct(cfg, True)
     cfg.force = False
-    spec = dataclasses.replace(resolve(cfg), run_dir=folder)
+    return cfg
+
+
+def export_run_folder(folder: Path, overrides: list[str] = ()) -> dict:
+    """Export the finished run in ``folder`` (``overrides``: ``export.*`` keys, e.g. ``export.dtype=bfloat16``)."""
+    from masquant.app.pipeline import ConfigError, export_finished, resolve
+    from masquant.runs.store import run_lock
+
+    folder = folder.resolve()
+    spec = resolve(run_folder_config(folder, overrides))
+    if not folder.name.endswith(f"-{spec.config_hash}"):
+        raise ConfigError(f"{folder}: its config.yaml now composes to config hash {spec.config_hash}, not the folder's "
+                          "(a run of an older results format?); run the configuration again with "
+                          "export=compressed_tensors")
+    spec = dataclasses.replace(spec, run_dir=folder)
     with run_lock(folder):
         return export_finished(spec)
 

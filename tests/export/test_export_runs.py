@@ -30,7 +30,8 @@ def test_run_writes_a_verified_export(compose_cfg, tiny_overrides):
 
 
 def test_finished_run_is_exported_without_rerunning_it(compose_cfg, tiny_overrides):
-    overrides = (*tiny_overrides, "method=rtn", "quant=w8a8", "quant.int_range=full", "reference=false")
+    overrides = (*tiny_overrides, "method=rtn", "quant=w8a8", "quant.int_range=full", "reference=false",
+                 "++eval.max_new_tokens_per_task.textvqa_val=3")  # a dict of the run's own: composed back too
     first = pipeline.run(compose_cfg(*overrides))
     run_dir = pipeline.resolve(compose_cfg(*overrides)).run_dir
     assert not (run_dir / "export").exists()
@@ -43,6 +44,26 @@ def test_finished_run_is_exported_without_rerunning_it(compose_cfg, tiny_overrid
     assert redone["export/max_rel_diff"] <= 1e-6
     with pytest.raises(ConfigError, match="only export.\\* keys"):
         export_run_folder(run_dir, ["quant.w_bits=3"])
+
+
+@pytest.mark.parametrize("eval_group", ["testbed", "fidelity"])
+def test_a_run_folder_composes_back_to_its_config_hash(compose_cfg, tmp_path, eval_group):
+    """config.yaml as a run writes it (resolved; eval=testbed carries per-task dicts) gives the run's hash again."""
+    from omegaconf import OmegaConf
+
+    from masquant.app.export_cli import run_folder_config
+    from masquant.runs.store import RESULT_FILE
+
+    cfg = compose_cfg("method=masquant", "quant=w4a8", "quant.int_range=full", f"eval={eval_group}",
+                      "method.cmc.rank=4")
+    spec = pipeline.resolve(cfg)
+    folder = tmp_path / spec.run_dir.name
+    folder.mkdir()
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (folder / RESULT_FILE).write_text("{}")
+    again = run_folder_config(folder, ["export.dtype=bfloat16"])
+    assert pipeline.resolve(again).config_hash == spec.config_hash
+    assert again.export.dtype.value == "bfloat16"
 
 
 def test_unfinished_run_folder_is_refused(tmp_path):
