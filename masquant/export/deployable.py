@@ -155,6 +155,8 @@ def make_deployable_(model: nn.Module, adapter, unfoldable: str = "reround") -> 
                 raise ConfigError(f"export: {name} divides its input by a smoothing vector but its weight is not "
                                   "quantized; nothing to re-round it on")
             W_exact = lin.weight.float() / left[name].float()[None, :]
+            if not torch.isfinite(W_exact).all():
+                raise ConfigError(f"export: re-rounding {name} gives non-finite weights (a zero smoothing factor?)")
             W_q, scale, zero = quantize_weight_grid(W_exact, lin.scheme)
             report.rerounded[name] = sqnr_db(W_exact, W_q)
             lin.weight.copy_(W_q.to(lin.weight.dtype))
@@ -177,15 +179,21 @@ class FoldGroup:
     head_dim: int = 0
 
     def common(self, vectors: list[torch.Tensor]) -> torch.Tensor:
-        """The producer's vector closest to every consumer's: the geometric mean (each consumer keeps the ratio
-        s_i / c, exactly 1 when all are equal); per key-value head under grouped-query attention."""
-        first = vectors[0] if self.rep == 1 else vectors[0].reshape(-1, self.rep, self.head_dim)[:, 0].reshape(-1)
+        """The producer's vector closest to every consumer's: the geometric mean of the magnitudes, with the first
+        vector's signs (learned smoothing factors may be negative: MASQuant floors |s|, keeping its sign); each
+        consumer keeps the ratio s_i / c, exactly 1 when all are equal; per key-value head under GQA."""
+        first = self.reduce(vectors[0], lambda t: t[:, 0])
         if all(torch.equal(self.expand(first), v) for v in vectors):
             return first  # one vector for all (tied scales): folded exactly, nothing left to re-round
-        log_mean = torch.stack([v.log() for v in vectors]).mean(0)
-        if self.rep > 1:
-            log_mean = log_mean.reshape(-1, self.rep, self.head_dim).mean(1).reshape(-1)
-        return log_mean.exp()
+        log_mean = torch.stack([v.abs().clamp_min(1e-12).log() for v in vectors]).mean(0)
+        sign = torch.where(first < 0, -1.0, 1.0).to(log_mean.dtype)
+        return sign * self.reduce(log_mean, lambda t: t.mean(1)).exp()
+
+    def reduce(self, v: torch.Tensor, over_heads) -> torch.Tensor:
+        """A consumer-side vector [rep · n] reduced to the producer's [n] over the heads sharing a key-value head."""
+        if self.rep == 1:
+            return v
+        return over_heads(v.reshape(-1, self.rep, self.head_dim)).reshape(-1)
 
     def expand(self, c: torch.Tensor) -> torch.Tensor:
         """The producer's vector as the consumers' input channels see it."""

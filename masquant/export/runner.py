@@ -58,7 +58,8 @@ def batch_logits(model, batches, device) -> list[torch.Tensor]:
 
 
 def compare(reference: list[torch.Tensor], other: list[torch.Tensor]) -> dict:
-    diff = max(float((a - b).abs().max()) for a, b in zip(reference, other))
+    """max |Δ| of two lists of logits, and relative to the largest reference logit (non-finite values: inf)."""
+    diff = max(float(torch.nan_to_num((a - b).abs(), nan=float("inf")).max()) for a, b in zip(reference, other))
     scale = max(float(a.abs().max()) for a in reference)
     return {"max_abs_diff": diff, "max_rel_diff": diff / scale if scale else diff,
             "tokens": sum(a.shape[-2] for a in reference)}

@@ -329,3 +329,24 @@ def test_narrow_activations_and_rotations_are_refused_before_loading(compose_cfg
                             "quant.a_dynamic=false", "quant.a_granularity=tensor", "export=compressed_tensors"))
     with pytest.raises(ConfigError, match="weights are not quantized"):
         resolve(compose_cfg(*tiny_overrides, "method=dense", "quant=fp16", "export=compressed_tensors"))
+
+
+def test_the_common_vector_of_untied_signed_scales_is_finite_and_exact_where_they_agree():
+    """Learned smoothing factors may be negative (|s| floored, sign kept): the producer's vector stays finite, and a
+    channel where every consumer has the same factor is folded exactly."""
+    from masquant.export.deployable import FoldGroup
+
+    g = torch.Generator().manual_seed(0)
+    s = [torch.rand(8, generator=g) + 0.5 for _ in range(3)]
+    s[1][2] = -s[1][2]  # a negative factor in one consumer
+    for v in s:
+        v[5] = 1.7  # channel 5: the same factor everywhere
+    c = FoldGroup("norm", ("q", "k", "v"), True).common(s)
+    assert torch.isfinite(c).all() and bool((c != 0).all())
+    torch.testing.assert_close(c[5], torch.tensor(1.7))
+
+
+def test_non_finite_logits_count_as_a_difference():
+    a = [torch.ones(1, 3, 5)]
+    assert compare(a, [torch.full((1, 3, 5), float("nan"))])["max_rel_diff"] == float("inf")
+    assert compare(a, [torch.ones(1, 3, 5)])["max_rel_diff"] == 0.0
