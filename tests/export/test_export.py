@@ -331,19 +331,21 @@ def test_narrow_activations_and_rotations_are_refused_before_loading(compose_cfg
         resolve(compose_cfg(*tiny_overrides, "method=dense", "quant=fp16", "export=compressed_tensors"))
 
 
-def test_the_common_vector_of_untied_signed_scales_is_finite_and_exact_where_they_agree():
-    """Learned smoothing factors may be negative (|s| floored, sign kept): the producer's vector stays finite, and a
-    channel where every consumer has the same factor is folded exactly."""
+def test_the_common_vector_is_finite_with_signed_factors_and_untied_consumers_fold_nothing():
+    """Learned smoothing factors may be negative (|s| floored, sign kept): o_proj's per-key-value-head vector stays
+    finite and keeps the heads' shared factor where they agree; consumers with different vectors fold nothing."""
     from masquant.export.deployable import FoldGroup
 
     g = torch.Generator().manual_seed(0)
-    s = [torch.rand(8, generator=g) + 0.5 for _ in range(3)]
-    s[1][2] = -s[1][2]  # a negative factor in one consumer
-    for v in s:
-        v[5] = 1.7  # channel 5: the same factor everywhere
-    c = FoldGroup("norm", ("q", "k", "v"), True).common(s)
-    assert torch.isfinite(c).all() and bool((c != 0).all())
-    torch.testing.assert_close(c[5], torch.tensor(1.7))
+    s_o = torch.rand(2 * 3 * 4, generator=g) + 0.5
+    s_o[1] = -s_o[1]  # a negative factor
+    s_o.view(2, 3, 4)[:, :, 2] = -1.7  # channel 2 of every head: the same (negative) factor
+    c = FoldGroup("v", ("o",), False, 3, 4).common([s_o])
+    assert c.shape == (8,) and torch.isfinite(c).all() and bool((c != 0).all())
+    torch.testing.assert_close(c.view(2, 4)[:, 2], torch.tensor([-1.7, -1.7]))
+    untied = [torch.rand(8, generator=g) + 0.5 for _ in range(3)]
+    assert FoldGroup("norm", ("q", "k", "v"), True).common(untied) is None
+    assert torch.equal(FoldGroup("norm", ("q", "k", "v"), True).common([untied[0]] * 3), untied[0])
 
 
 def test_non_finite_logits_count_as_a_difference():
