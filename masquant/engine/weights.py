@@ -81,10 +81,10 @@ def group_call_order(step, block: nn.Module) -> list[str]:
 
 
 def gptq_block(step, block: nn.Module, stack, source: WeightSource, opts: dict, true_sequential: bool):
-    """GPTQ on every linear of ``block``: ({role: DeployWeight (W_q and its grid)}, {role: loss}). One Hessian pass for
-    every input group, or
-    (``true_sequential``, see the module docstring) one pass per group in call order, the groups before it computing
-    with their GPTQ weights meanwhile; the block's weights are restored when done (the deploy path takes W_q)."""
+    """GPTQ on every linear of ``block``: ({role: DeployWeight (W_q and its grid)}, {role: loss}). One Hessian pass
+    for every input group, or (``true_sequential``, see the module docstring) one pass per group in call order, the
+    groups before it computing with their GPTQ weights meanwhile; the block's weights are restored when done (the
+    deploy path takes W_q)."""
     linears = stack.linears(block)
     originals = {role: lin.weight.data for role, lin in linears.items()}
     passes = [[g] for g in group_call_order(step, block)] if true_sequential else [list(stack.input_groups)]

@@ -203,9 +203,10 @@ def mse_clip_scale_zero(W: torch.Tensor, grid: IntGrid, grid_points: int = 100, 
     return best_scale, best_zero
 
 
-def find_scale_zero(W: torch.Tensor, grid: IntGrid, mse_clip: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scale and zero of each row of W [rows, cols]: the full range, or the MSE-clipped range."""
-    return mse_clip_scale_zero(W, grid) if mse_clip else range_scale_zero(W, grid)
+def find_scale_zero(W: torch.Tensor, grid: IntGrid, mse_clip: bool = False,
+                    ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero of each row of W [rows, cols]: the range shrunk by ``ratio``, or the MSE-clipped range."""
+    return mse_clip_scale_zero(W, grid) if mse_clip else range_scale_zero(W, grid, ratio)
 
 
 def group_slices(width: int, group_size: int) -> list[slice]:
@@ -240,15 +241,15 @@ def rtn_quantize(W: torch.Tensor, *, bits: int, symmetric: bool = True, group_si
 
 
 def rtn_quantize_grid(W: torch.Tensor, *, bits: int, symmetric: bool = True, group_size: int = 0,
-                      qrange: str = "narrow", mse_clip: bool = False):
+                      qrange: str = "narrow", mse_clip: bool = False, ratio: float = 1.0):
     """:func:`rtn_quantize` and its grid: (Wq, scale, zero), scale and zero [out, n_groups] in the working
-    precision (zero None on a symmetric grid)."""
+    precision (zero None on a symmetric grid); ``ratio`` shrinks each range (without ``mse_clip``)."""
     grid = IntGrid(bits, symmetric, qrange)
     Wf = W.detach().to(torch.float64 if W.dtype == torch.float64 else torch.float32)
     Q = torch.empty_like(Wf)
     scales, zeros = [], []
     for cols in group_slices(Wf.shape[1], group_size):
-        scale, zero = find_scale_zero(Wf[:, cols], grid, mse_clip)
+        scale, zero = find_scale_zero(Wf[:, cols], grid, mse_clip, ratio)
         Q[:, cols] = fake_quantize(Wf[:, cols], scale, zero, grid)
         scales.append(scale)
         zeros.append(zero)

@@ -14,10 +14,10 @@ from masquant.quant.grid import (
     IntGrid,
     fake_quantize,
     fake_quantize_range,
-    group_slices,
     quantize_groups,
     range_scale_zero,
     round_ste,
+    rtn_quantize_grid,
     symmetric_scale,
 )
 from masquant.quant.scheme import QuantScheme
@@ -80,23 +80,15 @@ def quantize_weight_grid(W: torch.Tensor, scheme: QuantScheme
     [out, n_groups] (per tensor: [1, 1]; zero None on a symmetric grid); the groups are
     :func:`~masquant.quant.grid.group_slices` of the input columns. The same float operations as
     :func:`quantize_weight`, so W_q is equal bit for bit (an export writes these integers and scales)."""
-    grid = weight_grid_of(scheme)
-    ratio = scheme.w_clip_ratio
     if scheme.w_granularity == "tensor":
-        scale, zero = range_scale_zero(W, grid, ratio, dim=None)
+        grid = weight_grid_of(scheme)
+        scale, zero = range_scale_zero(W, grid, scheme.w_clip_ratio, dim=None)
         scale = scale.reshape(1, 1)
         zero = None if zero is None else zero.reshape(1, 1)
         return fake_quantize(W, scale, zero, grid), scale, zero
-    g = scheme.w_group_size if scheme.w_granularity == "group" else 0
-    out_f, in_f = W.shape
-    Q = torch.empty_like(W)
-    scales, zeros = [], []
-    for cols in group_slices(in_f, g):
-        scale, zero = range_scale_zero(W[:, cols], grid, ratio, dim=-1)
-        Q[:, cols] = fake_quantize(W[:, cols], scale, zero, grid)
-        scales.append(scale)
-        zeros.append(zero)
-    return Q, torch.cat(scales, 1), None if zeros[0] is None else torch.cat(zeros, 1)
+    return rtn_quantize_grid(W, bits=scheme.w_bits, symmetric=scheme.w_symmetric,
+                             group_size=scheme.w_group_size if scheme.w_granularity == "group" else 0,
+                             qrange=scheme.int_range.value, ratio=scheme.w_clip_ratio)
 
 
 def quantize_activation(

@@ -262,3 +262,25 @@ def test_the_engine_walks_the_weight_only_stream_for_true_sequential_gptq(true_s
     scheme = QuantScheme("w4a8", 4, 8, w_quantizer="gptq", gptq_true_sequential=true_seq)
     Recording(QuaRotConfig()).run(_ctx(model, scheme))
     assert seen and set(seen) == {not true_seq}
+
+
+@pytest.mark.parametrize("kw", [
+    dict(w_granularity="group", w_group_size=128), dict(w_granularity="group", w_group_size=128, w_symmetric=False),
+    dict(), dict(w_symmetric=False), dict(w_granularity="tensor"), dict(w_clip_ratio=0.9, int_range="full"),
+    dict(w_granularity="group", w_group_size=64, w_clip_ratio=0.85, w_symmetric=False)])
+def test_the_grid_the_deploy_path_records_rounds_as_quantize_weight(kw):
+    """quantize_weight_grid (deploy; an export writes its scales) gives quantize_weight's weights bit for bit, on
+    the grid it returns (576 = 4 x 128 + 64: a smaller last group)."""
+    from masquant.quant.grid import dequantize, group_slices
+    from masquant.quant.quantizer import quantize_weight_grid
+
+    W = torch.randn(48, 576, generator=torch.Generator().manual_seed(3))
+    scheme = QuantScheme("x", 4, 16, **kw)
+    W_q, scale, zero = quantize_weight_grid(W, scheme)
+    assert torch.equal(W_q, quantize_weight(W, scheme))
+    groups = group_slices(576, scheme.w_group_size if scheme.w_granularity == "group" else 0)
+    assert scale.shape[1] == (1 if scheme.w_granularity == "tensor" else len(groups))
+    for k, cols in enumerate(groups if scheme.w_granularity != "tensor" else [slice(0, 576)]):
+        z = None if zero is None else zero[:, k:k + 1]
+        codes = torch.round(W_q[:, cols] / scale[:, k:k + 1]) + (0 if z is None else z)
+        assert torch.equal(dequantize(codes, scale[:, k:k + 1], z), W_q[:, cols])
