@@ -28,10 +28,11 @@ from masquant.quant.quantizer import static_act_scale
 
 
 def msq_scale(absmax: torch.Tensor, bits: int, clip_ratio: float = 1.0, int_range: str = "narrow",
-              skip_channel0: bool = False) -> torch.Tensor:
-    """Static per-tensor scale of one modality from its per-channel abs-max [D] (channel 0 left out under RMS)."""
+              skip_channel0: bool = False, a_format: str = "int") -> torch.Tensor:
+    """Static per-tensor scale of one modality from its per-channel abs-max [D] (channel 0 left out under RMS);
+    for quant.a_format=nvfp4 its calibrated global scale."""
     a = absmax[1:] if skip_channel0 else absmax
-    return static_act_scale(a.max(), bits, clip_ratio, int_range)
+    return static_act_scale(a.max(), bits, clip_ratio, int_range, a_format)
 
 
 def channel0_outlier(mean_abs: torch.Tensor) -> tuple[bool, float]:

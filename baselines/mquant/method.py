@@ -91,7 +91,7 @@ def group_scales(layer_stats, group: str, modalities, scheme, msq: bool, skip_ch
     """{path name: static scale} of one input group: per modality with calibration tokens (msq) or one for all."""
     per_m = layer_stats[group]
     kw = dict(bits=scheme.a_bits, clip_ratio=scheme.a_clip_ratio, int_range=scheme.int_range.value,
-              skip_channel0=skip_channel0)
+              skip_channel0=skip_channel0, a_format=scheme.a_format.value)
     if not msq:
         return {"text": msq_scale(per_m["all"].absmax, **kw)}
     scales = {}
@@ -156,7 +156,8 @@ class MQuant(Method):
         FP stream's abs-max over the calibration images (the encoder has visual tokens only: no MSQ, no RMS)."""
         scheme = ctx.scheme
         scales = {group: msq_scale(step.stats[group]["all"].absmax, scheme.a_bits, scheme.a_clip_ratio,
-                                   scheme.int_range.value) for group in step.stack.input_groups}
+                                   scheme.int_range.value, a_format=scheme.a_format.value)
+                  for group in step.stack.input_groups}
         v = self.vision
         v["scales"] = v.get("scales", []) + [float(scales[step.stack.role_group[r]]) for r in step.linears()]
         v["images"] = step.n_samples
@@ -166,7 +167,7 @@ class MQuant(Method):
         for role in split:  # RMS (--visual_split): the scale leaves channel 0 out, a rank-1 FP product carries it
             group = step.stack.role_group[role]
             scales[group] = msq_scale(step.stats[group]["all"].absmax, scheme.a_bits, scheme.a_clip_ratio,
-                                      scheme.int_range.value, skip_channel0=True)
+                                      scheme.int_range.value, skip_channel0=True, a_format=scheme.a_format.value)
         v["split"] = v.get("split", 0) + len(split)
         rest = {}
 
@@ -247,7 +248,8 @@ class MQuant(Method):
             observe_generation(ctx.model, ctx.require_calibration().batches, observer, cfg.scale_new_tokens, ctx.device)
         finally:
             observer.remove()
-        kw = dict(bits=scheme.a_bits, clip_ratio=scheme.a_clip_ratio, int_range=scheme.int_range.value)
+        kw = dict(bits=scheme.a_bits, clip_ratio=scheme.a_clip_ratio, int_range=scheme.int_range.value,
+                  a_format=scheme.a_format.value)
         for name, linear in linears.items():
             seen = observer.absmax[name]
             for path_name, path in linear.paths.items():

@@ -44,8 +44,8 @@ class QuaRotConfig:
     rotation_mode: RotationMode = RotationMode.pad  # widths without a Hadamard matrix (down_proj's input)
     online_down: bool = True  # online Hadamard on down_proj's input
     o_rotation: ORotation = ORotation.full  # o_proj's input: full (official, online across heads) | per_head
-    # per-token activation clip: null = QuaRot's rule (0.9 at a_bits <= 4, none above; quant.a_clip_ratio when set);
-    # a number = that clip at every bit width
+    # per-token activation clip: null = QuaRot's rule (0.9 at a_bits <= 4 on an integer grid, none above and none on
+    # a float format, which its block scales clip; quant.a_clip_ratio when set); a number = that clip at every width
     a_clip_ratio: Optional[float] = None
     kv_bits: int = 16  # < 16: quantize the KV cache
     kv_group_size: int = 128
@@ -100,7 +100,9 @@ class QuaRot(Method):
         """The activation clip deployed: method.a_clip_ratio, else quant.a_clip_ratio when set, else QuaRot's rule."""
         if self.cfg.a_clip_ratio is not None:
             return self.cfg.a_clip_ratio
-        return scheme.a_clip_ratio if scheme.a_clip_ratio != 1.0 else official_act_clip(scheme.a_bits)
+        if scheme.a_clip_ratio != 1.0:
+            return scheme.a_clip_ratio
+        return official_act_clip(scheme.a_bits) if scheme.a_int else 1.0
 
     def deploy_scheme(self, scheme):
         if not scheme.quantize_acts:

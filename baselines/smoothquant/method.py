@@ -71,8 +71,8 @@ def static_paths_for(scheme, layer_stats, factors):
         absmax = layer_stats[group]["all"].absmax
         if group in factors:
             absmax = absmax / factors[group].cpu()
-        return {"text": ModalityPath(act_scale=static_act_scale(absmax.max(), scheme.a_bits, scheme.a_clip_ratio,
-                                                                scheme.int_range).to(linear.weight.device))}
+        scale = static_act_scale(absmax.max(), scheme.a_bits, scheme.a_clip_ratio, scheme.int_range, scheme.a_format)
+        return {"text": ModalityPath(act_scale=scale.to(linear.weight.device))}
 
     return paths_for
 

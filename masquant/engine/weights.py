@@ -28,6 +28,7 @@ from masquant.calibration.stats import GramObserver
 from masquant.engine.deploy import DeployWeight, WeightFn
 from masquant.quant.gptq import gptq_quantize
 from masquant.quant.grid import rtn_quantize_grid
+from masquant.quant.quantizer import weight_grid_of
 from masquant.quant.scheme import QuantScheme
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def gptq_options(scheme: QuantScheme) -> dict:
                 group_size=scheme.w_group_size if scheme.w_granularity == "group" else 0,
                 qrange=scheme.int_range.value, blocksize=scheme.gptq_block, percdamp=scheme.gptq_damp,
                 act_order=scheme.gptq_act_order, static_groups=scheme.gptq_static_groups,
-                mse_clip=scheme.w_mse_clip)
+                mse_clip=scheme.w_mse_clip, grid=weight_grid_of(scheme))
 
 
 def permuted_groups(opts: dict) -> bool:
@@ -52,8 +53,7 @@ def permuted_groups(opts: dict) -> bool:
 def rtn_weight(W: torch.Tensor, scheme: QuantScheme) -> DeployWeight:
     """Round to nearest on the scheme's grid with the MSE-clipped range (``quant.w_mse_clip``), with its grid."""
     opts = gptq_options(scheme)
-    W_q, scale, zero = rtn_quantize_grid(W, bits=opts["bits"], symmetric=opts["symmetric"],
-                                         group_size=opts["group_size"], qrange=opts["qrange"], mse_clip=True)
+    W_q, scale, zero = rtn_quantize_grid(W, group_size=opts["group_size"], mse_clip=True, grid=opts["grid"])
     return DeployWeight(W_q, quantized=True, scale=scale, zero=zero)
 
 

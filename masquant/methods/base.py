@@ -108,6 +108,11 @@ class Method(ABC):
                     f"method={self.id} deploys dynamic activation scales{why}; quant={name} asks for static ones "
                     f"(quant.a_dynamic=false): use quant.a_dynamic=true, or a method with static scales: "
                     f"{_methods_where(lambda m: m.activation_scales != 'dynamic')}")
+            if self.activation_scales == "static" and scheme.a_format == "mxfp4":
+                raise MethodConfigError(f"method={self.id} deploys static per-tensor activation scales; quant={name} "
+                                        "has quant.a_format=mxfp4, whose block scales come from each input: use "
+                                        "quant.a_format=fp8_e4m3 or nvfp4 (with quant.a_dynamic=false "
+                                        "quant.a_granularity=tensor), or int")
             if self.activation_scales == "static" and (scheme.a_dynamic or scheme.a_granularity != "tensor"
                                                        or not scheme.a_symmetric):
                 raise MethodConfigError(f"method={self.id} deploys static symmetric per-tensor activation scales: add "

@@ -21,7 +21,8 @@ import logging
 
 import torch
 
-from masquant.quant.grid import IntGrid, fake_quantize, find_scale_zero
+from masquant.quant.formats import FloatGrid
+from masquant.quant.grid import Grid, IntGrid, fake_quantize, find_scale_zero
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ def gptq_quantize(
     act_order: bool = False,
     static_groups: bool = False,
     mse_clip: bool = False,
+    grid: Grid | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """GPTQ, Algorithm 1: quantize W [out, in] column by column, each error spread on the later columns.
 
@@ -86,14 +88,18 @@ def gptq_quantize(
       perm [in] | None           the act-order permutation
       loss                       Σ (w - q)² / (2 [H⁻¹]_qq) over all steps = ½ tr(ΔW H_damped ΔWᵀ)
       dead [in]                  inputs with H[i, i] = 0 (quantized to 0)
-    Computed in float32 (float64 when W is float64); the Cholesky factor in float64.
+    Computed in float32 (float64 when W is float64); the Cholesky factor in float64. ``grid`` (e.g. a float
+    format's, :mod:`masquant.quant.formats`) replaces bits/symmetric/qrange: the error feedback is the same for any
+    grid; an NVFP4 grid takes its global scale from the original W, as compressed-tensors' observer does.
     """
     out_f, in_f = W.shape
     if H.shape != (in_f, in_f):
         raise ValueError(f"H must be [{in_f}, {in_f}] for W {tuple(W.shape)}, got {tuple(H.shape)}")
     if group_size < 0:
         raise ValueError(f"group_size={group_size}: must be >= 0 (0 = per output channel)")
-    grid = IntGrid(bits, symmetric, qrange)
+    grid = IntGrid(bits, symmetric, qrange) if grid is None else grid
+    if isinstance(grid, FloatGrid) and grid.global_scale is None:
+        grid = grid.bind(W.detach().float())
     work = torch.float64 if W.dtype == torch.float64 else torch.float32
     W_ = W.detach().to(work).clone()  # [out, in]
     H_ = H.detach().to(device=W.device, dtype=torch.float64, copy=True)  # [in, in]

@@ -1,5 +1,9 @@
-"""The integer grids every quantizer rounds to: fake quantization of weights and activations, RTN, GPTQ, the MSE
-clip search and AWQ's clip search all go through the functions here. Pure tensor functions.
+"""The grids every quantizer rounds to: fake quantization of weights and activations, RTN, GPTQ, the MSE clip search
+and AWQ's clip search all go through the functions here. Pure tensor functions.
+
+A grid is an :class:`IntGrid` (below) or a :class:`~masquant.quant.formats.FloatGrid` (FP8 E4M3, MXFP4, NVFP4): the
+functions here take either, so every method that rounds through them works with every format. A float grid has no
+zero point; its scale follows the format's rule and its codes are the nearest float-format values.
 
 Grids (:class:`IntGrid`), b bits:
 
@@ -21,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from masquant.quant.formats import FloatGrid
 
 QRANGES = ("narrow", "full")
 EPS = 1e-8  # the smallest scale: an all-zero row quantizes to 0
@@ -70,15 +76,23 @@ def _reduce(x: torch.Tensor, fn: str, dim) -> torch.Tensor:
     return getattr(x, fn)() if dim is None else getattr(x, fn)(dim=dim, keepdim=True)
 
 
-def symmetric_scale(absmax: torch.Tensor, grid: IntGrid, ratio: float = 1.0) -> torch.Tensor:
-    """scale = ratio · absmax / half_levels (floored at EPS), for absmax of any shape."""
+Grid = IntGrid | FloatGrid
+
+
+def symmetric_scale(absmax: torch.Tensor, grid: Grid, ratio: float = 1.0) -> torch.Tensor:
+    """scale = ratio · absmax / half_levels (floored at EPS), for absmax of any shape; a float grid's own rule."""
+    if isinstance(grid, FloatGrid):
+        return grid.scale(absmax * ratio if ratio != 1.0 else absmax)
     return (absmax * ratio / grid.half_levels).clamp(min=EPS)
 
 
-def range_scale_zero(x: torch.Tensor, grid: IntGrid, ratio: float = 1.0, dim: int | tuple | None = 1,
+def range_scale_zero(x: torch.Tensor, grid: Grid, ratio: float = 1.0, dim: int | tuple | None = 1,
                      ste: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and integer zero point of ``x`` reduced over ``dim`` (kept; None = the whole tensor), with the range
-    shrunk by ``ratio``. The zero point is None on a symmetric grid."""
+    shrunk by ``ratio``. The zero point is None on a symmetric grid (every float grid)."""
+    if isinstance(grid, FloatGrid):
+        absmax = _reduce(x.abs(), "amax", dim)
+        return grid.scale(absmax * ratio if ratio != 1.0 else absmax, ste), None
     if grid.symmetric:
         return symmetric_scale(_reduce(x.abs(), "amax", dim), grid, ratio), None
     xmin = (_reduce(x, "amin", dim) * ratio).clamp(max=0)
@@ -87,9 +101,14 @@ def range_scale_zero(x: torch.Tensor, grid: IntGrid, ratio: float = 1.0, dim: in
     return scale, _round(-xmin / scale, ste)
 
 
-def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, grid: IntGrid,
+def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, grid: Grid,
                    ste: bool = False) -> torch.Tensor:
-    """Integer codes clamp(round(x / scale) + zero, qmin, qmax) (float tensor, same shape as x)."""
+    """Integer codes clamp(round(x / scale) + zero, qmin, qmax) (float tensor, same shape as x); on a float grid the
+    nearest element-format value of clamp(x / scale, qmin, qmax)."""
+    if isinstance(grid, FloatGrid):
+        v = (x / scale).clamp(grid.qmin, grid.qmax)
+        q = grid.round(v)
+        return (q - v).detach() + v if ste else q
     q = _round(x / scale, ste)
     return torch.clamp(q if zero is None else q + zero, grid.qmin, grid.qmax)
 
@@ -99,25 +118,25 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
     return codes * scale if zero is None else (codes - zero) * scale
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, grid: IntGrid,
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, grid: Grid,
                   ste: bool = False) -> torch.Tensor:
     """Quantize then dequantize ``x`` on the grid with the given scale and zero (broadcast against x)."""
     return dequantize(quantize_codes(x, scale, zero, grid, ste), scale, zero)
 
 
-def fake_quantize_range(x: torch.Tensor, grid: IntGrid, ratio: float = 1.0, dim: int | tuple | None = -1,
+def fake_quantize_range(x: torch.Tensor, grid: Grid, ratio: float = 1.0, dim: int | tuple | None = -1,
                         ste: bool = False) -> torch.Tensor:
     """Fake quantization of ``x`` with the range of each slice over ``dim`` (None = the whole tensor).
 
     With ``ste`` on a symmetric grid and ``x`` needing a gradient, the fused :class:`SymFakeQuantSTE` computes the
     same values and gradients as the composed autograd form (:func:`fake_quantize_range_autograd`) up to float
     rounding, with about a third of the passes over ``x`` (MAS learning spends most of its time here)."""
-    if ste and grid.symmetric and x.requires_grad and torch.is_grad_enabled():
+    if ste and isinstance(grid, IntGrid) and grid.symmetric and x.requires_grad and torch.is_grad_enabled():
         return SymFakeQuantSTE.apply(x, grid, ratio, dim)
     return fake_quantize_range_autograd(x, grid, ratio, dim, ste)
 
 
-def fake_quantize_range_autograd(x: torch.Tensor, grid: IntGrid, ratio: float = 1.0, dim: int | tuple | None = -1,
+def fake_quantize_range_autograd(x: torch.Tensor, grid: Grid, ratio: float = 1.0, dim: int | tuple | None = -1,
                                  ste: bool = False) -> torch.Tensor:
     """:func:`fake_quantize_range` composed of autograd operations (the reference of the fused STE form)."""
     scale, zero = range_scale_zero(x, grid, ratio, dim, ste)
@@ -186,7 +205,7 @@ def sym_fake_quant_grad(g: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, a
     return gx
 
 
-def mse_clip_scale_zero(W: torch.Tensor, grid: IntGrid, grid_points: int = 100, maxshrink: float = 0.8,
+def mse_clip_scale_zero(W: torch.Tensor, grid: Grid, grid_points: int = 100, maxshrink: float = 0.8,
                         norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per row of W [rows, cols], the range shrink p = 1 - i/grid_points (i < maxshrink·grid_points) minimising
     Σ|w - Q(w)|^norm (the official GPTQ / QuaRot search: 80 factors 1, 0.99, ..., 0.21)."""
@@ -203,7 +222,7 @@ def mse_clip_scale_zero(W: torch.Tensor, grid: IntGrid, grid_points: int = 100, 
     return best_scale, best_zero
 
 
-def find_scale_zero(W: torch.Tensor, grid: IntGrid, mse_clip: bool = False,
+def find_scale_zero(W: torch.Tensor, grid: Grid, mse_clip: bool = False,
                     ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale and zero of each row of W [rows, cols]: the range shrunk by ``ratio``, or the MSE-clipped range."""
     return mse_clip_scale_zero(W, grid) if mse_clip else range_scale_zero(W, grid, ratio)
@@ -240,12 +259,15 @@ def rtn_quantize(W: torch.Tensor, *, bits: int, symmetric: bool = True, group_si
                              mse_clip=mse_clip)[0]
 
 
-def rtn_quantize_grid(W: torch.Tensor, *, bits: int, symmetric: bool = True, group_size: int = 0,
-                      qrange: str = "narrow", mse_clip: bool = False, ratio: float = 1.0):
+def rtn_quantize_grid(W: torch.Tensor, *, bits: int = 0, symmetric: bool = True, group_size: int = 0,
+                      qrange: str = "narrow", mse_clip: bool = False, ratio: float = 1.0, grid: Grid | None = None):
     """:func:`rtn_quantize` and its grid: (Wq, scale, zero), scale and zero [out, n_groups] in the working
-    precision (zero None on a symmetric grid); ``ratio`` shrinks each range (without ``mse_clip``)."""
-    grid = IntGrid(bits, symmetric, qrange)
+    precision (zero None on a symmetric grid); ``ratio`` shrinks each range (without ``mse_clip``). ``grid``
+    (e.g. a float format's) replaces bits/symmetric/qrange; an NVFP4 grid takes its global scale from all of W."""
+    grid = IntGrid(bits, symmetric, qrange) if grid is None else grid
     Wf = W.detach().to(torch.float64 if W.dtype == torch.float64 else torch.float32)
+    if isinstance(grid, FloatGrid) and grid.global_scale is None:
+        grid = grid.bind(Wf)
     Q = torch.empty_like(Wf)
     scales, zeros = [], []
     for cols in group_slices(Wf.shape[1], group_size):

@@ -25,6 +25,10 @@ ADDED_WITH_NEUTRAL_DEFAULT: dict[tuple[str, str], object] = {
     ("calib", "with_answers"): False,
     ("quant", "gptq_true_sequential"): False,
     ("quant", "gptq_static_groups"): False,
+    ("quant", "w_format"): "int",  # float formats (masquant.quant.formats)
+    ("quant", "a_format"): "int",
+    ("quant", "fp4_rounding"): "even",
+    ("quant", "mx_scale_rule"): "compressed_tensors",
     ("method", "scales"): "fp_prompts",  # MQuant's
     ("method", "scale_new_tokens"): 20,
     ("method", "vision_rms"): False,

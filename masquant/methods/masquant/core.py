@@ -158,6 +158,7 @@ def int_matmul_applies(scheme: QuantScheme, X: torch.Tensor) -> bool:
     int32, exact), then scales: on CPU, activations quantized per token on a symmetric grid, both at most 8 bits
     (the int32 sums cannot overflow below 2^17 inputs)."""
     return (X.device.type == "cpu" and X.dtype == torch.float32 and scheme.quantize_acts and scheme.a_symmetric
+            and scheme.a_int and scheme.w_int
             and scheme.a_granularity == "token" and scheme.a_bits <= 8 and scheme.w_bits <= 8
             and X.shape[-1] < 2 ** 17 and hasattr(torch, "_int_mm"))
 
@@ -259,7 +260,7 @@ class IntCodesLinearSTE(torch.autograd.Function):
 def weight_codes(W: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(int8 codes c_w, scale s_w [out, 1]) with Qw(W) = c_w·s_w, bitwise (the operations of ``quantize_weight``),
     for a symmetric per-channel grid of at most 8 bits; else None."""
-    if not (scheme.quantize_weights and scheme.w_symmetric and scheme.w_granularity == "channel"
+    if not (scheme.quantize_weights and scheme.w_int and scheme.w_symmetric and scheme.w_granularity == "channel"
             and scheme.w_bits <= 8 and W.dim() == 2):
         return None
     grid = IntGrid(scheme.w_bits, True, scheme.int_range)
@@ -271,7 +272,7 @@ def weight_codes(W: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, to
 def fused_weight_quant_applies(scheme: QuantScheme, s: torch.Tensor | None, W: torch.Tensor) -> bool:
     """Whether :class:`SmoothedWeightQuantSTE` computes this weight's quantization (else the composed form)."""
     return (s is not None and s.requires_grad and torch.is_grad_enabled() and W.dim() == 2
-            and not W.requires_grad and scheme.quantize_weights and scheme.w_symmetric
+            and not W.requires_grad and scheme.quantize_weights and scheme.w_int and scheme.w_symmetric
             and scheme.w_granularity == "channel" and scheme.int_range == "narrow" and scheme.w_clip_ratio >= 1.0)
 
 
