@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from masquant.adapters.stack import BlockStack
 from masquant.quant.linear import ModalityPath, QuantLinear
-from masquant.quant.quantizer import quantize_weight_grid
+from masquant.quant.quantizer import quantize_weight_grid, weight_global_scale
 
 
 @dataclass
@@ -25,6 +25,7 @@ class DeployWeight:
     scale: torch.Tensor | None = None
     zero: torch.Tensor | None = None
     g_idx: torch.Tensor | None = None
+    global_scale: torch.Tensor | None = None  # NVFP4's per-tensor global scale g [1]
 
 
 WeightFn = Callable[[str, nn.Module], "DeployWeight | torch.Tensor | None"]
@@ -53,11 +54,12 @@ def deploy_block_(ctx, block: nn.Module, weight_for: WeightFn | None = None, pat
         elif torch.is_tensor(spec):
             spec = DeployWeight(spec)
         dtype = linear.weight.dtype
-        scale, zero, g_idx = spec.scale, spec.zero, spec.g_idx
+        scale, zero, g_idx, global_scale = spec.scale, spec.zero, spec.g_idx, spec.global_scale
         if spec.quantized or not ctx.scheme.quantize_weights:
             W_q = spec.W
         else:
             W_q, scale, zero = quantize_weight_grid(spec.W.float(), ctx.scheme)
+            global_scale = weight_global_scale(spec.W, ctx.scheme)
         W_q = W_q.to(dtype)
         paths = paths_for(role, linear, W_q) if paths_for is not None else {}
         if input_transform_for is not None:
@@ -66,7 +68,8 @@ def deploy_block_(ctx, block: nn.Module, weight_for: WeightFn | None = None, pat
             transform = getattr(linear, "input_transform", None)
         bias = None if linear.bias is None else linear.bias.data
         grid = {} if scale is None else dict(weight_scale=scale.float(), weight_g_idx=g_idx,
-                                              weight_zero=None if zero is None else zero.float())
+                                              weight_zero=None if zero is None else zero.float(),
+                                              weight_global_scale=global_scale)
         stack.set_linear(block, role, QuantLinear(W_q, bias, ctx.scheme, router, paths, transform, **grid))
         n += 1
     return n

@@ -28,7 +28,7 @@ from masquant.calibration.stats import GramObserver
 from masquant.engine.deploy import DeployWeight, WeightFn
 from masquant.quant.gptq import gptq_quantize
 from masquant.quant.grid import rtn_quantize_grid
-from masquant.quant.quantizer import weight_grid_of
+from masquant.quant.quantizer import weight_global_scale, weight_grid_of
 from masquant.quant.scheme import QuantScheme
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def rtn_weight(W: torch.Tensor, scheme: QuantScheme) -> DeployWeight:
     """Round to nearest on the scheme's grid with the MSE-clipped range (``quant.w_mse_clip``), with its grid."""
     opts = gptq_options(scheme)
     W_q, scale, zero = rtn_quantize_grid(W, group_size=opts["group_size"], mse_clip=True, grid=opts["grid"])
-    return DeployWeight(W_q, quantized=True, scale=scale, zero=zero)
+    return DeployWeight(W_q, quantized=True, scale=scale, zero=zero, global_scale=weight_global_scale(W, scheme))
 
 
 @dataclass
@@ -101,7 +101,8 @@ def gptq_block(step, block: nn.Module, stack, source: WeightSource, opts: dict, 
                 Wq, info = gptq_quantize(W.float(), grams.hessian(stack.role_group[role]).to(W.device), **opts)
                 deployed[role] = Wq.to(W.dtype)
                 grids[role] = dict(scale=info["scale"], zero=None if opts["symmetric"] else info["zero"],
-                                   g_idx=info["g_idx"] if permuted_groups(opts) else None)
+                                   g_idx=info["g_idx"] if permuted_groups(opts) else None,
+                                   global_scale=info["global_scale"])
                 losses[role] = info["loss"]
                 if true_sequential:  # later groups see this one as deployed: W_q plus what the source kept out (RMS)
                     linear.weight.data = deployed[role] + (originals[role] - W)

@@ -13,6 +13,16 @@ Per quantized linear, from masquant's own grid (never re-derived by the library'
   scale absmax / ((2^b-1)/2): the format's only activation grid. A scheme on another grid is refused
   (:func:`activation_args`).
 
+Float formats (``quant.w_format``), from the recorded grid as well:
+
+- FP8 E4M3: ``float-quantized``: ``weight`` as float8_e4m3fn, ``weight_scale`` float32 per channel, tensor or group;
+- NVFP4: ``nvfp4-pack-quantized``: ``weight_packed`` uint8 [out, in/2] (two E2M1 codes a byte, the even column in
+  the low nibble: index of the magnitude in {0, .5, 1, 1.5, 2, 3, 4, 6}, sign in bit 3), ``weight_scale`` [out,
+  in/16] float8_e4m3fn (the block scales s_b) and ``weight_global_scale`` [1] (g; a block dequantizes as code ·
+  s_b / g); activations: dynamic block scales with a calibrated ``input_global_scale`` (quant.a_dynamic=false);
+- MXFP4: ``mxfp4-pack-quantized``: ``weight_packed`` as NVFP4's, ``weight_scale`` uint8 [out, in/32] (the biased
+  power-of-two exponent e + 127); activations dynamic in blocks of 32.
+
 Modules that stay in full precision (lm_head, the vision tower and projector unless the method quantized them)
 are listed in ``ignore``.
 """
@@ -29,11 +39,16 @@ import torch.nn as nn
 
 from masquant.errors import ConfigError
 from masquant.export.grid import format_group_size, integer_codes, uniform_groups
+from masquant.quant.formats import BLOCK, round_e4m3
 from masquant.quant.linear import DEFAULT_PATH, QuantLinear
 from masquant.quant.scheme import QuantScheme
 
 FORMAT_PACKED = "pack-quantized"
 FORMAT_INT = "int-quantized"
+FORMAT_FLOAT = "float-quantized"
+FORMAT_NVFP4 = "nvfp4-pack-quantized"
+FORMAT_MXFP4 = "mxfp4-pack-quantized"
+E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
 # --- packing ---------------------------------------------------------------------------------------------------
@@ -64,11 +79,59 @@ def pack_int32(values: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     return packed.t().contiguous() if dim == 0 else packed
 
 
+def pack_e2m1(codes: torch.Tensor) -> torch.Tensor:
+    """E2M1 values [rows, cols] (cols even) -> uint8 [rows, cols/2]: each value's 4-bit code (index of its magnitude
+    in {0, .5, 1, 1.5, 2, 3, 4, 6}, the sign in bit 3), column 2j in the low nibble of byte j, 2j+1 in the high one
+    (compressed-tensors' and vLLM's layout; tests check it against the library's unpacking)."""
+    rows, cols = codes.shape
+    if cols % 2:
+        raise ValueError(f"E2M1 packing needs an even number of columns, got {cols}")
+    table = torch.tensor(E2M1_MAGNITUDES, dtype=codes.dtype, device=codes.device)
+    index = torch.searchsorted(table, codes.abs().contiguous())
+    if int(index.max()) > 7 or not torch.equal(table[index.clamp(max=7)], codes.abs()):
+        raise ValueError("values that are not E2M1 values")
+    nibble = (index | (torch.signbit(codes).to(torch.int64) << 3)).to(torch.uint8).reshape(rows, cols // 2, 2)
+    return (nibble[..., 0] | (nibble[..., 1] << 4)).contiguous()
+
+
 # --- arguments ---------------------------------------------------------------------------------------------------
+def float_activation_args(scheme: QuantScheme, where: str) -> dict:
+    """``input_activations`` of a float format (FP8 per token / tensor, MXFP4, NVFP4 with a calibrated global
+    scale), or a ConfigError naming what the checkpoint cannot express."""
+    fmt = scheme.a_format.value
+    bad = []
+    if scheme.a_clip_ratio != 1.0:
+        bad.append(f"quant.a_clip_ratio={scheme.a_clip_ratio} (the format has no activation clip)")
+    if fmt in ("mxfp4", "nvfp4") and scheme.fp4_rounding.value != "even":
+        bad.append("quant.fp4_rounding=away (the serving kernels round E2M1 ties to even)")
+    if fmt == "mxfp4" and scheme.mx_scale_rule.value != "compressed_tensors":
+        bad.append(f"quant.mx_scale_rule={scheme.mx_scale_rule.value} (the format computes the activations' block "
+                   "exponents by its own rule: quant.mx_scale_rule=compressed_tensors)")
+    if fmt == "nvfp4" and scheme.a_dynamic:
+        bad.append("quant.a_dynamic=true (the activations' global scale is computed per input here; the checkpoint "
+                   "holds a calibrated input_global_scale: use quant.a_dynamic=false quant.a_granularity=tensor with "
+                   "a method that calibrates static scales (smoothquant, mquant), or a weight-only scheme such as "
+                   "quant=w_nvfp4_a16)")
+    if bad:
+        raise ConfigError(f"export=compressed_tensors{where}: the checkpoint cannot quantize activations as "
+                          f"quant={scheme.name} does: " + "; ".join(bad))
+    if fmt == "fp8_e4m3":
+        return {"num_bits": 8, "type": "float", "symmetric": True,
+                "strategy": "token" if scheme.a_granularity == "token" else "tensor", "dynamic": bool(scheme.a_dynamic),
+                "group_size": None, "observer": None if scheme.a_dynamic else "minmax"}
+    if fmt == "mxfp4":
+        return {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "group", "group_size": BLOCK[fmt],
+                "dynamic": True, "scale_dtype": "torch.uint8", "observer": None}
+    return {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": BLOCK[fmt],
+            "dynamic": "local", "scale_dtype": "torch.float8_e4m3fn", "observer": "static_minmax"}
+
+
 def activation_args(scheme: QuantScheme, where: str = "") -> dict | None:
     """The format's ``input_activations`` for the scheme, or a ConfigError naming what it cannot express."""
     if not scheme.quantize_acts:
         return None
+    if not scheme.a_int:
+        return float_activation_args(scheme, where)
     bad = []
     if not scheme.a_symmetric:
         bad.append("quant.a_symmetric=false (the format's activation grid is symmetric)")
@@ -88,8 +151,15 @@ def activation_args(scheme: QuantScheme, where: str = "") -> dict | None:
 
 def weight_args(lin: QuantLinear, group_size: int) -> dict:
     scheme = lin.scheme
+    if scheme.w_format in ("mxfp4", "nvfp4"):
+        nv = scheme.w_format == "nvfp4"
+        return {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group" if nv else "group",
+                "group_size": BLOCK[scheme.w_format.value], "dynamic": False, "observer": "minmax",
+                "scale_dtype": "torch.float8_e4m3fn" if nv else "torch.uint8",
+                "actorder": "weight" if scheme.w_quantizer == "gptq" and scheme.gptq_act_order else None}
     strategy = {"group": "group", "channel": "channel", "tensor": "tensor"}[scheme.w_granularity.value]
-    return {"num_bits": scheme.w_bits, "type": "int", "symmetric": bool(scheme.w_symmetric), "strategy": strategy,
+    return {"num_bits": scheme.w_bits, "type": "int" if scheme.w_int else "float",
+            "symmetric": bool(scheme.w_symmetric), "strategy": strategy,
             "group_size": group_size if strategy == "group" else None, "dynamic": False, "observer": "minmax",
             "actorder": "weight" if scheme.w_quantizer == "gptq" and scheme.gptq_act_order else None}
 
@@ -103,8 +173,13 @@ def linear_tensors(name: str, lin: QuantLinear, group_size: int | None = None
     try:
         codes = integer_codes(lin)
         g, scale, zero = uniform_groups(lin, group_size)
+        if not scheme.w_int:
+            out, fmt = float_weight_tensors(name, lin, codes, scale)
     except ConfigError as err:
         raise ConfigError(f"{err} (linear {name})") from None
+    if not scheme.w_int:
+        return _with_bias_and_inputs(out, name, lin), {"weights": weight_args(lin, g),
+                                                      "input_activations": activation_args(scheme, f" ({name})")}, fmt
     bits = scheme.w_bits
     offset = 1 << (bits - 1)
     signed = (codes - (0 if scheme.w_symmetric else offset)).to(torch.int8)
@@ -122,15 +197,55 @@ def linear_tensors(name: str, lin: QuantLinear, group_size: int | None = None
     if zero is not None:
         zp = (zero - offset).to(torch.int8).cpu()
         out[f"{name}.weight_zero_point"] = pack_int32(zp, bits, dim=0) if fmt == FORMAT_PACKED else zp
+    acts = activation_args(scheme, f" ({name})")
+    return _with_bias_and_inputs(out, name, lin), {"weights": weight_args(lin, g), "input_activations": acts}, fmt
+
+
+def _with_bias_and_inputs(out: dict, name: str, lin: QuantLinear) -> dict:
+    """The linear's bias and its static input scale (``input_scale``; NVFP4: ``input_global_scale``)."""
+    scheme = lin.scheme
     if lin.bias is not None:
         out[f"{name}.bias"] = lin.bias.detach().cpu()
-    acts = activation_args(scheme, f" ({name})")
-    if acts is not None and not scheme.a_dynamic:
+    if scheme.quantize_acts and not scheme.a_dynamic:
         s = lin.paths[DEFAULT_PATH].act_scale
         if s is None:
             raise ConfigError(f"export: {name} quantizes activations with a static scale but has none")
-        out[f"{name}.input_scale"] = s.detach().float().reshape(1).cpu().clone()  # linears may share one scale
-    return out, {"weights": weight_args(lin, g), "input_activations": acts}, fmt
+        key = "input_global_scale" if scheme.a_format == "nvfp4" else "input_scale"
+        out[f"{name}.{key}"] = s.detach().float().reshape(1).cpu().clone()  # linears may share one scale
+    return out
+
+
+def float_weight_tensors(name: str, lin: QuantLinear, codes: torch.Tensor, scale: torch.Tensor
+                         ) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensors of a float-format weight (module doc) from its element codes and recorded (effective) scales."""
+    scheme = lin.scheme
+    fmt = scheme.w_format.value
+    if fmt == "fp8_e4m3":
+        if scheme.w_granularity == "tensor":
+            scale = scale.reshape(1)
+        return {f"{name}.weight": codes.to(torch.float8_e4m3fn).cpu(),
+                f"{name}.weight_scale": scale.float().cpu().clone()}, FORMAT_FLOAT
+    block = BLOCK[fmt]
+    if lin.in_features % block:
+        raise ConfigError(f"export: a {fmt} linear of width {lin.in_features} ends in a block of "
+                          f"{lin.in_features % block} inputs; the format needs the width to be a multiple of {block}")
+    out = {f"{name}.weight_packed": pack_e2m1(codes.float().cpu())}
+    if fmt == "mxfp4":
+        e = torch.log2(scale.float())
+        if not torch.equal(torch.exp2(e.round()), scale.float()) or float(e.min()) < -127 or float(e.max()) > 127:
+            raise ConfigError("export: MXFP4 scales that are not powers of two in E8M0's range")
+        out[f"{name}.weight_scale"] = (e.round() + 127).to(torch.uint8).cpu()
+        return out, FORMAT_MXFP4
+    g = lin.weight_global_scale
+    if g is None:
+        raise ConfigError("export: an NVFP4 linear without a recorded global scale (weight_global_scale)")
+    g = g.float().reshape(1).to(scale.device)
+    s_b = round_e4m3((scale.float() * g).clamp(-448, 448))
+    if not torch.equal(s_b / g, scale.float()):
+        raise ConfigError("export: NVFP4 block scales that are not E4M3 values over the global scale")
+    out[f"{name}.weight_scale"] = s_b.to(torch.float8_e4m3fn).cpu()
+    out[f"{name}.weight_global_scale"] = g.cpu().clone()
+    return out, FORMAT_NVFP4
 
 
 # --- the folder ---------------------------------------------------------------------------------------------------

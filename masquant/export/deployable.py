@@ -32,7 +32,7 @@ import torch.nn as nn
 from masquant.adapters.norms import fold_scales_into_norm_
 from masquant.errors import ConfigError
 from masquant.quant.linear import DEFAULT_PATH, ModalityPath, QuantLinear
-from masquant.quant.quantizer import quantize_weight_grid, sqnr_db
+from masquant.quant.quantizer import quantize_weight_grid, sqnr_db, weight_global_scale
 
 UNFOLDABLE_CHOICES = ("reround", "refuse")
 
@@ -81,13 +81,28 @@ def refuse_online_transforms(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _divide_output_rows_(producer: QuantLinear, s: torch.Tensor) -> None:
+def _reround_(lin: QuantLinear, W_exact: torch.Tensor) -> float:
+    """Round ``W_exact`` on the linear's scheme (its grid recorded); returns the weight SQNR (dB) of that rounding."""
+    W_q, scale, zero = quantize_weight_grid(W_exact, lin.scheme)
+    lin.weight.copy_(W_q.to(lin.weight.dtype))
+    lin.weight_scale, lin.weight_g_idx = scale.float(), None
+    lin.weight_zero = None if zero is None else zero.float()
+    lin.weight_global_scale = weight_global_scale(W_exact, lin.scheme)
+    return sqnr_db(W_exact, W_q)
+
+
+def _divide_output_rows_(producer: QuantLinear, s: torch.Tensor) -> float | None:
     """Producer output ÷ s on its grid: the rows' scales ÷ s, the weight re-made from its integer codes (so the
-    weight stays exactly on the grid the export writes)."""
+    weight stays exactly on the grid the export writes). A block float format's scales cannot take any value
+    (MXFP4: powers of two; NVFP4: E4M3 values over the global scale): its weight ÷ s is re-rounded instead, and the
+    SQNR of that rounding returned."""
     from masquant.export.grid import integer_codes, dequantize_codes
 
     s = s.to(producer.weight.device).float()
-    if producer.weight_scale is None:
+    rerounded = None
+    if producer.weight_scale is not None and producer.scheme.w_format in ("mxfp4", "nvfp4"):
+        rerounded = _reround_(producer, producer.weight.float() / s[:, None])
+    elif producer.weight_scale is None:
         producer.weight.copy_((producer.weight.float() / s[:, None]).to(producer.weight.dtype))
     else:
         codes = integer_codes(producer)
@@ -95,6 +110,7 @@ def _divide_output_rows_(producer: QuantLinear, s: torch.Tensor) -> None:
         producer.weight.copy_(dequantize_codes(producer, codes).to(producer.weight.dtype))
     if producer.bias is not None:
         producer.bias.copy_((producer.bias.float() / s).to(producer.bias.dtype))
+    return rerounded
 
 
 @torch.no_grad()
@@ -138,7 +154,9 @@ def make_deployable_(model: nn.Module, adapter, unfoldable: str = "reround") -> 
             c = group.common([smoothed[n].float() for n in consumers])
             if c is None:
                 continue
-            group.fold(adapter, layer, c)
+            rerounded = group.fold(adapter, layer, c)
+            if rerounded is not None:
+                report.rerounded[names[group.producer]] = rerounded
             where = f"layer {i} {group.producer}" if group.norm else names[group.producer]
             for n in consumers:
                 report.folded[n] = where
@@ -160,11 +178,7 @@ def make_deployable_(model: nn.Module, adapter, unfoldable: str = "reround") -> 
             W_exact = lin.weight.float() / left[name].float()[None, :]
             if not torch.isfinite(W_exact).all():
                 raise ConfigError(f"export: re-rounding {name} gives non-finite weights (a zero smoothing factor?)")
-            W_q, scale, zero = quantize_weight_grid(W_exact, lin.scheme)
-            report.rerounded[name] = sqnr_db(W_exact, W_q)
-            lin.weight.copy_(W_q.to(lin.weight.dtype))
-            lin.weight_scale, lin.weight_g_idx = scale.float(), None
-            lin.weight_zero = None if zero is None else zero.float()
+            report.rerounded[name] = _reround_(lin, W_exact)
         lin.paths[DEFAULT_PATH] = _without_smooth(lin.paths[DEFAULT_PATH])
     return report
 
@@ -211,11 +225,12 @@ class FoldGroup:
             return c
         return c.reshape(-1, 1, self.head_dim).expand(-1, self.rep, -1).reshape(-1)
 
-    def fold(self, adapter, layer: nn.Module, c: torch.Tensor) -> None:
+    def fold(self, adapter, layer: nn.Module, c: torch.Tensor) -> float | None:
+        """Fold c into the producer; the weight SQNR (dB) when the producer's weight had to be re-rounded."""
         if self.norm:
             fold_scales_into_norm_(adapter.norm(layer, self.producer), adapter.norm_kind, c)
-        else:
-            _divide_output_rows_(adapter.linears(layer)[self.producer], c)
+            return None
+        return _divide_output_rows_(adapter.linears(layer)[self.producer], c)
 
 
 def _fold_groups(adapter, layer: nn.Module) -> list[FoldGroup]:

@@ -18,6 +18,7 @@ import math
 import torch
 
 from masquant.errors import ConfigError
+from masquant.quant.formats import FloatGrid
 from masquant.quant.grid import group_slices
 from masquant.quant.linear import QuantLinear
 from masquant.quant.quantizer import weight_grid_of
@@ -50,7 +51,8 @@ def _per_column(t: torch.Tensor, lin: QuantLinear) -> torch.Tensor:
 
 
 def integer_codes(lin: QuantLinear) -> torch.Tensor:
-    """The deployed weight's integer codes on its grid [out, in] (float, integer-valued), checked exactly."""
+    """The deployed weight's codes on its grid [out, in] (float: integer-valued, or a float format's element values),
+    checked exactly."""
     if lin.weight_scale is None:
         raise ConfigError(f"export: a {lin.scheme.tag} linear ({lin.out_features}x{lin.in_features}) has no recorded "
                           "grid (its weight was quantized by code that does not report its scales); it cannot be "
@@ -59,7 +61,7 @@ def integer_codes(lin: QuantLinear) -> torch.Tensor:
     scale = _per_column(lin.weight_scale.float(), lin)
     zero = None if lin.weight_zero is None else _per_column(lin.weight_zero.float(), lin)
     grid = weight_grid_of(lin.scheme)
-    codes = torch.round(W / scale)
+    codes = grid.round(W / scale) if isinstance(grid, FloatGrid) else torch.round(W / scale)
     if zero is not None:
         codes = codes + zero
     if float(codes.min()) < grid.qmin or float(codes.max()) > grid.qmax:

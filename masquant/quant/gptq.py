@@ -88,6 +88,7 @@ def gptq_quantize(
       perm [in] | None           the act-order permutation
       loss                       Σ (w - q)² / (2 [H⁻¹]_qq) over all steps = ½ tr(ΔW H_damped ΔWᵀ)
       dead [in]                  inputs with H[i, i] = 0 (quantized to 0)
+      global_scale               an NVFP4 grid's global scale g (else None)
     Computed in float32 (float64 when W is float64); the Cholesky factor in float64. ``grid`` (e.g. a float
     format's, :mod:`masquant.quant.formats`) replaces bits/symmetric/qrange: the error feedback is the same for any
     grid; an NVFP4 grid takes its global scale from the original W, as compressed-tensors' observer does.
@@ -156,6 +157,6 @@ def gptq_quantize(
     if not torch.isfinite(Q).all():
         raise FloatingPointError("GPTQ produced non-finite weights (H not positive definite? raise percdamp)")
     info = {"scale": scale, "zero": zero, "g_idx": g_idx.to(W.device), "perm": perm, "loss": float(loss),
-            "dead": dead}
+            "dead": dead, "global_scale": getattr(grid, "global_scale", None)}
     log.debug("GPTQ [%d, %d] %d-bit: loss %.4g", out_f, in_f, bits, info["loss"])
     return Q.to(W.dtype), info

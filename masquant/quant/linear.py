@@ -149,7 +149,9 @@ class QuantLinear(nn.Module):
     The shared weight's integer grid, when the deploy path knows it, is kept beside it: ``weight_scale`` and
     ``weight_zero`` [out, n_groups] (zero: asymmetric grids only) over the groups of
     :func:`~masquant.quant.grid.group_slices`, or over the groups ``weight_g_idx`` [in] assigns (GPTQ's act
-    order). ``weight`` = (codes - zero) · scale for integer codes: what an export writes (``masquant.export``).
+    order). ``weight`` = (codes - zero) · scale for integer codes: what an export writes (``masquant.export``). A
+    float format's codes are its element values; NVFP4 also keeps its global scale ``weight_global_scale`` [1] (the
+    scale of a block is then an E4M3 value divided by it).
     """
 
     def __init__(
@@ -163,6 +165,7 @@ class QuantLinear(nn.Module):
         weight_scale: torch.Tensor | None = None,
         weight_zero: torch.Tensor | None = None,
         weight_g_idx: torch.Tensor | None = None,
+        weight_global_scale: torch.Tensor | None = None,
     ):
         super().__init__()
         self.input_transform = input_transform
@@ -172,6 +175,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight_scale", weight_scale)
         self.register_buffer("weight_zero", weight_zero)
         self.register_buffer("weight_g_idx", weight_g_idx)
+        self.register_buffer("weight_global_scale", weight_global_scale)
         self.scheme = scheme
         self.router = router
         self.paths = nn.ModuleDict(paths or {})

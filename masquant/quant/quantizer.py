@@ -28,7 +28,8 @@ from masquant.quant.grid import (
 from masquant.quant.scheme import FORMAT_BLOCK, QuantScheme
 
 __all__ = ["fake_quant_asym", "fake_quant_sym", "quantize_activation", "quantize_groups", "quantize_weight",
-           "quantize_weight_grid", "round_ste", "sqnr_db", "static_act_scale", "weight_grid_of", "act_grid_of"]
+           "quantize_weight_grid", "round_ste", "sqnr_db", "static_act_scale", "weight_grid_of", "act_grid_of",
+           "weight_global_scale"]
 
 
 def fake_quant_sym(
@@ -78,6 +79,13 @@ def weight_grid_of(scheme: QuantScheme, W: torch.Tensor | None = None) -> Grid:
         return IntGrid(scheme.w_bits, scheme.w_symmetric, scheme.int_range)
     grid = FloatGrid(scheme.w_format.value, scheme.fp4_rounding.value, scheme.mx_scale_rule.value)
     return grid if W is None else grid.bind(W)
+
+
+def weight_global_scale(W: torch.Tensor, scheme: QuantScheme) -> torch.Tensor | None:
+    """NVFP4: the global scale g [1] (float32) the weight ``W`` is quantized with (from all of W); else None."""
+    if scheme.w_format != "nvfp4" or not scheme.quantize_weights:
+        return None
+    return weight_grid_of(scheme, W.float()).global_scale.reshape(1)
 
 
 def act_grid_of(scheme: QuantScheme) -> Grid:

@@ -49,7 +49,12 @@ from masquant.methods.masquant.config import SMOOTHED_ROLES, Deploy, MASQuantCon
 from masquant.methods.masquant.cost import count_lowrank
 from masquant.quant.grid import IntGrid
 from masquant.quant.linear import DEFAULT_PATH, ModalityPath, ModalityRouter
-from masquant.quant.quantizer import quantize_activation, quantize_weight, quantize_weight_grid
+from masquant.quant.quantizer import (
+    quantize_activation,
+    quantize_weight,
+    quantize_weight_grid,
+    weight_global_scale,
+)
 from masquant.quant.scheme import QuantScheme
 from masquant.quant.smoothing import smooth_factors, weight_input_absmax
 from masquant.methods.registry import register_method
@@ -299,8 +304,9 @@ class MASQuant(Method):
         def weight_for(role, lin):  # one shared weight W_q = Q(diag(s_text) W); down_proj (s = 1): Q(W)
             W = lin.weight.data.float()
             s = smooth.get(role)
-            W_q, scale, zero = quantize_weight_grid(W if s is None else core.smooth_weight(W, s["text"]), scheme)
-            return DeployWeight(W_q, True, scale, zero)
+            W_s = W if s is None else core.smooth_weight(W, s["text"])
+            W_q, scale, zero = quantize_weight_grid(W_s, scheme)
+            return DeployWeight(W_q, True, scale, zero, global_scale=weight_global_scale(W_s, scheme))
 
         def paths_for(role, lin, W_q):
             W, dtype = lin.weight.data.float(), lin.weight.dtype
